@@ -1,0 +1,147 @@
+"""
+Benchmarks, not tests: numbers to report, with the command that produced them.
+
+    python bench.py checker             # the answer checker's median and worst time per call
+    python bench.py step                # one training step's time and peak memory, per phase
+    python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024   # ~0.5B, Qwen2-like, on a GPU
+    python bench.py logprobs            # peak memory: chunked log-probs vs a full float32 log-softmax
+
+The step benchmark builds a randomly initialized Llama-style model from a config (no download), so a
+random model writes to the full --completion budget: the worst case for time and memory.
+"""
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import igrpo
+
+HERE = Path(__file__).resolve().parent
+
+
+def bench_checker(args):
+    from test_igrpo import CHECKER_CASES, DATA, rewrites
+    calls = [(completion, gold) for completion, gold, _, _ in CHECKER_CASES]
+    for name in ("math500", "minerva_math"):
+        if (DATA / f"{name}.jsonl").exists():
+            golds = [json.loads(line)["answer"] for line in open(DATA / f"{name}.jsonl")]
+            calls += [(f"\\boxed{{{g}}}", g) for g in golds]
+            calls += [(f"\\boxed{{{r}}}", g) for g in golds for r in rewrites(g)]
+    times = []
+    for completion, gold in calls:
+        started = time.perf_counter()
+        igrpo.math_reward(completion, gold)
+        times.append((time.perf_counter() - started, completion[:60]))
+    seconds = sorted(t for t, _ in times)
+    worst = max(times)
+    print(f"checker: {len(calls)} calls, median {statistics.median(seconds) * 1e3:.2f} ms, "
+          f"p99 {seconds[int(0.99 * len(seconds))] * 1e3:.1f} ms, worst {worst[0] * 1e3:.1f} ms ({worst[1]!r})")
+
+
+def random_model(args, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import toy
+    texts = [igrpo.build_prompt(None, f"What is {a} + {a}?", igrpo.Config(chat_template="off")) for a in range(50)]
+    tokenizer = toy.build_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64),
+                         intermediate_size=args.hidden * 4, max_position_embeddings=8192, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return model, tokenizer
+
+
+def bench_step(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = random_model(args, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
+                       prompts_per_step=args.prompts, max_completion_tokens=args.completion,
+                       max_draft_tokens=args.completion, micro_batch_size=args.micro_batch_size,
+                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off", lr=1e-6)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    master = igrpo.master_weights(model)
+    optimizer = torch.optim.AdamW(master, lr=cfg.lr)
+    batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(cfg.prompts_per_step)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), dtype {dtype}, "
+          f"{params / 1e6:.0f}M parameters, algo {cfg.algo}, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
+          f"completion budget {cfg.max_completion_tokens}, "
+          f"micro-batch {cfg.micro_batch_size}, gradient checkpointing {cfg.gradient_checkpointing}")
+    for step in range(args.steps):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        started = time.time()
+        samples, rewards, group, info = igrpo.rollout(model, tokenizer, batch, cfg)
+        sync()
+        sampled = time.time()
+        sample_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        # random rewards so that every group carries gradient, as in real training
+        advantages = igrpo.group_advantages(torch.rand(len(rewards)), group)
+        keep = torch.ones(len(rewards), dtype=torch.bool, device=device)
+        igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg)
+        sync()
+        done = time.time()
+        update_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        print(f"step {step}: sampling {sampled - started:.1f}s ({info['generated_tokens']} tokens, "
+              f"{info['generated_tokens'] / (sampled - started):.0f} tok/s, peak {sample_memory:.1f} GiB), "
+              f"update {done - sampled:.1f}s ({int(samples.lengths.sum())} tokens, "
+              f"{int(samples.lengths.sum()) / (done - sampled):.0f} tok/s, peak {update_memory:.1f} GiB)")
+
+
+def bench_logprobs(args):
+    """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full log-softmax."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, _ = random_model(args, device, dtype)
+    B, T = args.micro_batch_size, args.completion
+    input_ids = torch.randint(0, args.vocab, (B, 16 + T), device=device)
+    attention = torch.ones_like(input_ids)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+
+    def ours():
+        logp, _ = igrpo.token_logprobs(model, input_ids, attention, 16, mask, 0.7)
+        return logp.sum()
+
+    def naive():
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, 15:-1].float() / 0.7
+        return logits.log_softmax(-1).gather(-1, input_ids[:, 16:, None]).sum()
+    for name, fn in (("chunked (igrpo)", ours), ("full log-softmax", naive)):
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        started = time.time()
+        fn().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+        print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}: peak above weights {peak:.2f} GiB, "
+              f"{time.time() - started:.2f}s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["checker", "step", "logprobs"])
+    parser.add_argument("--algo", default="igrpo", choices=["igrpo", "grpo"])
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--completion", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)

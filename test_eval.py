@@ -1,0 +1,181 @@
+"""The specification of eval.py and judge.py, as tests. Offline: tiny local models, a fake endpoint on 127.0.0.1."""
+import http.server
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import igrpo
+import judge
+from test_igrpo import DATA, tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimators
+# ----------------------------------------------------------------------------------------------
+def brute_force_pass_at_k(outcomes, k):
+    """Fraction of all k-subsets of the samples that hold at least one correct sample."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 7) for c in range(n + 1) for k in range(1, n + 1)])
+def test_pass_at_k_matches_brute_force_over_subsets(n, c, k):
+    outcomes = [True] * c + [False] * (n - c)
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(outcomes, k))
+
+
+def test_majority_vote_pools_equivalent_spellings():
+    assert evaluation.majority_correct(["\\frac{1}{2}", "0.5", "3", "3", None], "1/2")  # 2 votes vs 2: first wins
+    assert evaluation.majority_correct(["7", "\\frac12", "0.5", "1/2"], "0.5")
+    assert not evaluation.majority_correct(["7", "7", "0.5"], "0.5")
+    assert not evaluation.majority_correct([None, None], "1")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the shipped benchmark files
+# ----------------------------------------------------------------------------------------------
+def run_eval(tiny, tmp_path, *extra):
+    return evaluation.main(["--model", str(tiny / "model"), "--data-dir", str(DATA), "--chat-template", "off",
+                            "--max-completion-tokens", "6", "--output-dir", str(tmp_path / "eval"), *extra])
+
+
+SUMMARY_KEYS = {"problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate", "mean_completion_tokens"}
+
+
+def test_eval_writes_a_summary_and_every_completion_for_two_shipped_benchmarks(tiny, tmp_path):
+    if not DATA.exists():
+        pytest.skip(f"{DATA} is not beside this checkout")
+    results = run_eval(tiny, tmp_path, "--benchmarks", "gsm8k,aime24", "--limit", "2", "--k", "3")
+    assert set(results) == {"gsm8k", "aime24"}
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    for name in ("gsm8k", "aime24"):
+        assert SUMMARY_KEYS <= set(summary["results"][name])
+        assert summary["results"][name]["problems"] == 2 and summary["results"][name]["k"] == 3
+        rows = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}.jsonl")]
+        assert len(rows) == 2 and all(len(r["samples"]) == 3 for r in rows)
+        assert {"completion", "extracted", "correct", "tokens"} <= set(rows[0]["samples"][0])
+    assert summary["results"]["gsm8k"]["avg_at_k"] <= summary["results"]["gsm8k"]["pass_at_k"]
+
+
+def test_paper_sample_counts_are_the_defaults():
+    assert evaluation.BENCHMARKS["aime24"][4] == evaluation.BENCHMARKS["aime25"][4] == 64
+    assert {evaluation.BENCHMARKS[n][4] for n in ("amc23", "math500", "gsm8k", "minerva")} == {8}
+
+
+def test_a_rerun_resumes_and_generates_only_unfinished_problems(tiny, tmp_path, monkeypatch):
+    benchmark = tmp_path / "mine.jsonl"
+    benchmark.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
+                                 for a in range(4)))
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    asked = []
+    real_sample = igrpo.sample
+    monkeypatch.setattr(igrpo, "sample", lambda m, t, prompts, *a: asked.extend(prompts) or real_sample(m, t, prompts, *a))
+    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
+    assert len(asked) == 2 and all("What is 2 + 1?" in p or "What is 3 + 1?" in p for p in asked)
+    assert results["mine"]["problems"] == 4
+    assert len((tmp_path / "eval" / "mine.jsonl").read_text().splitlines()) == 4
+
+
+def test_refine_rounds_report_the_refined_accuracy_beside_the_single_pass(tiny, tmp_path):
+    benchmark = tmp_path / "mine.jsonl"
+    benchmark.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
+    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2", "--refine-rounds", "1")
+    assert {"avg_at_k", "refined_1_avg_at_k"} <= set(results["mine"])
+    row = json.loads((tmp_path / "eval" / "mine.jsonl").read_text())
+    assert len(row["refined"]) == 1 and len(row["refined"][0]) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--benchmarks", "aime2099"], "unknown benchmark 'aime2099'"),
+    (["--benchmarks", "missing.jsonl"], "no such file: missing.jsonl"),
+    (["--benchmarks", "gsm8k", "--k", "-1"], "--k -1"),
+])
+def test_eval_bad_input_gives_one_clear_message(tiny, tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        run_eval(tiny, tmp_path, *args)
+
+
+def test_eval_row_without_an_answer_is_named(tiny, tmp_path):
+    benchmark = tmp_path / "bad.jsonl"
+    benchmark.write_text(json.dumps({"problem": "What is 1 + 1?"}) + "\n" + json.dumps({"problem": "2?", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit, match="row 0: empty or missing 'answer'"):
+        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark))
+
+
+# ----------------------------------------------------------------------------------------------
+# The generative judge
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reply,score", [
+    ("Score: 1", 1.0), ("score: 0.25", 0.25), ("**Score:** 0.8\n", 0.8), ("I'd say 7/10", 0.7),
+    ("Reasoning... Score = 0. Actually, Score: 1", 1.0), ("0.5", 0.5), ("The answer is wrong.", None),
+    ("Score: 7", None), ("", None), ("Score: 9/10", 0.9),
+])
+def test_judge_scores_are_parsed_from_messy_replies(reply, score):
+    assert judge.parse_score(reply) == score
+
+
+class FakeJudge(http.server.BaseHTTPRequestHandler):
+    replies = []
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = request["messages"][0]["content"]
+        FakeJudge.replies.append(prompt)
+        content = "Score: 1" if "Reference answer: 2" in prompt and "\\boxed{2}" in prompt else "Score: 0"
+        body = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endpoint():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_a_judge_endpoint_scores_solutions_in_one_batch(endpoint):
+    score = judge.url_judge(endpoint, "judge")
+    assert score(["What is 1+1?"] * 2, ["2"] * 2, ["so \\boxed{2}", "so \\boxed{3}"]) == [1.0, 0.0]
+
+
+def test_judge_rewards_replace_the_checker_or_are_averaged_with_it(endpoint):
+    score = judge.url_judge(endpoint, "judge")
+    texts, golds, problems = ["\\boxed{2}", "\\boxed{3}"], ["2", "2"], ["What is 1+1?"] * 2
+    assert igrpo.score(texts, golds, igrpo.Config(reward="judge"), problems=problems, judge=score)[0].tolist() == [1.0, 0.0]
+    mixed = igrpo.score(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems, judge=score)[0]
+    assert mixed.tolist() == [0.0, 0.5]
+
+
+def test_an_unreachable_judge_is_a_clear_error_before_training():
+    with pytest.raises(SystemExit, match="--judge-url http://127.0.0.1:9/v1: no usable answer"):
+        judge.url_judge("http://127.0.0.1:9/v1", "judge", timeout=1, tries=1)
+
+
+def test_training_with_a_tiny_local_judge_runs_end_to_end(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path, reward="judge", judge_model=str(tiny / "model"), steps=1)
+    igrpo.train(cfg)
+    record = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+    assert record["judge_unparsed"] >= 0 and "reward" in record
+
+
+def test_training_with_a_judge_endpoint_uses_it_for_drafts_and_refinements(tiny, tmp_path, endpoint):
+    FakeJudge.replies.clear()
+    cfg = tiny_config(tiny, tmp_path, reward="judge", judge_url=endpoint, steps=1, prompts_per_step=2,
+                      group_size=4, num_drafts=2)
+    igrpo.train(cfg)
+    graded = [r for r in FakeJudge.replies if "Solution to grade" in r]
+    assert len(graded) == 2 * 4  # 2 problems x (2 drafts + 2 refinements)
