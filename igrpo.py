@@ -614,7 +614,7 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
     rewards = rewards + cfg.format_weight * formats
     if cfg.overlong_buffer and lengths is not None:  # DAPO (Yu et al. 2025): soft penalty near the budget
         start = cfg.max_completion_tokens - cfg.overlong_buffer
-        rewards = rewards - ((lengths.float() - start) / cfg.overlong_buffer).clamp(0, 1)
+        rewards = rewards - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
     return rewards, accuracy, formats, unparsed
 
 
@@ -798,7 +798,8 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
     """--ppo-epochs optimizer steps on the kept completions. Returns metrics."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    index = keep.nonzero().squeeze(1)
+    device = samples.input_ids.device
+    advantages, index = advantages.to(device), keep.to(device).nonzero().squeeze(1)
     weights = loss_weights(samples.completion_mask[index], cfg.loss, cfg.max_completion_tokens)
     chunks = [(index[i:i + cfg.micro_batch_size], weights[i:i + cfg.micro_batch_size])
               for i in range(0, len(index), cfg.micro_batch_size)]
@@ -815,7 +816,7 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
             input_ids, attention_mask, prompt_length, completion_mask = micro_batch(samples, rows)
             logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
                                            cfg.temperature)
-            loss, clipped, kl = policy_loss(logp, old[k] if old else logp.detach(), advantages[rows].to(logp),
+            loss, clipped, kl = policy_loss(logp, old[k] if old else logp.detach(), advantages[rows],
                                             completion_mask, chunk_weights[:, :logp.shape[1]], cfg,
                                             reference[k] if reference else None)
             loss.backward()
@@ -973,7 +974,7 @@ def train(cfg):
         keep = informative_groups(rewards, group) if cfg.loss == "dapo" else torch.ones_like(rewards, dtype=torch.bool)
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(step - 1, cfg)
-        stats = policy_update(model, optimizer, master, samples, advantages, keep.to(device), cfg, ref_model)
+        stats = policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model)
         seconds = time.time() - started
         record = dict(step=step, reward=rewards.mean().item(), accuracy=info["accuracy"],
                       draft_reward=info["draft_reward"], best_draft_reward=info["best_draft_reward"], **stats,
