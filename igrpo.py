@@ -21,6 +21,7 @@ import math
 import random
 import re
 import signal
+import sys
 import threading
 import time
 import unicodedata
@@ -225,10 +226,10 @@ def refine_message(problem, draft):
 # ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else none, which
 # scores 0. Cosmetics never matter (units, \text, spacing, \left/\right, \dfrac, degrees, percent,
 # thousands separators, case, Unicode forms, a leading "x ="). Values match when exactly equal:
-# rationals exactly, radicals/pi to 40 significant digits, so 0.333 != 1/3 and 3.14 != pi.
-# Lists and sets are unordered multisets, tuples/intervals/matrices are ordered (interval ends'
-# brackets must agree), expressions match when identical at three random rational points,
-# equations side by side. Anything our small parser does not accept is compared as text only.
+# rationals exactly, radicals/pi/e to 35 significant digits, so 0.333 != 1/3 and 3.14 != pi.
+# Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
+# brackets must agree); expressions match when equal at three rational points (the same variables
+# required); equations side by side. What our small parser does not accept is compared as text.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
 MAX_DIGITS = 60             # longest number literal the parser accepts
@@ -292,7 +293,7 @@ def normalize(answer):
 def split_top_level(text, separator):
     parts, depth, start = [], 0, 0
     for index, char in enumerate(text):
-        depth += char in "([{" and 1 or (char in ")]}" and -1 or 0)
+        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
         if depth == 0 and text.startswith(separator, index):
             parts.append(text[start:index])
             start = index + len(separator)
@@ -355,9 +356,8 @@ def strip_units(answer, other):
 
 def answer_items(answer):
     """Lists, sets, tuples and intervals -> (kind, brackets, items); a single value -> None."""
-    if "\\pm" in answer:  # a \pm b is the list a+b, a-b
-        plus, minus = answer.replace("\\pm", "+", 1), answer.replace("\\pm", "-", 1)
-        return ("set", "", [plus, minus]) if "\\pm" not in plus else ("text", "", [answer])
+    if answer.count("\\pm") == 1:  # a \pm b is the list a+b, a-b
+        return ("set", "", [answer.replace("\\pm", "+"), answer.replace("\\pm", "-")])
     if "\\cup" in answer:
         return ("set", "", split_top_level(answer, "\\cup"))
     if answer.startswith("\\{") and answer.endswith("\\}"):
@@ -416,7 +416,10 @@ def parse_math(text):
                       ("var", letter) if letter else ("sym", symbol))
         position = found.end()
     parser = MathParser(tokens)
-    value = parser.expression()
+    try:
+        value = parser.expression()
+    except (ValueError, ZeroDivisionError):
+        return None
     return value if parser.index == len(tokens) else None
 
 
@@ -427,8 +430,8 @@ class MathParser:
     def __init__(self, tokens):
         self.tokens, self.index, self.depth = tokens, 0, 0
 
-    def peek(self, offset=0):
-        return self.tokens[self.index + offset] if self.index + offset < len(self.tokens) else (None, None)
+    def peek(self):
+        return self.tokens[self.index] if self.index < len(self.tokens) else (None, None)
 
     def take(self, kind=None, value=None):
         token = self.peek()
@@ -600,6 +603,9 @@ def time_limit(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+# ----------------------------------------------------------------------------------------------
+# Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
+# ----------------------------------------------------------------------------------------------
 def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
     """The one reward function: accuracy (checker and/or judge) + format bonus - overlong penalty.
     Returns (rewards, accuracy, format, unparsed judge replies)."""
@@ -631,10 +637,6 @@ class Samples:
     texts: list                   # B decoded completions
 
     @property
-    def completion_ids(self):     # (B, T)
-        return self.input_ids[:, self.prompt_length:]
-
-    @property
     def lengths(self):            # (B,)
         return self.completion_mask.sum(1)
 
@@ -651,10 +653,13 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
     from transformers import GenerationConfig
     model.eval()
     stop = eos_ids(model, tokenizer)
+    # Every field that shapes the distribution is set, else generate() takes the model's own defaults
+    # (a top_k, a repetition penalty) and we would sample from a distribution our log-probs do not describe.
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0) if temperature else {}
     generation = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature or None, top_p=top_p if temperature else None,
-        top_k=0 if temperature else None, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop, num_return_sequences=num_samples)
+        do_sample=temperature > 0, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
+        num_return_sequences=num_samples)
     chunks, per_call = [], max(1, cfg.generation_batch_size // num_samples)
     for start in range(0, len(prompts), per_call):
         encoded = tokenizer(prompts[start:start + per_call], return_tensors="pt", padding=True,
@@ -1014,7 +1019,7 @@ def parse_args(argv=None):
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
     args = parser.parse_args(argv)
     given = {action.dest for action in parser._actions for option in action.option_strings
-             for arg in (argv if argv is not None else __import__("sys").argv[1:])
+             for arg in (argv if argv is not None else sys.argv[1:])
              if arg == option or arg.startswith(option + "=")}
     return Config(**vars(args)), given
 

@@ -386,6 +386,15 @@ def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tin
     assert torch.allclose(entropy[0], -(reference.exp() * reference).sum(-1), atol=1e-5)
 
 
+def test_sampling_ignores_the_models_own_generation_defaults(tiny):
+    cfg = Config(chat_template="off")
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 10.0  # would make samples agree
+    torch.manual_seed(0)
+    samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], 8, 6, 1.0, 1.0, cfg)
+    assert len(set(samples.texts)) > 1
+
+
 class ChatTokenizer:
     chat_template = "{{ messages }}"
 
