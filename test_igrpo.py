@@ -499,9 +499,9 @@ def test_one_ppo_epoch_never_clips_and_more_epochs_can(tiny, tmp_path):
         model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
         samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"] * 2, 4, 8, 1.0, 1.0, cfg)
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
-        optimizer = torch.optim.AdamW(igrpo.master_weights(model), lr=cfg.lr)
-        stats = igrpo.policy_update(model, optimizer, igrpo.master_weights(model) and optimizer.param_groups[0]["params"],
-                                    samples, advantages, torch.ones(8, dtype=torch.bool), cfg)
+        master = igrpo.master_weights(model)
+        optimizer = torch.optim.AdamW(master, lr=cfg.lr)
+        stats = igrpo.policy_update(model, optimizer, master, samples, advantages, torch.ones(8, dtype=torch.bool), cfg)
         results[epochs] = stats["clip_frac"]
     assert results[1] == 0.0 and results[3] > 0.0
 

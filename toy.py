@@ -25,7 +25,7 @@ MODEL_SIZE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, n
 WARM_START_STEPS = 600
 
 # The toy's settings: everything the user did not set on the command line.
-SETTINGS = dict(steps=100, prompts_per_step=32, group_size=8, num_drafts=4, lr=1e-4, warmup_ratio=0.05,
+SETTINGS = dict(steps=150, prompts_per_step=32, group_size=8, num_drafts=4, lr=1e-4, warmup_ratio=0.05,
                 max_prompt_tokens=256, max_completion_tokens=24, max_draft_tokens=24, micro_batch_size=64,
                 gradient_checkpointing=False, chat_template="off", eval_limit=300, eval_samples=2,
                 output_dir="runs/toy")
