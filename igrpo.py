@@ -11,7 +11,7 @@ Read top to bottom: settings, data, prompts, answer checking and rewards, sampli
 group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop, main.
 
     python igrpo.py                   # offline toy world: tiny model on CPU, about 5 minutes
-    python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset ../shared/data/math500.jsonl --steps 200
+    python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
 """
 import argparse
 import contextlib

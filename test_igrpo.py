@@ -113,7 +113,7 @@ CHECKER_CASES = [
 def test_checker_grades_each_answer_form_like_a_careful_grader(completion, gold, verdict, what):
     started = time.perf_counter()
     assert (math_reward(completion, gold) == 1.0) is verdict
-    assert time.perf_counter() - started < 1.5, "each grading call returns within about a second"
+    assert time.perf_counter() - started < 5, "a hang guard, not a speed target (see bench.py checker)"
 
 
 def test_checker_never_evaluates_model_text(monkeypatch):
