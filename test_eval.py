@@ -1,4 +1,8 @@
 """The specification of eval.py and judge.py, as tests. Offline: tiny local models, a fake endpoint on 127.0.0.1."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
+
 import http.server
 import itertools
 import json

@@ -1,10 +1,15 @@
 """The specification of igrpo.py, as tests. Offline: tiny models built from a config, no hub."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
+
 import json
 import re
 import time
 from pathlib import Path
 
 import pytest
+import sympy
 import torch
 
 import igrpo
@@ -152,7 +157,12 @@ def rewrites(gold):
         out.append(f"{found.group(1)} \\times 10^{{{found.group(2)}}}")
     if re.fullmatch(r"[^,()\[\]{}]+(, [^,()\[\]{}]+)+", gold):  # a list, not a thousands separator
         out.append(", ".join(reversed(gold.split(", "))))
-    out.append(f"\\left. {gold} \\right.".replace("\\left.", "").replace("\\right.", "") + " ")
+    fraction = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", gold)
+    if fraction and set(sympy.factorint(int(fraction.group(2)))) <= {2, 5}:  # a terminating decimal
+        out.append(str(int(fraction.group(1)) / int(fraction.group(2))))
+    if re.fullmatch(r"\d{4,}", gold):
+        out.append(f"{int(gold):,}")
+    out.append(f"$\\displaystyle {gold}$")
     return out
 
 
@@ -337,6 +347,21 @@ def test_toy_checkpoint_round_trips_through_the_auto_classes(tiny):
     text = "Problem: What is 12 + 1?\n\nSolution: 12 + 1 = 13. \\boxed{13}"
     assert tokenizer.decode(tokenizer(text).input_ids) == text  # spaces survive the reload
     assert AutoModelForCausalLM.from_pretrained(tiny / "model").config.model_type == "llama"
+
+
+def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = igrpo.Config(**{k: v for k, v in toy.SETTINGS.items()})
+    toy.build(tmp_path / "toy", cfg, warm_start_steps=2)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "toy" / "model").config.model_type == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "toy" / "model")
+    assert tokenizer.decode(tokenizer("What is 47 + 38?").input_ids) == "What is 47 + 38?"
+    train, test = (igrpo.load_problems(str(tmp_path / "toy" / f"{n}.jsonl"), cfg) for n in ("train", "test"))
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}  # held out means held out
+    monkeypatch.setattr(toy, "cache_folder", lambda: tmp_path / "toy")
+    prepared = toy.prepare(igrpo.Config(algo="grpo", steps=3), given={"algo", "steps"})
+    assert (prepared.algo, prepared.steps, prepared.lr) == ("grpo", 3, toy.SETTINGS["lr"])
+    assert prepared.model == str(tmp_path / "toy" / "model")
 
 
 def test_masks_cover_exactly_the_generated_tokens_through_eos_even_when_pad_is_eos():
@@ -555,14 +580,12 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, monkeypatch, overrides, message):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
         igrpo.train(tiny_config(tiny, tmp_path, **overrides))
 
 
-def test_unknown_model_name_is_a_clear_error(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_unknown_model_name_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(SystemExit, match="--model 'no-such-user/no-such-model-xyz'"):
         igrpo.train(tiny_config(tiny, tmp_path, model="no-such-user/no-such-model-xyz"))
 

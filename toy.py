@@ -9,6 +9,7 @@ gets many problems wrong; the starting point is cached, so only the first run pa
 Everything here exists only to give igrpo.py something real to train offline; it is not the method.
 """
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -18,8 +19,6 @@ import torch
 
 import igrpo
 
-VERSION = "toy-v1"  # bump when anything below changes what the cached starting point would be
-CACHE = Path(__file__).resolve().parent / ".cache" / VERSION
 MODEL_SIZE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                   intermediate_size=384, max_position_embeddings=512)
 WARM_START_STEPS = 600
@@ -128,11 +127,19 @@ def build(folder, cfg, warm_start_steps=WARM_START_STEPS, seed=0):
             f.writelines(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows)
 
 
+def cache_folder():
+    """Keyed by this file and igrpo's prompt templates: change either and the toy is built anew."""
+    key = hashlib.sha256("".join([Path(__file__).read_text(), igrpo.SYSTEM_PROMPT, igrpo.REFINE_TEMPLATE,
+                                  igrpo.PLAIN_TEMPLATE]).encode()).hexdigest()[:12]
+    return Path(__file__).resolve().parent / ".cache" / f"toy-{key}"
+
+
 def prepare(cfg, given):
     """The toy's settings over the user's unset flags, and its cached starting point (built once)."""
     cfg = dataclasses.replace(cfg, **{k: v for k, v in SETTINGS.items() if k not in given})
-    if not (CACHE / "model" / "config.json").exists():
-        print(f"toy: building the offline toy world in {CACHE} (first run only)")
-        build(CACHE, cfg)
-    return dataclasses.replace(cfg, model=str(CACHE / "model"), dataset=str(CACHE / "train.jsonl"),
-                               eval_dataset=cfg.eval_dataset or str(CACHE / "test.jsonl"))
+    cache = cache_folder()
+    if not (cache / "model" / "config.json").exists():
+        print(f"toy: building the offline toy world in {cache} (first run only)")
+        build(cache, cfg)
+    return dataclasses.replace(cfg, model=str(cache / "model"), dataset=str(cache / "train.jsonl"),
+                               eval_dataset=cfg.eval_dataset or str(cache / "test.jsonl"))
