@@ -146,10 +146,10 @@ def summarize(rows, k):
 def print_table(results):
     columns = ["problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate", "mean_completion_tokens"]
     columns += sorted({c for r in results.values() for c in r if c.startswith("refined_")})
-    print(f"{'benchmark':<12}" + "".join(f"{c:>24}" for c in columns))
+    print(f"{'benchmark':<12}" + "".join(f"{c:>{len(c) + 2}}" for c in columns))
     for name, row in results.items():
         cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        print(f"{name:<12}" + "".join(f"{c:>24}" for c in cells))
+        print(f"{name:<12}" + "".join(f"{cell:>{len(c) + 2}}" for cell, c in zip(cells, columns)))
 
 
 def parse_args(argv=None):

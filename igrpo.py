@@ -923,6 +923,11 @@ def load_model(name, cfg, dtype, device, flag="model"):
              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    for module in model.modules():  # a training forward must score tokens under the policy that sampled them
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     return model.to(device), tokenizer
 
 

@@ -398,6 +398,16 @@ def test_left_padding_leaves_log_probs_unchanged(tiny):
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
+def test_dropout_is_off_so_training_forwards_score_the_sampling_policy(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", attention_dropout=0.5)
+    igrpo.save(model, igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")[1], tmp_path / "m")
+    model, _ = igrpo.load_model(str(tmp_path / "m"), Config(), torch.float32, "cpu")
+    model.train()
+    ids = torch.arange(1, 20)[None]
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
 def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
