@@ -1031,6 +1031,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, given = parse_args(argv)
+    check_config(cfg)  # before the toy spends minutes on its warm start
     if not cfg.model:  # no model named: the offline toy world (see toy.py), kept out of this file
         import toy
         cfg = toy.prepare(cfg, given)
