@@ -166,7 +166,7 @@ def rewrites(gold):
     return out
 
 
-@pytest.mark.parametrize("benchmark_file", ["math500", "minerva_math"])
+@pytest.mark.parametrize("benchmark_file", ["math500", "minerva_math", "aime24", "aime25", "amc23", "gsm8k_test"])
 def test_every_shipped_gold_answer_matches_itself_boxed_and_its_rewrites(benchmark_file):
     if not DATA.exists():
         pytest.skip(f"{DATA} is not beside this checkout")
