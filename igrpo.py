@@ -942,7 +942,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
-    problems = load_problems(cfg.dataset, cfg) if cfg.dataset else fail("--dataset: give a dataset to train on")
+    if not cfg.dataset:
+        fail("--dataset: give a dataset to train on (or no --model, for the toy world)")
+    problems = load_problems(cfg.dataset, cfg)
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
     model, tokenizer = load_model(cfg.model, cfg, dtype, device)
     fits = [p for p in problems if len(tokenizer(build_prompt(tokenizer, p["problem"], cfg)).input_ids)
@@ -964,7 +966,10 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     metrics_file = open(out / "metrics.jsonl", "w")
-    log = lambda record: metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush()
+
+    def log(record):  # one JSON object per line, flushed, so a plot can follow a live run
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
 
     results = {}
     if held_out:
@@ -996,7 +1001,8 @@ def train(cfg):
         if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         log(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", draft=info["draft_reward"] and f"{info['draft_reward']:.2f}")
+        bar.set_postfix(reward=f"{record['reward']:.2f}", **({} if info["draft_reward"] is None else
+                                                              {"draft": f"{info['draft_reward']:.2f}"}))
         if cfg.save_every and step % cfg.save_every == 0:
             save(model, tokenizer, out / f"step-{step}")
     if held_out:
