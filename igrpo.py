@@ -116,6 +116,9 @@ def check_config(cfg):
                  "max_completion_tokens", "max_draft_tokens", "max_prompt_tokens"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        fail(f"--temperature {cfg.temperature} --top-p {cfg.top_p}: training samples need temperature > 0 and "
+             "0 < top-p <= 1 (log-probs are taken under softmax(logits / temperature))")
     if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
         fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
 

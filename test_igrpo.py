@@ -586,6 +586,8 @@ BAD_INPUTS = [
     (dict(num_drafts=4, group_size=4), "--num-drafts 4"),
     (dict(loss="sft"), "--loss 'sft'"),
     (dict(reward="judge"), "--reward judge: give --judge-model or --judge-url"),
+    (dict(temperature=0.0), "--temperature 0.0"),
+    (dict(steps=0), "--steps 0: must be at least 1"),
 ]
 
 
