@@ -408,6 +408,24 @@ def test_dropout_is_off_so_training_forwards_score_the_sampling_policy(tiny, tmp
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
+def test_generation_in_several_calls_stacks_each_prompt_intact_and_trimming_keeps_log_probs(tiny):
+    cfg = Config(chat_template="off", generation_batch_size=2)  # 3 prompts x 2 samples: three generate calls
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
+    samples = igrpo.sample(model, tokenizer, prompts, 2, 6, 1.0, 1.0, cfg)
+    assert samples.input_ids.shape[0] == 6
+    for row in range(6):
+        prompt = samples.input_ids[row, :samples.prompt_length][samples.attention_mask[row, :samples.prompt_length] == 1]
+        assert tokenizer.decode(prompt) == prompts[row // 2]
+    rows = torch.tensor([1, 4])
+    with torch.no_grad():
+        full = igrpo.token_logprobs(model, samples.input_ids[rows], samples.attention_mask[rows], samples.prompt_length,
+                                    samples.completion_mask[rows], 1.0)[0]
+        trimmed = igrpo.token_logprobs(model, *igrpo.micro_batch(samples, rows), 1.0)[0]
+    assert torch.allclose(full[:, :trimmed.shape[1]], trimmed, atol=1e-5)
+    assert trimmed.shape[1] == int(samples.lengths[rows].max())
+
+
 def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
