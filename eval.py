@@ -89,7 +89,7 @@ def generate(model, tokenizer, prompts, k, args, cfg):
 
 def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
     source, hub_config, split, paper_k = resolve(name, args.data_dir)
-    k = args.k or paper_k
+    k = args.k if args.k is not None else paper_k
     cfg.dataset_config, cfg.split = hub_config, split
     problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
     path = out / f"{label(name)}.jsonl"
@@ -161,7 +161,7 @@ def parse_args(argv=None):
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
     parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",
                         help="folder with the local benchmark copies; names not found there load from the hub")
-    parser.add_argument("--k", type=int, default=0, help="samples per problem (0: the paper's, 64 AIME, 8 others)")
+    parser.add_argument("--k", type=int, default=None, help="samples per problem (default: the paper's, 64 AIME, 8 others)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
@@ -176,7 +176,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--output-dir", default="runs/eval", help="summary.json and one JSONL per benchmark")
     args = parser.parse_args(argv)
-    if args.k < 0 or (args.k == 0 and "--k" in (argv or [])):
+    if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
     if args.refine_rounds < 0:
         igrpo.fail(f"--refine-rounds {args.refine_rounds}: must be 0 or more")

@@ -98,6 +98,7 @@ def test_refine_rounds_report_the_refined_accuracy_beside_the_single_pass(tiny, 
     (["--benchmarks", "aime2099"], "unknown benchmark 'aime2099'"),
     (["--benchmarks", "missing.jsonl"], "no such file: missing.jsonl"),
     (["--benchmarks", "gsm8k", "--k", "-1"], "--k -1"),
+    (["--benchmarks", "gsm8k", "--k", "0"], "--k 0"),
 ])
 def test_eval_bad_input_gives_one_clear_message(tiny, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
