@@ -239,6 +239,7 @@ MAX_DIGITS = 60             # longest number literal the parser accepts
 MAX_RESULT_DIGITS = 400     # a power whose value would need more digits is not built
 
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+CHOICE = re.compile(r"\(?([A-E])\)?")
 MARKER = re.compile(
     r"<answer>(?P<tag>[^<]{1,400})</answer>|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is"
     r" correct|\n|$)|the answer is:?\s*(?P<answer_is>[^\n]{1,400})|answer:\s*(?P<colon>[^\n]{1,400})"
@@ -330,10 +331,10 @@ def match_normalized(pred, gold):
         return True
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
-    choice = re.compile(r"^\(?([A-E])\)?$")  # multiple choice: (C), C, \text{(C)}
-    if choice.match(gold.replace(" ", "")):
-        found = choice.match(pred.replace(" ", ""))
-        return bool(found) and found.group(1) == choice.match(gold.replace(" ", "")).group(1)
+    gold_choice = CHOICE.fullmatch(gold.replace(" ", ""))  # multiple choice: (C), C, \text{(C)}
+    if gold_choice:
+        found = CHOICE.fullmatch(pred.replace(" ", ""))
+        return bool(found) and found.group(1) == gold_choice.group(1)
     pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
     if len(gold_sides) == 1 and len(pred_sides) == 2 and re.fullmatch(r"[a-zA-Z](_\{?\w+\}?)?", pred_sides[0]):
         return match_normalized(pred_sides[1], gold)  # "x = 5" for the value 5
@@ -700,8 +701,8 @@ def stack_samples(chunks, tokenizer, stop):
 # Log-probs of the sampled tokens under the sampling distribution, softmax(logits / temperature)
 # ----------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
-                   chunk_tokens=1024):
-    """(logp, entropy), each (b, T), zero off the mask. Only the hidden states that predict completion
+                   with_entropy=True, chunk_tokens=1024):
+    """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict completion
     tokens meet the output layer, a chunk at a time, so no (tokens x vocabulary) float32 tensor exists."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -711,25 +712,29 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     logps, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
-        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature, softcap)
+        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature, softcap,
+                 with_entropy)
         # checkpoint: backward recomputes the chunk's logits instead of keeping them all alive
         logp, entropy = checkpoint(chunk_logprobs, *chunk, use_reentrant=False) if torch.is_grad_enabled() \
             else chunk_logprobs(*chunk)
         logps.append(logp)
         entropies.append(entropy)
     zeros = torch.zeros(completion_mask.shape, device=hidden.device)
-    return zeros.masked_scatter(completion_mask, torch.cat(logps)), zeros.masked_scatter(completion_mask, torch.cat(entropies))
+    entropy = zeros.masked_scatter(completion_mask, torch.cat(entropies)) if with_entropy else None
+    return zeros.masked_scatter(completion_mask, torch.cat(logps)), entropy
 
 
-def chunk_logprobs(head, hidden, targets, temperature, softcap=None):
+def chunk_logprobs(head, hidden, targets, temperature, softcap=None, with_entropy=True):
     logits = head(hidden).float()                                                # (n, V)
     if softcap:  # Gemma-style models squash logits before sampling; so must we
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     log_normalizer = logits.logsumexp(-1)                                        # (n,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
-    with torch.no_grad():  # entropy is a metric, never a loss term here
-        entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # entropy is a metric, never a loss term here
+            entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
     return logp, entropy
 
 
@@ -772,7 +777,7 @@ def loss_weights(completion_mask, loss, max_completion_tokens):
 
 def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_logp=None):
     """logp, old_logp, ref_logp, weights, completion_mask: (b, T); advantages: (b,).
-    Returns (loss, number of clipped tokens, summed KL)."""
+    Returns (loss, number of clipped tokens, summed KL), the last two as tensors (no device sync here)."""
     log_ratio = logp - old_logp
     if cfg.loss == "gspo":  # GSPO (Zheng et al. 2025): one ratio per sequence, the geometric mean of its tokens'
         log_ratio = (log_ratio * completion_mask).sum(1, keepdim=True) / completion_mask.sum(1, keepdim=True)
@@ -787,7 +792,7 @@ def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_l
         per_token = per_token + cfg.beta * kl
     loss = (per_token * weights).sum()
     clip_count = ((clipped < unclipped) & completion_mask).sum()
-    return loss, clip_count.item(), (kl * completion_mask).sum().item()
+    return loss, clip_count, (kl.detach() * completion_mask).sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -814,25 +819,27 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
 
     def frozen_logprobs(policy):  # one no-grad pass, only when a ratio must be taken against it
         with torch.no_grad():
-            return [token_logprobs(policy, *micro_batch(samples, rows), cfg.temperature)[0] for rows, _ in chunks]
+            return [token_logprobs(policy, *micro_batch(samples, rows), cfg.temperature, with_entropy=False)[0]
+                    for rows, _ in chunks]
     # With one epoch the sampler *is* the policy being updated: old log-probs = logp.detach(), no extra pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
     reference = frozen_logprobs(ref_model) if ref_model is not None else None
-    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)
+    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # summed as tensors, read once at the end
     for epoch in range(cfg.ppo_epochs):
         for k, (rows, chunk_weights) in enumerate(chunks):
             input_ids, attention_mask, prompt_length, completion_mask = micro_batch(samples, rows)
             logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
-                                           cfg.temperature)
+                                           cfg.temperature, with_entropy=epoch == 0)
             loss, clipped, kl = policy_loss(logp, old[k] if old else logp.detach(), advantages[rows],
                                             completion_mask, chunk_weights[:, :logp.shape[1]], cfg,
                                             reference[k] if reference else None)
             loss.backward()
             accumulate_gradients(params, master)
-            totals["loss"] += loss.item() / cfg.ppo_epochs
+            totals["loss"] += loss.detach() / cfg.ppo_epochs
             totals["clipped"] += clipped
             totals["kl"] += kl
-            totals["entropy"] += (entropy * completion_mask).sum().item() if epoch == 0 else 0.0
+            if entropy is not None:
+                totals["entropy"] += (entropy * completion_mask).sum()
         if chunks:
             torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)
             optimizer.step()
@@ -841,6 +848,7 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
                 for p, m in zip(params, master):
                     if p is not m:
                         p.copy_(m)
+    totals = {name: float(value) for name, value in totals.items()}
     tokens = max(1, int(samples.completion_mask[index].sum()))
     return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * cfg.ppo_epochs),
                 kl=totals["kl"] / (tokens * cfg.ppo_epochs) if ref_model is not None else None,
