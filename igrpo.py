@@ -225,20 +225,42 @@ def refine_message(problem, draft):
 # ----------------------------------------------------------------------------------------------
 # Answer checking and rewards (never evaluates model text; every call is time-bounded)
 #
-# Grading policy. The final answer is the last \boxed{}/\fbox{}; else the last explicit marker
-# ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else none, which
-# scores 0. Cosmetics never matter (units, \text, spacing, \left/\right, \dfrac, degrees, percent,
-# thousands separators, case, Unicode forms, a leading "x ="). Values match when exactly equal:
-# rationals exactly, radicals/pi/e to 35 significant digits, so 0.333 != 1/3 and 3.14 != pi.
-# Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
-# brackets must agree); expressions match when equal at three rational points (the same variables
-# required); equations side by side. What our small parser does not accept is compared as text.
+# Grading policy.
+# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when only
+#   list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the last
+#   explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else
+#   none, which scores 0. A gold that is a full solution is read by the same rules.
+# - Cosmetics never matter: units (spaced, or in \text/\mbox), \text, spacing, \left/\right, \dfrac,
+#   \cfrac, math delimiters, degrees, percent, case, Unicode forms. Digit groups join (12,345,
+#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas. 0.\overline{3} is
+#   1/3; a number word (zero to ninety-nine) is its number.
+# - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits, so
+#   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
+#   variables required).
+# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
+#   brackets must agree). An inequality in one unknown is its interval: a<x<b is (a,b), -x>-1 is
+#   (-\infty,1); "x \in" is a label.
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value on
+#   either side; labels on both sides must agree. Other equations match side by side, or as the same
+#   equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is compared as text.
+# Ambiguous readings, decided (each one is a row of the case table):
+# - A comma between digit groups is a thousands separator only outside brackets: (1,234) and (12,102)
+#   are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join digits anywhere.
+# - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
+#   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
+# - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
+# - Inequalities: the unknown's name is not graded (t<1 is x<1); with a letter on each side (x>a) the
+#   left one is the unknown.
+# - Boxes on different lines, or with other words between them, are not joined: the last box counts.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
 MAX_DIGITS = 60             # longest number literal the parser accepts
 MAX_RESULT_DIGITS = 400     # a power whose value would need more digits is not built
+MAX_DEGREE = 10_000         # most total exponent on unknowns: their values at sample points stay small
 
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOX_CONNECTOR = re.compile(r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or"
+                           r"|[a-zA-Z] *=)*", re.IGNORECASE)  # what may lie between boxes of one list answer
 CHOICE = re.compile(r"\(?([A-E])\)?")
 MARKER = re.compile(
     r"<answer>(?P<tag>[^<]{1,400})</answer>|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is"
@@ -256,15 +278,31 @@ def extract_answer(text):
             stack.append(match.start())
         elif stack:
             closing[stack.pop()] = match.start()
-    for match in reversed(list(BOX.finditer(text))):
-        if match.end() - 1 in closing:
-            return text[match.end():closing[match.end() - 1]].strip()
+    boxes = [(m.start(), m.end(), closing[m.end() - 1]) for m in BOX.finditer(text) if m.end() - 1 in closing]
+    if boxes:
+        return final_boxes(text, boxes)
     markers = list(MARKER.finditer(text))
     if not markers:
         return None
     answer = next(v for v in markers[-1].groupdict().values() if v is not None)
-    answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer).strip().strip("$").rstrip(".").strip()
+    answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
+    answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
     return (extract_answer(answer) if MARKER.search(answer) else None) or answer or None
+
+
+def final_boxes(text, boxes):
+    """The last box's content; with the boxes before it that only list connectors separate, a list."""
+    start, content_start, content_end = boxes[-1]
+    answers = [text[content_start:content_end].strip()]  # last first
+    for previous_start, previous_content_start, previous_end in reversed(boxes[:-1]):
+        if previous_end > start:  # a box around the answer: \boxed{\boxed{3}}
+            start = previous_start
+        elif start - previous_end <= 40 and BOX_CONNECTOR.fullmatch(text, previous_end + 1, start):
+            answers.append(text[previous_content_start:previous_end].strip())
+            start = previous_start
+        else:
+            break
+    return ", ".join(reversed(answers))
 
 
 def gold_answer(raw):
@@ -276,22 +314,73 @@ GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota
 FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc,
              "cot": sympy.cot, "ln": sympy.log, "log": sympy.log, "exp": sympy.exp, "arcsin": sympy.asin,
              "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh}
-COSMETIC = [(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}", r"\1"),
-            (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""), (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "),
-            (r"\\[dt]frac", r"\\frac"), (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
-            (r"\{,\}", ","), (r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d])", lambda m: m.group(0).replace(",", "")),
-            (r"\\le(?![a-zA-Z])", r"\\leq"), (r"\\ge(?![a-zA-Z])", r"\\geq"), (r"\s+", " ")]
 UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ", "∞": "\\infty ",
            "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
+DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  12,\!345  1\,000
+THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
+COSMETIC = [  # (pattern, replacement), in order
+    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox|operatorname)"
+     r"\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
+    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""), (r"(?<!\\)\\[()\[\]]", ""),
+    (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
+    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
+    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"), (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
+    (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
+    (r"\s+", " ")]
+LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
+REPEATING_DECIMAL = re.compile(r"(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen seventeen eighteen nineteen").split()
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def normalize(answer):
+    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating decimals."""
     answer = unicodedata.normalize("NFKC", answer)
     for symbol, latex in UNICODE.items():
         answer = answer.replace(symbol, latex)
+    answer = join_digit_groups(answer)
     for pattern, replacement in COSMETIC:
         answer = re.sub(pattern, replacement, answer)
-    return answer.strip().rstrip(".").strip()
+    answer = LIST_CONNECTOR.sub(", ", answer)
+    answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
+    return number_word_as_digits(answer.strip().rstrip(".").strip())
+
+
+def join_digit_groups(answer):
+    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets, where a comma separates items."""
+    answer = DIGIT_GROUP_MARK.sub("", answer)
+    if not THOUSANDS.search(answer):
+        return answer
+    depth, depths = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
+    for index, char in enumerate(answer):
+        escaped = index > 0 and answer[index - 1] == "\\"
+        depth += (char in "([" or (char == "{" and escaped)) - (char in ")]" or (char == "}" and escaped))
+        depths.append(depth)
+    outside = lambda found: found.group().replace(",", "") if depths[found.start()] == 0 else found.group()
+    return THOUSANDS.sub(outside, answer)
+
+
+def repeating_decimal_as_fraction(found):
+    """1.2\\overline{34} -> \\frac{611}{495}, exactly."""
+    whole, fixed, repeating = found.groups()
+    denominator = 10 ** len(fixed) * (10 ** len(repeating) - 1)
+    numerator = int(whole or 0) * denominator + int(fixed + repeating) - int(fixed or 0)
+    return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+def number_word_as_digits(answer):
+    """'twelve' -> '12', 'Forty-two' -> '42'; any other answer unchanged."""
+    found = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", answer.lower())
+    if not found:
+        return answer
+    word, units = found.groups()
+    if units is None and word in NUMBER_WORDS:
+        return str(NUMBER_WORDS.index(word))
+    if word in TENS_WORDS and (units is None or units in NUMBER_WORDS[1:10]):
+        return str(20 + 10 * TENS_WORDS.index(word) + (NUMBER_WORDS.index(units) if units else 0))
+    return answer
 
 
 def split_top_level(text, separator):
@@ -305,12 +394,13 @@ def split_top_level(text, separator):
 
 
 def answers_match(pred, gold):
-    """True when a careful grader would accept `pred` for `gold`. Never raises, returns in about 1 s."""
+    """True when a careful grader would accept `pred` for `gold`. Never raises, returns in about 1 s.
+    Either side may be a full solution: its final answer is read by the rules of `extract_answer`."""
     if pred is None or gold is None:
         return False
     try:
         with time_limit(1.0):
-            return match_normalized(normalize(str(pred)), normalize(str(gold)))
+            return match_normalized(normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold))))
     except Exception:  # TimeoutError, RecursionError, anything sympy throws: an answer we cannot grade is wrong
         return False
 
@@ -335,12 +425,17 @@ def match_normalized(pred, gold):
     if gold_choice:
         found = CHOICE.fullmatch(pred.replace(" ", ""))
         return bool(found) and found.group(1) == gold_choice.group(1)
+    pred, gold = inequality_as_interval(pred), inequality_as_interval(gold)
     pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
-    if len(gold_sides) == 1 and len(pred_sides) == 2 and re.fullmatch(r"[a-zA-Z](_\{?\w+\}?)?", pred_sides[0]):
-        return match_normalized(pred_sides[1], gold)  # "x = 5" for the value 5
-    if len(gold_sides) == 2:  # equations match side by side, either way round
-        return len(pred_sides) == 2 and (all(map(match_normalized, pred_sides, gold_sides)) or
-                                         all(map(match_normalized, pred_sides[::-1], gold_sides)))
+    if len(pred_sides) == 2 and len(gold_sides) == 2:
+        return equations_match(pred_sides, gold_sides)
+    pred_label, gold_label = split_label(pred), split_label(gold)
+    if gold_label and len(pred_sides) == 1:
+        return match_normalized(pred, gold_label[1])
+    if pred_label and len(gold_sides) == 1:
+        return match_normalized(pred_label[1], gold)  # "x = 5" for the value 5
+    if len(pred_sides) == 2 or len(gold_sides) == 2:  # an equation against a value
+        return False
     if "\\begin{" in gold:
         pred_cells, gold_cells = matrix_cells(pred), matrix_cells(gold)
         return bool(pred_cells and gold_cells) and same_shape_cells_match(pred_cells, gold_cells)
@@ -352,10 +447,94 @@ def match_normalized(pred, gold):
     return gold_value is not None and pred_value is not None and values_equal(pred_value, gold_value)
 
 
+NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
+LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?|\({NAME}(?:,{NAME})+\)|{NAME}(?::{NAME})+"  # k  f(x)  (p,q)  a:b
+                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")                                  # \frac{AB}{CD}
+
+
+def split_label(answer):
+    """'k = 1' -> ['k', '1']: a value under the name of what it is. None for anything else."""
+    sides = split_top_level(answer, "=")
+    if len(sides) != 2 or not LABEL.fullmatch(sides[0].replace(" ", "")):
+        return None
+    statement = re.fullmatch(r"[A-Z]{2,}", sides[0]) and re.fullmatch(r"[A-Z]{2,}", sides[1])  # MR=SRMC
+    return None if statement else sides
+
+
+def equations_match(pred_sides, gold_sides):
+    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
+    if any(all(map(match_normalized, sides, gold_sides)) for sides in (pred_sides, pred_sides[::-1])):
+        return True
+    sides = [parse_math(side) for side in pred_sides + gold_sides]
+    return None not in sides and proportional(sides[0] - sides[1], sides[2] - sides[3])
+
+
+def proportional(a, b):
+    """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
+    if not b.free_symbols or a.free_symbols != b.free_symbols:
+        return False
+    point = sample_point(sorted(b.free_symbols, key=str), 0)
+    scale = a.xreplace(point) / b.xreplace(point)
+    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=6)
+
+
+INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
+FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
+
+
+def inequality_as_interval(answer):
+    """An inequality in one unknown -> its interval: a < x \\leq b -> (a, b], x > 2 -> (2, \\infty)."""
+    parts = [part.strip() for part in INEQUALITY.split(answer)]
+    if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
+        parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
+    ascending = len(parts) == 5 and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq")
+    if ascending and is_unknown(parts[2]):
+        return interval(parts[0], parts[1], parts[4], parts[3])
+    if len(parts) != 3:
+        return answer
+    unknown_left = unknown_on_the_left(*parts)
+    if unknown_left is None:
+        return answer
+    relation, bound = unknown_left
+    if relation in ("<", "\\leq"):
+        return interval("-\\infty", "<", bound, relation)
+    return interval(bound, FLIPPED[relation], "\\infty", "<")
+
+
+def is_unknown(text):
+    return isinstance(parse_math(text), sympy.Symbol)  # x, t, x_1, \theta; not \pi, e or \infty
+
+
+def interval(low, low_relation, high, high_relation):
+    """low < x <= high -> '(low, high]'."""
+    return f"{'(' if low_relation == '<' else '['}{low}, {high}{')' if high_relation == '<' else ']'}"
+
+
+def unknown_on_the_left(left, relation, right):
+    """'x < 3' -> ('<', '3'); '5 \\geq x' -> ('\\leq', '5'); '-x > -1' -> ('<', '1'), solved; else None."""
+    if is_unknown(left):
+        return relation, right
+    if is_unknown(right):
+        return FLIPPED[relation], left
+    left_value, right_value = parse_math(left), parse_math(right)
+    if left_value is None or right_value is None:
+        return None
+    difference = left_value - right_value  # linear in one unknown: slope * x + offset
+    if len(difference.free_symbols) != 1:
+        return None
+    unknown = next(iter(difference.free_symbols))
+    offset = difference.xreplace({unknown: 0})
+    slope = difference.xreplace({unknown: 1}) - offset
+    if not (slope.is_positive or slope.is_negative) or not values_equal(difference, slope * unknown + offset):
+        return None
+    return relation if slope.is_positive else FLIPPED[relation], normalize(sympy.latex(-offset / slope))
+
+
 def strip_units(answer, other):
-    """'10 cm' -> '10' when the other side has no words at all (a spaced unit word, not '2k')."""
-    found = re.fullmatch(r"(.*?\d)\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
-    return found.group(1) if found and not re.search(r"[a-zA-Z]", other) else answer
+    """'10 cm' -> '10' when the other side has no letters outside commands (a spaced unit word, not '2k')."""
+    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
+    other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
+    return found.group(1) if found and not other_has_words else answer
 
 
 def answer_items(answer):
@@ -380,7 +559,9 @@ def items_match(pred, gold):
         return False
     if len(gold_list) > 30:
         return False
-    if gold_kind == "tuple":
+    gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
+    named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)  # AB=4, CD=5
+    if gold_kind == "tuple" or (named_values and not any(map(split_label, pred_list))):
         return all(map(match_normalized, pred_list, gold_list))
     unmatched = list(gold_list)  # unordered: each predicted item must use up one gold item
     for item in pred_list:
@@ -424,7 +605,12 @@ def parse_math(text):
         value = parser.expression()
     except (ValueError, ZeroDivisionError):
         return None
-    return value if parser.index == len(tokens) else None
+    return value if parser.index == len(tokens) and unknowns_degree(value) <= MAX_DEGREE else None
+
+
+def unknowns_degree(value):
+    """Sum of the exponents on unknowns: (x+1)^{9999} repeated 20 times is 199,980, too big to evaluate."""
+    return sum(abs(power.exp) for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols)
 
 
 class MathParser:
@@ -565,18 +751,22 @@ def safe_power(base, exponent):
 SAMPLE_POINTS = [sympy.Rational(p, q) for p, q in ((3, 7), (11, 13), (-5, 17), (19, 23), (2, 29), (-31, 37))]
 
 
-def values_equal(pred, gold):
-    """Exact rationals compare exactly; anything else to 40 digits, at three rational points if symbolic."""
+def values_equal(pred, gold, points=3):
+    """Exact rationals compare exactly; others to 35 digits, at `points` rational points if symbolic."""
     if pred.free_symbols != gold.free_symbols:  # a renamed variable is a different answer
         return False
     if not gold.free_symbols:
         return numbers_equal(pred, gold)
     symbols = sorted(gold.free_symbols, key=str)
-    for shift in range(3):
-        point = {s: SAMPLE_POINTS[(i + shift) % len(SAMPLE_POINTS)] + shift for i, s in enumerate(symbols)}
+    for shift in range(points):
+        point = sample_point(symbols, shift)
         if not numbers_equal(pred.xreplace(point), gold.xreplace(point)):
             return False
     return True
+
+
+def sample_point(symbols, shift):
+    return {s: SAMPLE_POINTS[(i + shift) % len(SAMPLE_POINTS)] + shift for i, s in enumerate(symbols)}
 
 
 def numbers_equal(a, b):
