@@ -24,22 +24,28 @@ HERE = Path(__file__).resolve().parent
 
 def bench_checker(args):
     from test_igrpo import CHECKER_CASES, DATA, rewrites
-    suites = {"case table": [(completion, gold) for completion, gold, _, _ in CHECKER_CASES], "shipped golds": []}
+    suites = {"case table": [(completion, gold, verdict) for completion, gold, verdict, _ in CHECKER_CASES],
+              "shipped golds": []}
     for name in ("math500", "minerva_math", "aime24", "aime25", "amc23", "gsm8k_test"):
         if (DATA / f"{name}.jsonl").exists():
             golds = [json.loads(line)["answer"] for line in open(DATA / f"{name}.jsonl")]
-            suites["shipped golds"] += [(f"\\boxed{{{g}}}", g) for g in golds]
-            suites["shipped golds"] += [(f"\\boxed{{{r}}}", g) for g in golds for r in rewrites(g)]
+            suites["shipped golds"] += [(f"\\boxed{{{g}}}", g, True) for g in golds]
+            suites["shipped golds"] += [(f"\\boxed{{{r}}}", g, True) for g in golds for r in rewrites(g)]
     for suite, calls in suites.items():
-        times = []
-        for completion, gold in calls:
+        if not calls:
+            print(f"checker, {suite}: none ({DATA} is not beside this checkout)")
+            continue
+        times, right = [], 0
+        for completion, gold, verdict in calls:
             started = time.perf_counter()
-            igrpo.math_reward(completion, gold)
+            reward = igrpo.math_reward(completion, gold)
             times.append((time.perf_counter() - started, completion[:50]))
+            right += (reward == 1.0) is verdict
         seconds = sorted(t for t, _ in times)
         worst = max(times)
-        print(f"checker, {suite}: {len(calls)} calls, median {statistics.median(seconds) * 1e3:.2f} ms, "
-              f"p99 {seconds[int(0.99 * len(seconds))] * 1e3:.1f} ms, worst {worst[0] * 1e3:.1f} ms ({worst[1]!r})")
+        print(f"checker, {suite}: {len(calls)} calls, {right} graded right, "
+              f"median {statistics.median(seconds) * 1e3:.2f} ms, p99 {seconds[int(0.99 * len(seconds))] * 1e3:.1f} ms, "
+              f"worst {worst[0] * 1e3:.1f} ms ({worst[1]!r})")
 
 
 def random_model(args, device, dtype):

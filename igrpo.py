@@ -473,9 +473,10 @@ def proportional(a, b):
     """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
     if not b.free_symbols or a.free_symbols != b.free_symbols:
         return False
-    point = sample_point(sorted(b.free_symbols, key=str), 0)
-    scale = a.xreplace(point) / b.xreplace(point)
-    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=6)
+    points = [sample_point(sorted(b.free_symbols, key=str), shift) for shift in range(len(SAMPLE_POINTS))]
+    point = next((p for p in points if b.xreplace(p) != 0), None)  # x - 3/7 vanishes at the first point
+    scale = a.xreplace(point) / b.xreplace(point) if point else sympy.zoo
+    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=len(SAMPLE_POINTS))
 
 
 INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")

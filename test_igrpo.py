@@ -160,6 +160,7 @@ CHECKER_CASES = [
     ("\\boxed{-5x + 7y - 11z - 4 = 0}", "5x - 7y + 11z + 4 = 0", True, "plane equation negated"),
     ("\\boxed{5x - 7y + 11z - 4 = 0}", "5x - 7y + 11z + 4 = 0", False, "a parallel plane"),
     ("\\boxed{x = -5}", "x = 5", False, "an equation is not equal to its negated solution"),
+    ("\\boxed{7x = 3}", "x = \\frac37", True, "an equation that vanishes at a sample point, scaled"),
     # units and number formatting
     ("\\boxed{\\frac13\\text{ meters}}", "\\frac13", True, "unit after a fraction"),
     ("\\boxed{\\frac{1}{3}\\textbf{meters}}", "\\frac13", True, "bold unit after a braced fraction"),
@@ -235,6 +236,29 @@ def test_checker_never_evaluates_model_text(monkeypatch):
 def test_extract_answer_returns_none_without_a_final_answer():
     assert extract_answer("We add the numbers and get 5") is None
     assert extract_answer("\\boxed{unclosed") is None
+
+
+def test_boxes_separated_only_by_list_connectors_are_one_list_answer():
+    assert extract_answer("so $\\boxed{-2}$ and $\\boxed{1}$.") == "-2, 1"
+    assert extract_answer("\\boxed{1},\\boxed{2}") == "1, 2"
+    assert extract_answer("$x = \\boxed{2}$ or $x = \\boxed{3}$") == "2, 3"
+    assert extract_answer("first \\boxed{4}, finally \\boxed{5}") == "5"
+    assert extract_answer("\\boxed{2}\n\\boxed{3}") == "3"
+    assert extract_answer("\\boxed{\\boxed{3}}") == "3"
+
+
+def test_a_marker_answer_loses_its_dollar_signs_and_final_period():
+    assert extract_answer("The answer is $\\frac{9}{2}$.") == "\\frac{9}{2}"
+    assert extract_answer("The answer is 0.5.") == "0.5"
+
+
+def test_a_comma_between_digits_groups_them_only_outside_brackets():
+    assert igrpo.normalize("12,345") == "12345"
+    assert igrpo.normalize("f(x) = 1,000") == "f(x) = 1000"
+    assert igrpo.normalize("(1,234)") == "(1,234)"
+    assert igrpo.normalize("\\{12,102\\}") == "\\{12,102\\}"
+    assert igrpo.normalize("(1,3) \\cup (3,100)") == "(1,3) \\cup (3,100)"
+    assert igrpo.normalize("(12{,}345, 1\\,000)") == "(12345, 1000)"
 
 
 def test_gold_answer_is_extracted_from_a_full_solution():
