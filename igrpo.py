@@ -238,8 +238,8 @@ def refine_message(problem, draft):
 #   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
 #   variables required).
 # - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
-#   brackets must agree). An inequality in one unknown is its interval: a<x<b is (a,b), -x>-1 is
-#   (-\infty,1); "x \in" is a label.
+#   brackets must agree). An inequality in one unknown is that unknown labelled with its interval:
+#   a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
 # - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value on
 #   either side; labels on both sides must agree. Other equations match side by side, or as the same
 #   equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is compared as text.
@@ -249,8 +249,8 @@ def refine_message(problem, draft):
 # - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
 #   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
-# - Inequalities: the unknown's name is not graded (t<1 is x<1); with a letter on each side (x>a) the
-#   left one is the unknown.
+# - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
+#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
 # - Boxes on different lines, or with other words between them, are not joined: the last box counts.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
@@ -484,22 +484,20 @@ FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 
 
 def inequality_as_interval(answer):
-    """An inequality in one unknown -> its interval: a < x \\leq b -> (a, b], x > 2 -> (2, \\infty)."""
+    """An inequality in one unknown -> the unknown labelled with its interval: a < x \\leq b -> x = (a, b]."""
     parts = [part.strip() for part in INEQUALITY.split(answer)]
     if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
         parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
     ascending = len(parts) == 5 and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq")
     if ascending and is_unknown(parts[2]):
-        return interval(parts[0], parts[1], parts[4], parts[3])
-    if len(parts) != 3:
+        return f"{parts[2]} = {interval(parts[0], parts[1], parts[4], parts[3])}"
+    one_sided = unknown_on_the_left(*parts) if len(parts) == 3 else None
+    if one_sided is None:
         return answer
-    unknown_left = unknown_on_the_left(*parts)
-    if unknown_left is None:
-        return answer
-    relation, bound = unknown_left
+    unknown, relation, bound = one_sided  # x > 2 -> x = (2, \infty)
     if relation in ("<", "\\leq"):
-        return interval("-\\infty", "<", bound, relation)
-    return interval(bound, FLIPPED[relation], "\\infty", "<")
+        return f"{unknown} = " + interval("-\\infty", "<", bound, relation)
+    return f"{unknown} = " + interval(bound, FLIPPED[relation], "\\infty", "<")
 
 
 def is_unknown(text):
@@ -512,11 +510,11 @@ def interval(low, low_relation, high, high_relation):
 
 
 def unknown_on_the_left(left, relation, right):
-    """'x < 3' -> ('<', '3'); '5 \\geq x' -> ('\\leq', '5'); '-x > -1' -> ('<', '1'), solved; else None."""
+    """'x < 3' -> ('x', '<', '3'); '5 \\geq x' -> ('x', '\\leq', '5'); solved: '-x > -1' -> ('x', '<', '1')"""
     if is_unknown(left):
-        return relation, right
+        return left, relation, right
     if is_unknown(right):
-        return FLIPPED[relation], left
+        return right, FLIPPED[relation], left
     left_value, right_value = parse_math(left), parse_math(right)
     if left_value is None or right_value is None:
         return None
@@ -528,7 +526,8 @@ def unknown_on_the_left(left, relation, right):
     slope = difference.xreplace({unknown: 1}) - offset
     if not (slope.is_positive or slope.is_negative) or not values_equal(difference, slope * unknown + offset):
         return None
-    return relation if slope.is_positive else FLIPPED[relation], normalize(sympy.latex(-offset / slope))
+    relation = relation if slope.is_positive else FLIPPED[relation]
+    return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
 
 
 def strip_units(answer, other):
