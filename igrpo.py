@@ -248,6 +248,7 @@ def refine_message(problem, draft):
 #   are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join digits anywhere.
 # - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
 #   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
+# - A single name on the left is a label even before an expression: 2x+3 matches the gold y = 2x + 3.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
 # - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
 #   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
