@@ -16,6 +16,7 @@ group-relative advantages, the clipped surrogate with KL penalty, the two-stage 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -484,6 +485,7 @@ INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
 FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 
 
+@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: convert each once
 def inequality_as_interval(answer):
     """An inequality in one unknown -> the unknown labelled with its interval: a < x \\leq b -> x = (a, b]."""
     parts = [part.strip() for part in INEQUALITY.split(answer)]
@@ -589,6 +591,7 @@ TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)
                    r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")
 
 
+@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: parse each once
 def parse_math(text):
     """Our own recursive-descent parser for the answers we accept, building sympy objects; else None."""
     tokens, position = [], 0
