@@ -614,7 +614,8 @@ def parse_math(text):
 
 def unknowns_degree(value):
     """Sum of the exponents on unknowns: (x+1)^{9999} repeated 20 times is 199,980, too big to evaluate."""
-    return sum(abs(power.exp) for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols)
+    powers = [power for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols]
+    return sum(abs(power.exp) for power in powers)
 
 
 class MathParser:
