@@ -331,7 +331,7 @@ COSMETIC = [  # (pattern, replacement), in order
     (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
     (r"\s+", " ")]
 LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
-REPEATING_DECIMAL = re.compile(r"(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
+REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
 NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                 "fifteen sixteen seventeen eighteen nineteen").split()
 TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
