@@ -353,15 +353,15 @@ def normalize(answer):
 def join_digit_groups(answer):
     """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets, where a comma separates items."""
     answer = DIGIT_GROUP_MARK.sub("", answer)
-    if not THOUSANDS.search(answer):
-        return answer
+    join = lambda found: found.group().replace(",", "")
+    if not THOUSANDS.search(answer) or not re.search(r"[()\[\]]|\\[{}]", answer):
+        return THOUSANDS.sub(join, answer)  # nothing to join, or no brackets to keep out of
     depth, depths = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
     for index, char in enumerate(answer):
         escaped = index > 0 and answer[index - 1] == "\\"
         depth += (char in "([" or (char == "{" and escaped)) - (char in ")]" or (char == "}" and escaped))
         depths.append(depth)
-    outside = lambda found: found.group().replace(",", "") if depths[found.start()] == 0 else found.group()
-    return THOUSANDS.sub(outside, answer)
+    return THOUSANDS.sub(lambda found: join(found) if depths[found.start()] == 0 else found.group(), answer)
 
 
 def repeating_decimal_as_fraction(found):
