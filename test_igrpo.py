@@ -22,6 +22,7 @@ DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 # ----------------------------------------------------------------------------------------------
 # Answer checker: one row per answer form, true and false ones
 # ----------------------------------------------------------------------------------------------
+GSM8K_GOLD = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs for 9 * 2 = $<<9*2=18>>18.\n#### 72"
 CHECKER_CASES = [
     # (completion, gold, verdict, what it pins down)
     ("so \\boxed{\\frac{a}{\\sqrt{b}}} done", "\\frac{a}{\\sqrt{b}}", True, "nested braces inside a box"),
@@ -114,8 +115,10 @@ CHECKER_CASES = [
     ("\\boxed{3:5}", "a:b=3:5", True, "labelled ratio"),
     ("\\boxed{5:3}", "a:b=3:5", False, "labelled ratio, reversed"),
     ("\\boxed{1}", "f(x)=1", True, "labelled function value"),
-    ("\\boxed{\\frac{\\sqrt2}{2}}", "\\frac{AB}{CD}=\\frac{1}{\\sqrt2}", True, "labelled fraction of lengths"),
-    ("\\boxed{\\frac{\\sqrt2}{3}}", "\\frac{AB}{CD}=\\frac{1}{\\sqrt2}", False, "labelled fraction, different value"),
+    ("\\boxed{\\frac{\\sqrt2}{2}}", "\\frac{AB}{CD}=\\frac{1}{\\sqrt2}", True,
+     "labelled fraction of lengths"),
+    ("\\boxed{\\frac{\\sqrt2}{3}}", "\\frac{AB}{CD}=\\frac{1}{\\sqrt2}", False,
+     "labelled fraction, different value"),
     ("\\boxed{2x + 3}", "y = 2x + 3", True, "a labelled expression is its value"),
     ("\\boxed{SRMC}", "MR=SRMC", False, "an equation of two upper-case names is a statement, not a label"),
     # an answer split over several boxes
@@ -153,7 +156,8 @@ CHECKER_CASES = [
     ("\\boxed{a<d<c}", "a<b<c", False, "an ordering of names keeps its middle name"),
     ("\\boxed{x > a}", "(a, \\infty)", True, "letters on both sides: the left one is the unknown"),
     ("\\boxed{a < x}", "(a, \\infty)", False, "letters on both sides: a < x reads as an interval of a"),
-    ("\\boxed{x < -1 \\text{ or } x > 2}", "(-\\infty,-1)\\cup(2,\\infty)", True, "union of rays as inequalities"),
+    ("\\boxed{x < -1 \\text{ or } x > 2}", "(-\\infty,-1)\\cup(2,\\infty)", True,
+     "union of rays as inequalities"),
     ("\\boxed{\\{-7, 7\\}}", "\\pm 7", True, "set vs plus-minus"),
     ("\\boxed{\\{-7, 6\\}}", "\\pm 7", False, "set vs plus-minus, wrong item"),
     # equations equal up to a factor or a rearrangement
@@ -187,9 +191,9 @@ CHECKER_CASES = [
     ("\\boxed{\\text{twelve}}", "12", True, "number word"),
     ("\\boxed{forty-two}", "42", True, "hyphenated number word"),
     ("\\boxed{twelve}", "13", False, "number word, wrong number"),
-    ("The answer is 72", "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs for 9 * 2 = $<<9*2=18>>18.\n#### 72", True,
+    ("The answer is 72", GSM8K_GOLD, True,
      "GSM8K gold with calculator annotations"),
-    ("The answer is 18", "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs for 9 * 2 = $<<9*2=18>>18.\n#### 72", False,
+    ("The answer is 18", GSM8K_GOLD, False,
      "GSM8K gold: only the number after #### counts"),
     ("The answer is $\\frac{9}{2}$.", "\\frac92", True, "marker answer ending in $."),
     ("The answer is \\(\\frac{9}{2}\\).", "\\frac92", True, "marker answer in \\( \\)"),
