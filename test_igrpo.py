@@ -364,7 +364,7 @@ def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(tmp
     assert prepared.model == str(tmp_path / "toy" / "model")
 
 
-def test_masks_cover_exactly_the_generated_tokens_through_eos_even_when_pad_is_eos():
+def test_masks_cover_exactly_the_generated_tokens_through_eos_and_the_text_stops_before_it():
     class Tokenizer:
         pad_token_id = 0
 
@@ -376,7 +376,7 @@ def test_masks_cover_exactly_the_generated_tokens_through_eos_even_when_pad_is_e
     prompt_mask = torch.tensor([[0, 1], [1, 1]])
     samples = igrpo.stack_samples([(output, prompt_mask)], Tokenizer(), [eos])
     assert samples.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert samples.texts == ["[6, 7, 0]", "[6, 6, 6, 6, 6]"]
+    assert samples.texts == ["[6, 7]", "[6, 6, 6, 6, 6]"]
     assert samples.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
 
 
