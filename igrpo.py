@@ -828,7 +828,8 @@ def check_scoring(model, name):
     ids = torch.arange(1, 9, device=model.device)[None]                         # (1, 8)
     attention, mask = torch.ones_like(ids), torch.ones(1, 7, dtype=torch.bool, device=model.device)
     try:
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=ids - 1, use_cache=False).logits
+        logits = logits[:, :-1].float()                                              # (1, 7, V)
     except Exception as error:  # noqa: BLE001  any library error here means: we cannot score this model
         fail(f"--model {name}: its forward pass fails on a plain token sequence, so its completions cannot be "
              f"scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
