@@ -507,12 +507,12 @@ def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(
             table[model_type] = ("matches" if error < 1e-4 else "DIFFERS", f"{path}, max error {error:.1e}")
     finally:
         torch.set_num_threads(threads)
-    with capsys.disabled():
-        print(f"\n{'architecture':<28} {'result':<8} detail")
+    counts = {r: sum(v[0] == r for v in table.values()) for r in ("matches", "DIFFERS", "skipped")}
+    with capsys.disabled():  # the table, less the rows that match through the output layer
+        print(f"\n{len(table)} causal-LM architectures: {counts}")
         for model_type, (result, detail) in table.items():
-            print(f"{model_type:<28} {result:<8} {detail}")
-        counts = {r: sum(v[0] == r for v in table.values()) for r in ("matches", "DIFFERS", "skipped")}
-        print(f"{len(table)} architectures: {counts}")
+            if result != "matches" or "own forward" in detail:
+                print(f"  {model_type:<26} {result:<8} {detail}")
     assert [name for name, (result, _) in table.items() if result == "DIFFERS"] == []
     assert sum(result == "matches" for result, _ in table.values()) >= 100
     for scaled in ("granite", "granitemoehybrid", "cohere", "falcon_h1", "gemma2", "llama", "qwen2"):
@@ -574,10 +574,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def chat_tokenizer(template=CHAT_TEMPLATE):
+def chat_tokenizer(template=CHAT_TEMPLATE, bos=False):
     """A locally built tokenizer whose chat template closes turns with <|im_end|>, while its EOS is
-    <|endoftext|>: the layout of Qwen2.5 base checkpoints."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    <|endoftext|>: the layout of Qwen2.5 base checkpoints. bos: it also starts every encoding with
+    <|endoftext|>, as Llama-3's tokenizer adds the BOS its template already wrote."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -585,6 +586,9 @@ def chat_tokenizer(template=CHAT_TEMPLATE):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(["What is 1 + 1? so \\boxed{2}", igrpo.SYSTEM_PROMPT], trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                 special_tokens=[("<|endoftext|>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    chat_template=template)
 
@@ -613,6 +617,28 @@ def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkey
     assert asked == [sorted([tokenizer.eos_token_id, turn_end])]
     assert samples.texts == ["so \\boxed{2}"] and igrpo.math_reward(samples.texts[0], "2") == 1.0
     assert samples.completion_mask[0].tolist() == [True] * (len(answer) + 1) + [False] * len(invention)
+
+
+def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling_encodes_them():
+    tokenizer = chat_tokenizer("<|endoftext|>" + CHAT_TEMPLATE, bos=True)
+    cfg = Config(chat_template="auto")
+    prompt = igrpo.build_prompt(tokenizer, "What is 1 + 1?", cfg)
+    encoded = igrpo.encode(tokenizer, [prompt], cfg).input_ids[0].tolist()
+    assert encoded.count(tokenizer.eos_token_id) == 1  # the template's BOS, not a second one
+    assert igrpo.prompt_length(tokenizer, "What is 1 + 1?", cfg) == len(encoded) == len(tokenizer(prompt).input_ids) - 1
+
+
+def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys):
+    held_out = tmp_path / "held_out.jsonl"
+    problems = [f"What is {a} + 1?" for a in range(3)] + ["What is " + " + ".join(["1"] * 200) + "?"]
+    held_out.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in problems))
+    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out), generation_batch_size=2,
+                      group_size=2)
+    igrpo.train(cfg)
+    captured = capsys.readouterr()
+    assert "--eval-dataset: skipping 1 problems longer than 128 prompt tokens" in captured.out
+    assert "(3 problems)" in captured.out  # before training: 3 scored
+    assert captured.err.count("held-out:   0%") == 2  # one bar for each scoring (before, after), not per call
 
 
 def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
