@@ -125,7 +125,8 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
               "scored as unanswered")
     todo = [p for p in todo if p not in too_long]
     per_call = max(1, args.generation_batch_size // k)
-    with open(path, "w") as file, tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
+    with open(path, "w") as file, bar:
         for row in list(done.values()) + [unanswered(p, k, args) for p in too_long]:
             done[row["index"]] = row
             file.write(json.dumps(row) + "\n")
@@ -155,8 +156,8 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
 
 
 # What a resumed run must share with the run it continues: everything that changes the completions.
-RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens", "refine_rounds", "max_draft_tokens",
-                   "chat_template", "dtype", "seed")
+RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens", "refine_rounds",
+                   "max_draft_tokens", "chat_template", "dtype", "seed")
 
 
 def check_resume(out, args):
@@ -170,8 +171,8 @@ def check_resume(out, args):
         differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
                   for name, value in settings.items() if saved.get(name) != value]
         if differ:
-            igrpo.fail(f"--output-dir {out} holds completions made with other settings ({'; '.join(differ)}): "
-                       "use another --output-dir, or the same settings to resume")
+            igrpo.fail(f"--output-dir {out} holds completions made with other settings "
+                       f"({'; '.join(differ)}): use another --output-dir, or the same settings to resume")
     elif any(out.glob("*.jsonl")):
         igrpo.fail(f"--output-dir {out} holds completions without a settings.json: use another --output-dir")
     saved_path.write_text(json.dumps(settings, indent=2))

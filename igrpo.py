@@ -225,7 +225,7 @@ def prompt_length(tokenizer, problem, cfg):
 
 def short_enough(problems, tokenizer, cfg, context, flag):
     """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context."""
-    limit = min(cfg.max_prompt_tokens, context - 1 if context else cfg.max_prompt_tokens)
+    limit = min(cfg.max_prompt_tokens, context - 1) if context else cfg.max_prompt_tokens
     fits = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
     if not fits:
         fail(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: every prompt is longer than {limit} tokens "
@@ -669,8 +669,8 @@ class Samples:
 
 
 def turn_end_id(tokenizer):
-    """The special token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>), or None.
-    Read from the template itself: render one assistant turn around a marker and take the token after it."""
+    """The special token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>), or
+    None. Read from the template itself: render an assistant turn around a marker, take the token after it."""
     from jinja2 import TemplateError
     marker = "igrpo-turn-marker"
     messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": marker}]
@@ -681,13 +681,13 @@ def turn_end_id(tokenizer):
     if marker not in text:
         return None
     after = tokenizer(text[text.rindex(marker) + len(marker):].lstrip(), add_special_tokens=False).input_ids
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return after[0] if after and after[0] in special else None
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
 
 
 def stop_ids(model, tokenizer, cfg):
     """EOS (the model's and the tokenizer's) and, with the chat template, the token that ends the assistant's
-    turn: a base model's EOS (<|endoftext|>) is often not what its template closes a turn with (<|im_end|>)."""
+    turn: a base model's EOS (<|endoftext|>) is often not what its template ends a turn with (<|im_end|>)."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
     if uses_chat_template(tokenizer, cfg):
@@ -698,15 +698,15 @@ def stop_ids(model, tokenizer, cfg):
 def max_positions(model):
     """The longest sequence the model was built to read (None when its config does not say)."""
     config = model.config.get_text_config()
-    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "max_seq_len")]
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
     return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
 
 
 def say_context_limit(model, prompt_tokens, budget):
     context = max_positions(model)
     if context and prompt_tokens + budget > context:
-        tqdm.write(f"the model reads at most {context} positions: a completion stops there, short of its budget "
-                   f"of {budget} tokens, when prompt + budget exceed it")
+        tqdm.write(f"the model reads at most {context} positions: a completion stops there, short of its "
+                   f"budget of {budget} tokens, when prompt + budget exceed it")
 
 
 @torch.no_grad()
@@ -729,10 +729,11 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
     try:
         for start in range(0, len(prompts), per_call):
             encoded = encode(tokenizer, prompts[start:start + per_call], cfg).to(model.device)
-            room = context - encoded.input_ids.shape[1] if context else max_new_tokens  # after the longest prompt
+            longest = encoded.input_ids.shape[1]
+            room = context - longest if context else max_new_tokens
             if room < 1:
-                fail(f"a prompt of {encoded.input_ids.shape[1]} tokens fills the model's context of {context} "
-                     "positions: lower --max-prompt-tokens or --max-draft-tokens")
+                fail(f"a prompt of {longest} tokens fills the model's context of {context} positions: "
+                     "lower --max-prompt-tokens or --max-draft-tokens")
             generation.max_new_tokens = min(max_new_tokens, room)
             output = model.generate(**encoded, generation_config=generation)
             chunks.append((output, encoded.attention_mask.repeat_interleave(num_samples, 0)))
@@ -760,9 +761,9 @@ def stack_samples(chunks, tokenizer, stop):
     stopped = is_stop.any(1)                                                    # (B,)
     first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # the stop token is in the mask
     completion_mask = torch.arange(T, device=completions.device)[None] < first_stop[:, None]
-    texts = tokenizer.batch_decode([row[:n - s] for row, n, s in zip(completions, first_stop.tolist(),
-                                                                    stopped.tolist())],
-                                   skip_special_tokens=True)                    # and not in the text
+    text_ends = (first_stop - stopped.long()).tolist()                           # but not in the text
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
+                                   skip_special_tokens=True)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
     return Samples(input_ids, attention_mask, P, completion_mask, texts)
 
@@ -775,9 +776,10 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict completion
     tokens meet the output layer, a chunk at a time, so no (tokens x vocabulary) float32 tensor exists."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
     if getattr(model, "scored_by_forward", False):  # set by check_scoring: its forward does more than the head
-        hidden, head, (scale, softcap) = model(**inputs).logits, torch.nn.Identity(), (1.0, None)  # (b, P+T, V)
+        hidden, head, scale, softcap = model(**inputs).logits, torch.nn.Identity(), 1.0, None  # (b, P+T, V)
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
         head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
@@ -785,8 +787,8 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     targets = input_ids[:, prompt_length:][completion_mask]                      # (N,)
     logps, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
-        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature, scale,
-                 softcap, with_entropy)
+        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature,
+                 scale, softcap, with_entropy)
         # checkpoint: backward recomputes the chunk's logits instead of keeping them all alive
         logp, entropy = checkpoint(chunk_logprobs, *chunk, use_reentrant=False) if torch.is_grad_enabled() \
             else chunk_logprobs(*chunk)
@@ -801,8 +803,11 @@ def logit_transform(model):
     """(scale, softcap): what a model's forward does to the output layer's logits before sampling: Cohere's
     logit_scale, Falcon-H1's lm_head_multiplier, Granite's 1 / logits_scaling, Gemma's soft-capping."""
     config = model.config.get_text_config()
-    scale = (getattr(config, "logit_scale", None) or 1.0) * (getattr(config, "lm_head_multiplier", None) or 1.0)
-    return scale / (getattr(config, "logits_scaling", None) or 1.0), getattr(config, "final_logit_softcapping", None)
+
+    def factor(name):  # unset or None: no scaling
+        return getattr(config, name, None) or 1.0
+    scale = factor("logit_scale") * factor("lm_head_multiplier") / factor("logits_scaling")
+    return scale, getattr(config, "final_logit_softcapping", None)
 
 
 def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, with_entropy=True):
@@ -821,22 +826,22 @@ def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, 
 
 @torch.no_grad()
 def check_scoring(model, name):
-    """One tiny forward at load time decides how token_logprobs scores this model: through the output layer a
-    chunk at a time when that reproduces model(...).logits, else (an architecture whose forward does more to
-    its logits) through the model's own forward, which holds a (tokens x vocabulary) tensor per micro-batch."""
+    """One tiny forward at load time decides how token_logprobs scores this model: through the output layer,
+    a chunk at a time, when that reproduces model(...).logits; else (a forward that does more to its logits)
+    through the model's own forward, which holds a (tokens x vocabulary) tensor per micro-batch."""
     model.eval()
-    ids = torch.arange(1, 9, device=model.device)[None]                         # (1, 8)
-    attention, mask = torch.ones_like(ids), torch.ones(1, 7, dtype=torch.bool, device=model.device)
+    positions = torch.arange(8, device=model.device)[None]                      # (1, 8)
+    ids, attention = positions + 1, torch.ones_like(positions)
     try:
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=ids - 1, use_cache=False).logits
-        logits = logits[:, :-1].float()                                              # (1, 7, V)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False).logits                                   # (1, 8, V)
     except Exception as error:  # noqa: BLE001  any library error here means: we cannot score this model
-        fail(f"--model {name}: its forward pass fails on a plain token sequence, so its completions cannot be "
-             f"scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
-    reference = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (1, 7)
+        fail(f"--model {name}: its forward pass fails on a plain token sequence, so its completions cannot "
+             f"be scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     model.scored_by_forward = False
     try:
-        ours = token_logprobs(model, ids, attention, 1, mask, 1.0, with_entropy=False)[0]
+        ours = token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0, with_entropy=False)[0]
         tolerance = 1e-3 if model.dtype == torch.float32 else 0.1  # bf16 logits round at about 0.4%
         matches = torch.allclose(ours, reference, atol=tolerance)
     except (AttributeError, TypeError, ValueError, RuntimeError):  # no plain base model / hidden states
@@ -1025,8 +1030,8 @@ def held_out_accuracy(model, tokenizer, problems, cfg):
     """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples."""
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
-    samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_top_p, cfg,
-                     progress="held-out")
+    samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature,
+                     cfg.eval_top_p, cfg, progress="held-out")
     golds = repeat([p["answer"] for p in problems], k)
     return sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds)) / len(samples.texts)
 
@@ -1071,8 +1076,9 @@ def train(cfg):
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
     model, tokenizer = load_model(cfg.model, cfg, dtype, device)
     fits = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
-    held_out = short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset") if held_out else []
-    say_context_limit(model, cfg.max_prompt_tokens, cfg.max_completion_tokens)
+    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
+    say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
+                      cfg.max_completion_tokens)
     ref_model = load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     judge = None
     if cfg.reward != "rule":

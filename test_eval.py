@@ -95,7 +95,8 @@ def small_benchmark(tmp_path, count=4):
 def test_a_rerun_with_other_settings_is_refused_naming_what_differs(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path)
     run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "1", "--k", "2")
-    with pytest.raises(SystemExit, match=r"other settings \(--k 2 there, 3 here; --temperature 0.6 there, 1.0 here\)"):
+    differ = r"other settings \(--k 2 there, 3 here; --temperature 0.6 there, 1.0 here\)"
+    with pytest.raises(SystemExit, match=differ):
         run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "3", "--temperature", "1.0")
     (tmp_path / "eval" / "settings.json").unlink()  # completions whose settings nobody can vouch for
     with pytest.raises(SystemExit, match="holds completions without a settings.json"):
@@ -107,7 +108,8 @@ def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_name
     run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
     lines = results.read_text().splitlines()
     results.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])  # killed mid-write
-    assert run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")["mine"]["problems"] == 2
+    rerun = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    assert rerun["mine"]["problems"] == 2
     assert "the last line is cut short" in capsys.readouterr().out
     assert [json.loads(line)["index"] for line in results.read_text().splitlines()] == [0, 1]
     results.write_text("{not json\n" + results.read_text())
@@ -118,11 +120,12 @@ def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_name
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
-        file.write(json.dumps({"problem": "What is " + " + ".join(["1"] * 300) + "?", "answer": "300"}) + "\n")
+        file.write(json.dumps({"problem": "What is " + " + ".join(["1"] * 300) + "?", "answer": "9"}) + "\n")
     results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
     assert results["mine"]["problems"] == 2 and results["mine"]["no_answer_rate"] >= 0.5
     rows = [json.loads(line) for line in (tmp_path / "eval" / "mine.jsonl").read_text().splitlines()]
-    assert [row.get("prompt_too_long", False) for row in sorted(rows, key=lambda r: r["index"])] == [False, True]
+    rows.sort(key=lambda row: row["index"])
+    assert [row.get("prompt_too_long", False) for row in rows] == [False, True]
 
 
 def test_the_progress_bar_counts_problems_not_generate_calls(tiny, tmp_path, capsys):

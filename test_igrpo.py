@@ -470,8 +470,8 @@ def shrunk(config):
             small[name] = 3.0
         elif isinstance(value, list) and layers not in (None, 2) and len(value) == layers:
             small[name] = value[:2]  # per-layer settings
-        elif isinstance(value, dict) and "model_type" in value and hasattr(getattr(config, name, None), "to_dict"):
-            small[name] = shrunk(getattr(config, name)).to_dict()
+        elif isinstance(value, dict) and "model_type" in value and hasattr(getattr(config, name), "to_dict"):
+            small[name] = shrunk(getattr(config, name)).to_dict()  # a sub-config
     return type(config)(**small)
 
 
@@ -495,10 +495,11 @@ def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(
                 model = AutoModelForCausalLM.from_config(shrunk(CONFIG_MAPPING[model_type]())).eval()
                 with torch.no_grad():
                     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
-            except Exception as error:  # noqa: BLE001  a default config that does not shrink: reported, not hidden
+            except Exception as error:  # noqa: BLE001  a config that does not shrink: reported, not hidden
                 table[model_type] = ("skipped", f"{type(error).__name__}: {str(error)[:90]!r}")
                 continue
-            reference = torch.log_softmax(logits[:, 3:-1] / temperature, -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
+            reference = torch.log_softmax(logits[:, 3:-1] / temperature, -1)
+            reference = reference.gather(-1, ids[:, 4:, None]).squeeze(-1)           # (2, 6)
             with torch.no_grad():
                 igrpo.check_scoring(model, model_type)
                 logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, mask, temperature)[0]
@@ -532,13 +533,14 @@ def hostile_generation_defaults(model):
     """A checkpoint generation_config that sets every field shaping the next-token distribution."""
     from transformers import WatermarkingConfig
     vocab = model.config.vocab_size
-    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9, typical_p=0.1,
-                   epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0, encoder_repetition_penalty=3.0,
-                   no_repeat_ngram_size=1, sequence_bias={(5,): 30.0}, min_new_tokens=5, min_length=40,
-                   suppress_tokens=list(range(10, vocab, 2)), begin_suppress_tokens=list(range(11, vocab, 2)),
-                   bad_words_ids=[[7], [8]], forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
-                   exponential_decay_length_penalty=(1, 3.0), watermarking_config=WatermarkingConfig(),
-                   max_new_tokens=1, max_length=3)
+    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9,
+                   typical_p=0.1, epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0,
+                   encoder_repetition_penalty=3.0, no_repeat_ngram_size=1, sequence_bias={(5,): 30.0},
+                   min_new_tokens=5, min_length=40, suppress_tokens=list(range(10, vocab, 2)),
+                   begin_suppress_tokens=list(range(11, vocab, 2)), bad_words_ids=[[7], [8]],
+                   forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
+                   exponential_decay_length_penalty=(1, 3.0),
+                   watermarking_config=WatermarkingConfig(), max_new_tokens=1, max_length=3)
     for name, value in hostile.items():  # as a generation_config.json would hold them, unvalidated
         setattr(model.generation_config, name, value)
     return hostile
@@ -566,12 +568,14 @@ def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(t
     with torch.no_grad():
         for _ in range(8):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert greedy.input_ids[0, -8:].tolist()[:int(greedy.lengths[0])] == ids[0, -8:].tolist()[:int(greedy.lengths[0])]
-    assert model.generation_config is own_defaults and model.generation_config.sequence_bias == hostile["sequence_bias"]
+    length = int(greedy.lengths[0])
+    assert greedy.input_ids[0, -8:].tolist()[:length] == ids[0, -8:].tolist()[:length]
+    assert model.generation_config is own_defaults  # given back, untouched
+    assert model.generation_config.sequence_bias == hostile["sequence_bias"]
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def chat_tokenizer(template=CHAT_TEMPLATE, bos=False):
@@ -583,14 +587,14 @@ def chat_tokenizer(template=CHAT_TEMPLATE, bos=False):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer.train_from_iterator(["What is 1 + 1? so \\boxed{2}", igrpo.SYSTEM_PROMPT], trainer)
     if bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
                                                                  special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=template)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=template)
 
 
 def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkeypatch):
@@ -598,7 +602,8 @@ def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkey
     tokenizer = chat_tokenizer()
     turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert igrpo.turn_end_id(tokenizer) == turn_end != tokenizer.eos_token_id
-    assert igrpo.turn_end_id(chat_tokenizer("{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}")) is None
+    plain_turns = chat_tokenizer("{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}")
+    assert igrpo.turn_end_id(plain_turns) is None  # never stop at a newline
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=32,
                                          eos_token_id=tokenizer.eos_token_id))
@@ -625,15 +630,16 @@ def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling
     prompt = igrpo.build_prompt(tokenizer, "What is 1 + 1?", cfg)
     encoded = igrpo.encode(tokenizer, [prompt], cfg).input_ids[0].tolist()
     assert encoded.count(tokenizer.eos_token_id) == 1  # the template's BOS, not a second one
-    assert igrpo.prompt_length(tokenizer, "What is 1 + 1?", cfg) == len(encoded) == len(tokenizer(prompt).input_ids) - 1
+    assert igrpo.prompt_length(tokenizer, "What is 1 + 1?", cfg) == len(encoded)
+    assert len(tokenizer(prompt).input_ids) == len(encoded) + 1  # what the old length filter counted
 
 
 def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys):
     held_out = tmp_path / "held_out.jsonl"
     problems = [f"What is {a} + 1?" for a in range(3)] + ["What is " + " + ".join(["1"] * 200) + "?"]
     held_out.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in problems))
-    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out), generation_batch_size=2,
-                      group_size=2)
+    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out), group_size=2,
+                      generation_batch_size=2)
     igrpo.train(cfg)
     captured = capsys.readouterr()
     assert "--eval-dataset: skipping 1 problems longer than 128 prompt tokens" in captured.out
