@@ -8,7 +8,7 @@ problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
 and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's own.
 
-    python eval.py --model runs/toy/final --benchmarks gsm8k,math500 --limit 50 --k 4
+    python eval.py --model runs/toy/final --benchmarks gsm8k,math500 --limit 20 --k 2
     python eval.py --model runs/toy/final --benchmarks my_problems.jsonl --refine-rounds 1
 
 A rerun with the same --output-dir and settings resumes: problems already in OUTPUT_DIR/<benchmark>.jsonl are

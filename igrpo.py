@@ -842,7 +842,8 @@ def check_scoring(model, name):
     model.scored_by_forward = False
     try:
         ours = token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0, with_entropy=False)[0]
-        tolerance = 1e-3 if model.dtype == torch.float32 else 0.1  # bf16 logits round at about 0.4%
+        # bf16 rounds each step of the model's own logit arithmetic (a scale, a soft-cap) at about 0.4%
+        tolerance = 1e-3 if model.dtype == torch.float32 else 1e-2 * (1 + logits.abs().max().item())
         matches = torch.allclose(ours, reference, atol=tolerance)
     except (AttributeError, TypeError, ValueError, RuntimeError):  # no plain base model / hidden states
         matches = False
