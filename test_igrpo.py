@@ -523,11 +523,13 @@ def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(
 @pytest.mark.parametrize("architecture,scaling,weight_scale", [
     ("llama", {}, 40), ("granite", dict(logits_scaling=8.0), 320), ("cohere", dict(logit_scale=0.0625), 600),
     ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16), 40)])
-def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(architecture, scaling, weight_scale):
+def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(architecture, scaling,
+                                                                              weight_scale):
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                          num_key_value_heads=4, intermediate_size=128, **scaling)
+    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                                          **scaling)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # a trained model's logits span tens of nats, where bf16 rounding shows
@@ -537,7 +539,8 @@ def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(ar
     ids = torch.randint(3, 1999, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids, position_ids=torch.arange(32).expand(2, -1)).logits.float()
-        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 16, torch.ones(2, 16, dtype=torch.bool), 1.0)[0]
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 16, mask, 1.0)[0]
     reference = torch.log_softmax(logits[:, 15:-1], -1).gather(-1, ids[:, 16:, None]).squeeze(-1)
     assert logits.abs().max() > 20 and not model.scored_by_forward
     assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
