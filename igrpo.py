@@ -825,7 +825,7 @@ def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, 
 
 
 @torch.no_grad()
-def check_scoring(model, name):
+def check_scoring(model, what):
     """One tiny forward at load time decides how token_logprobs scores this model: through the output layer,
     a chunk at a time, when that reproduces model(...).logits; else (a forward that does more to its logits)
     through the model's own forward, which holds a (tokens x vocabulary) tensor per micro-batch."""
@@ -836,7 +836,7 @@ def check_scoring(model, name):
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
                        use_cache=False).logits                                   # (1, 8, V)
     except Exception as error:  # noqa: BLE001  any library error here means: we cannot score this model
-        fail(f"--model {name}: its forward pass fails on a plain token sequence, so its completions cannot "
+        fail(f"{what}: its forward pass fails on a plain token sequence, so its completions cannot "
              f"be scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
     reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     model.scored_by_forward = False
@@ -849,7 +849,7 @@ def check_scoring(model, name):
         matches = False
     if not matches:
         model.scored_by_forward = True
-        print(f"--model {name}: log-probs come from the model's own forward (its logits are not the output "
+        print(f"{what}: log-probs come from the model's own forward (its logits are not the output "
               "layer's alone), which needs more memory per micro-batch")
 
 
@@ -1056,7 +1056,7 @@ def load_model(name, cfg, dtype, device, flag="model"):
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     model = model.to(device)
-    check_scoring(model, name)
+    check_scoring(model, f"--{flag} {name}")
     return model, tokenizer
 
 

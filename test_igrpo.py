@@ -520,6 +520,35 @@ def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(
         assert table[scaled][0] == "matches" and "output layer" in table[scaled][1]  # the memory-light path
 
 
+def test_logits_changed_in_an_unknown_way_are_scored_through_the_models_own_forward(tiny, monkeypatch):
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
+    assert not model.scored_by_forward
+    plain_forward, bias = model.forward, torch.linspace(-3, 3, model.config.vocab_size)
+
+    def biased_forward(*args, **kwargs):  # e.g. a final_logits_bias the output layer does not hold
+        output = plain_forward(*args, **kwargs)
+        output.logits = output.logits + bias
+        return output
+    monkeypatch.setattr(model, "forward", biased_forward)
+    igrpo.check_scoring(model, "--model biased")
+    ids = torch.tensor([tokenizer("What is 3 + 1? 4").input_ids])
+    with torch.no_grad():
+        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 3,
+                                    torch.ones(1, 3, dtype=torch.bool), 0.5)[0]
+        reference = torch.log_softmax(model(ids).logits[0, -4:-1] / 0.5, -1).gather(-1, ids[0, -3:, None])
+    assert model.scored_by_forward and torch.allclose(logp[0], reference.squeeze(-1), atol=1e-5)
+
+
+def test_a_model_whose_forward_fails_is_refused_before_training(tiny, monkeypatch):
+    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("expected 4D input")
+    monkeypatch.setattr(model, "forward", broken_forward)
+    with pytest.raises(SystemExit, match="--model odd: its forward pass fails .* expected 4D input"):
+        igrpo.check_scoring(model, "--model odd")
+
+
 @pytest.mark.parametrize("architecture,scaling,weight_scale", [
     ("llama", {}, 40), ("granite", dict(logits_scaling=8.0), 320), ("cohere", dict(logit_scale=0.0625), 600),
     ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16), 40)])
