@@ -121,8 +121,8 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
     context = igrpo.max_positions(model)
     too_long = [p for p in todo if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
     if too_long:
-        print(f"{label(name)}: {len(too_long)} prompts fill the model's context ({context} positions): "
-              "scored as unanswered")
+        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context ({context} "
+              "positions): scored as unanswered")
     todo = [p for p in todo if p not in too_long]
     per_call = max(1, args.generation_batch_size // k)
     bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
