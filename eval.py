@@ -8,10 +8,11 @@ problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
 and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's own.
 
-    python eval.py --model runs/toy/final --benchmarks gsm8k,math500 --limit 50 --k 4
+    python eval.py --model runs/toy/final --benchmarks gsm8k,math500 --limit 20 --k 2
     python eval.py --model runs/toy/final --benchmarks my_problems.jsonl --refine-rounds 1
 
-A rerun with the same --output-dir resumes: problems already in OUTPUT_DIR/<benchmark>.jsonl are skipped.
+A rerun with the same --output-dir and settings resumes: problems already in OUTPUT_DIR/<benchmark>.jsonl are
+skipped; other settings (model, k, temperature, budget, ...) are refused.
 """
 import argparse
 import json
@@ -87,29 +88,55 @@ def generate(model, tokenizer, prompts, k, args, cfg):
     return samples.texts, samples.lengths.tolist()
 
 
+def finished_rows(path):
+    """Problems a previous run already wrote; a last line cut short by a kill mid-write is redone."""
+    rows, lines = {}, path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                igrpo.fail(f"{path}: line {number} is not valid JSON; delete the file to redo this benchmark")
+            print(f"{path}: the last line is cut short (a run killed mid-write?); its problem is redone")
+            continue
+        rows[row["index"]] = row
+    return rows
+
+
+def unanswered(problem, k, args):
+    """A problem whose prompt fills the model's context: k empty completions, scored as no answer."""
+    empty = [grade("", problem["answer"], 0) for _ in range(k)]
+    return dict(index=problem["index"], problem=problem["problem"], answer=problem["answer"], samples=empty,
+                refined=[empty] * args.refine_rounds, prompt_too_long=True)
+
+
 def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
     source, hub_config, split, paper_k = resolve(name, args.data_dir)
     k = args.k if args.k is not None else paper_k
     cfg.dataset_config, cfg.split = hub_config, split
     problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
     path = out / f"{label(name)}.jsonl"
-    done = {}
-    if path.exists():  # resume: keep finished problems that used the same k and refine rounds
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if len(row["samples"]) == k and len(row.get("refined", [])) == args.refine_rounds:
-                done[row["index"]] = row
-    todo = [i for i in range(len(problems)) if i not in done]
+    done = finished_rows(path) if path.exists() else {}  # resume: settings.json vouches they match
+    todo = [problems[i] | {"index": i} for i in range(len(problems)) if i not in done]
+    context = igrpo.max_positions(model)
+    too_long = [p for p in todo if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
+    if too_long:
+        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context ({context} "
+              "positions): scored as unanswered")
+    todo = [p for p in todo if p not in too_long]
     per_call = max(1, args.generation_batch_size // k)
-    with open(path, "w") as file:
-        for row in done.values():
+    bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
+    with open(path, "w") as file, bar:
+        for row in list(done.values()) + [unanswered(p, k, args) for p in too_long]:
+            done[row["index"]] = row
             file.write(json.dumps(row) + "\n")
-        for start in tqdm(range(0, len(todo), per_call), desc=label(name), dynamic_ncols=True):
-            chunk = [problems[i] | {"index": i} for i in todo[start:start + per_call]]
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start:start + per_call]
             prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
             texts, lengths = generate(model, tokenizer, prompts, k, args, cfg)
             rows = [dict(index=p["index"], problem=p["problem"], answer=p["answer"], refined=[],
-                         samples=[grade(t, p["answer"], n) for t, n in zip(texts[j * k:(j + 1) * k], lengths[j * k:(j + 1) * k])])
+                         samples=[grade(t, p["answer"], n) for t, n in zip(texts[j * k:(j + 1) * k],
+                                                                           lengths[j * k:(j + 1) * k])])
                     for j, p in enumerate(chunk)]
             previous = [s["completion"] for row in rows for s in row["samples"]]
             for _ in range(args.refine_rounds):  # beyond the paper: refine each sample with igrpo's template
@@ -124,7 +151,31 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
                 done[row["index"]] = row
                 file.write(json.dumps(row) + "\n")
             file.flush()
+            bar.update(len(chunk))
     return summarize([done[i] for i in range(len(problems))], k)
+
+
+# What a resumed run must share with the run it continues: everything that changes the completions.
+RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens", "refine_rounds",
+                   "max_draft_tokens", "chat_template", "dtype", "seed")
+
+
+def check_resume(out, args):
+    """A rerun into the same --output-dir resumes only with the settings that wrote the completions there."""
+    settings = {name: getattr(args, name) for name in RESUME_SETTINGS}
+    if Path(args.model).exists():
+        settings["model"] = str(Path(args.model).resolve())
+    saved_path = out / "settings.json"
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text())
+        differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
+                  for name, value in settings.items() if saved.get(name) != value]
+        if differ:
+            igrpo.fail(f"--output-dir {out} holds completions made with other settings "
+                       f"({'; '.join(differ)}): use another --output-dir, or the same settings to resume")
+    elif any(out.glob("*.jsonl")):
+        igrpo.fail(f"--output-dir {out} holds completions without a settings.json: use another --output-dir")
+    saved_path.write_text(json.dumps(settings, indent=2))
 
 
 def summarize(rows, k):
@@ -178,6 +229,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
+    if args.limit is not None and args.limit < 1:
+        igrpo.fail(f"--limit {args.limit}: evaluate at least 1 problem per benchmark")
     if args.refine_rounds < 0:
         igrpo.fail(f"--refine-rounds {args.refine_rounds}: must be 0 or more")
     return args
@@ -191,11 +244,13 @@ def main(argv=None):
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     for name in names:
         resolve(name, args.data_dir)  # every name checked before the model loads
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resume(out, args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device == "cuda") else torch.float32
     model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    igrpo.say_context_limit(model, 1, args.max_completion_tokens)
     results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out) for name in names}
     (out / "summary.json").write_text(json.dumps(dict(model=args.model, settings=vars(args), results=results), indent=2))
     print_table(results)

@@ -213,6 +213,29 @@ def build_prompt(tokenizer, user_message, cfg):
     return PLAIN_TEMPLATE.format(system=SYSTEM_PROMPT, user=user_message)
 
 
+def encode(tokenizer, prompts, cfg):
+    """Prompt ids as the model reads them, left-padded. A chat template already wrote its special tokens
+    (BOS included), so the tokenizer adds them only to plain prompts."""
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                     add_special_tokens=not uses_chat_template(tokenizer, cfg))
+
+
+def prompt_length(tokenizer, problem, cfg):
+    return encode(tokenizer, build_prompt(tokenizer, problem, cfg), cfg).input_ids.shape[1]
+
+
+def short_enough(problems, tokenizer, cfg, context, flag):
+    """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context."""
+    limit = min(cfg.max_prompt_tokens, context - 1) if context else cfg.max_prompt_tokens
+    fits = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
+    if not fits:
+        fail(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: every prompt is longer than {limit} tokens "
+             f"(--max-prompt-tokens {cfg.max_prompt_tokens}, model context {context})")
+    if len(fits) < len(problems):
+        print(f"--{flag}: skipping {len(problems) - len(fits)} problems longer than {limit} prompt tokens")
+    return fits
+
+
 def cut_draft(tokenizer, draft, max_tokens):
     """A draft over budget loses its beginning: the end, where the final answer is, stays."""
     ids = tokenizer(draft, add_special_tokens=False).input_ids
@@ -840,33 +863,79 @@ class Samples:
         return self.completion_mask.sum(1)
 
 
-def eos_ids(model, tokenizer):
+def turn_end_id(tokenizer):
+    """The special token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>), or
+    None. Read from the template itself: render an assistant turn around a marker, take the token after it."""
+    from jinja2 import TemplateError
+    marker = "igrpo-turn-marker"
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError):
+        return None
+    if marker not in text:
+        return None
+    after = tokenizer(text[text.rindex(marker) + len(marker):].lstrip(), add_special_tokens=False).input_ids
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+
+
+def stop_ids(model, tokenizer, cfg):
+    """EOS (the model's and the tokenizer's) and, with the chat template, the token that ends the assistant's
+    turn: a base model's EOS (<|endoftext|>) is often not what its template ends a turn with (<|im_end|>)."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    if uses_chat_template(tokenizer, cfg):
+        ids.add(turn_end_id(tokenizer))
     return sorted(i for i in ids if i is not None)
 
 
+def max_positions(model):
+    """The longest sequence the model was built to read (None when its config does not say)."""
+    config = model.config.get_text_config()
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
+
+
+def say_context_limit(model, prompt_tokens, budget):
+    context = max_positions(model)
+    if context and prompt_tokens + budget > context:
+        tqdm.write(f"the model reads at most {context} positions: a completion stops there, short of its "
+                   f"budget of {budget} tokens, when prompt + budget exceed it")
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, cfg):
-    """num_samples completions for each prompt, grouped: rows i*num_samples .. (i+1)*num_samples-1."""
+def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, cfg, progress=None):
+    """num_samples completions for each prompt, grouped: rows i*num_samples .. (i+1)*num_samples-1.
+    progress: a label for one progress bar over the prompts (None: no bar)."""
     from transformers import GenerationConfig
     model.eval()
-    stop = eos_ids(model, tokenizer)
-    # Every field that shapes the distribution is set, else generate() takes the model's own defaults
-    # (a top_k, a repetition penalty) and we would sample from a distribution our log-probs do not describe.
-    sampling = dict(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, typical_p=1.0) if temperature else {}
-    generation = GenerationConfig(
-        do_sample=temperature > 0, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop,
-        num_return_sequences=num_samples)
+    stop, context = stop_ids(model, tokenizer, cfg), max_positions(model)
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if temperature else {}
+    generation = GenerationConfig(do_sample=temperature > 0, **sampling, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=stop, num_return_sequences=num_samples)
+    # generate() fills every field left unset from model.generation_config, so a checkpoint's own defaults
+    # (sequence_bias, suppress_tokens, min_new_tokens, a top_k, ...) would sample from a distribution our
+    # log-probs do not describe. During the call the model's defaults are transformers' plain ones instead:
+    # nothing is inherited, whatever fields a checkpoint or a later transformers brings.
+    own_defaults, model.generation_config = model.generation_config, GenerationConfig()
     chunks, per_call = [], max(1, cfg.generation_batch_size // num_samples)
-    for start in range(0, len(prompts), per_call):
-        encoded = tokenizer(prompts[start:start + per_call], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=not uses_chat_template(tokenizer, cfg))
-        encoded = encoded.to(model.device)
-        output = model.generate(**encoded, generation_config=generation)
-        prompt_mask = encoded.attention_mask.repeat_interleave(num_samples, 0)
-        chunks.append((output, prompt_mask))
+    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True)
+    try:
+        for start in range(0, len(prompts), per_call):
+            encoded = encode(tokenizer, prompts[start:start + per_call], cfg).to(model.device)
+            longest = encoded.input_ids.shape[1]
+            room = context - longest if context else max_new_tokens
+            if room < 1:
+                fail(f"a prompt of {longest} tokens fills the model's context of {context} positions: "
+                     "lower --max-prompt-tokens or --max-draft-tokens")
+            generation.max_new_tokens = min(max_new_tokens, room)
+            output = model.generate(**encoded, generation_config=generation)
+            chunks.append((output, encoded.attention_mask.repeat_interleave(num_samples, 0)))
+            bar.update(len(prompts[start:start + per_call]))
+    finally:
+        model.generation_config = own_defaults
+        bar.close()
     return stack_samples(chunks, tokenizer, stop)
 
 
@@ -884,9 +953,11 @@ def stack_samples(chunks, tokenizer, stop):
     completions = input_ids[:, P:]                                              # (B, T)
     # A chunk shorter than T stopped because all its rows hit EOS, so its padding is never inside a mask.
     is_stop = torch.isin(completions, torch.tensor(stop, device=completions.device))
-    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, T)   # EOS is part of the completion
+    stopped = is_stop.any(1)                                                    # (B,)
+    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # the stop token is in the mask
     completion_mask = torch.arange(T, device=completions.device)[None] < first_stop[:, None]
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, first_stop.tolist())],
+    text_ends = (first_stop - stopped.long()).tolist()                           # but not in the text
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
                                    skip_special_tokens=True)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
     return Samples(input_ids, attention_mask, P, completion_mask, texts)
@@ -900,15 +971,19 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict completion
     tokens meet the output layer, a chunk at a time, so no (tokens x vocabulary) float32 tensor exists."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state                 # (b, P+T, H)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
+    if getattr(model, "scored_by_forward", False):  # set by check_scoring: its forward does more than the head
+        hidden, head, scale, softcap = model(**inputs).logits, torch.nn.Identity(), 1.0, None  # (b, P+T, V)
+    else:
+        hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
+        head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
     hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (N, H) states before each token
     targets = input_ids[:, prompt_length:][completion_mask]                      # (N,)
-    head, softcap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     logps, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
-        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature, softcap,
-                 with_entropy)
+        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature,
+                 scale, softcap, with_entropy)
         # checkpoint: backward recomputes the chunk's logits instead of keeping them all alive
         logp, entropy = checkpoint(chunk_logprobs, *chunk, use_reentrant=False) if torch.is_grad_enabled() \
             else chunk_logprobs(*chunk)
@@ -919,9 +994,20 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     return zeros.masked_scatter(completion_mask, torch.cat(logps)), entropy
 
 
-def chunk_logprobs(head, hidden, targets, temperature, softcap=None, with_entropy=True):
-    logits = head(hidden).float()                                                # (n, V)
-    if softcap:  # Gemma-style models squash logits before sampling; so must we
+def logit_transform(model):
+    """(scale, softcap): what a model's forward does to the output layer's logits before sampling: Cohere's
+    logit_scale, Falcon-H1's lm_head_multiplier, Granite's 1 / logits_scaling, Gemma's soft-capping."""
+    config = model.config.get_text_config()
+
+    def factor(name):  # unset or None: no scaling
+        return getattr(config, name, None) or 1.0
+    scale = factor("logit_scale") * factor("lm_head_multiplier") / factor("logits_scaling")
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, with_entropy=True):
+    logits = head(hidden).float() * scale                                        # (n, V)
+    if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     log_normalizer = logits.logsumexp(-1)                                        # (n,)
@@ -931,6 +1017,35 @@ def chunk_logprobs(head, hidden, targets, temperature, softcap=None, with_entrop
         with torch.no_grad():  # entropy is a metric, never a loss term here
             entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
     return logp, entropy
+
+
+@torch.no_grad()
+def check_scoring(model, what):
+    """One tiny forward at load time decides how token_logprobs scores this model: through the output layer,
+    a chunk at a time, when that reproduces model(...).logits; else (a forward that does more to its logits)
+    through the model's own forward, which holds a (tokens x vocabulary) tensor per micro-batch."""
+    model.eval()
+    positions = torch.arange(8, device=model.device)[None]                      # (1, 8)
+    ids, attention = positions + 1, torch.ones_like(positions)
+    try:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False).logits                                   # (1, 8, V)
+    except Exception as error:  # noqa: BLE001  any library error here means: we cannot score this model
+        fail(f"{what}: its forward pass fails on a plain token sequence, so its completions cannot "
+             f"be scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    model.scored_by_forward = False
+    try:
+        ours = token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0, with_entropy=False)[0]
+        # bf16 rounds each step of the model's own logit arithmetic (a scale, a soft-cap) at about 0.4%
+        tolerance = 1e-3 if model.dtype == torch.float32 else 1e-2 * (1 + logits.abs().max().item())
+        matches = torch.allclose(ours, reference, atol=tolerance)
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # no plain base model / hidden states
+        matches = False
+    if not matches:
+        model.scored_by_forward = True
+        print(f"{what}: log-probs come from the model's own forward (its logits are not the output "
+              "layer's alone), which needs more memory per micro-batch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1111,7 +1226,8 @@ def held_out_accuracy(model, tokenizer, problems, cfg):
     """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples."""
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
-    samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature, cfg.eval_top_p, cfg)
+    samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature,
+                     cfg.eval_top_p, cfg, progress="held-out")
     golds = repeat([p["answer"] for p in problems], k)
     return sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds)) / len(samples.texts)
 
@@ -1134,7 +1250,9 @@ def load_model(name, cfg, dtype, device, flag="model"):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-    return model.to(device), tokenizer
+    model = model.to(device)
+    check_scoring(model, f"--{flag} {name}")
+    return model, tokenizer
 
 
 def save(model, tokenizer, folder):
@@ -1153,12 +1271,10 @@ def train(cfg):
     problems = load_problems(cfg.dataset, cfg)
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
     model, tokenizer = load_model(cfg.model, cfg, dtype, device)
-    fits = [p for p in problems if len(tokenizer(build_prompt(tokenizer, p["problem"], cfg)).input_ids)
-            <= cfg.max_prompt_tokens]
-    if not fits:
-        fail(f"--dataset {cfg.dataset}: every prompt is longer than --max-prompt-tokens {cfg.max_prompt_tokens}")
-    if len(fits) < len(problems):
-        print(f"skipping {len(problems) - len(fits)} problems longer than --max-prompt-tokens")
+    fits = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
+    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
+    say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
+                      cfg.max_completion_tokens)
     ref_model = load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
     judge = None
     if cfg.reward != "rule":

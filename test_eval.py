@@ -85,6 +85,54 @@ def test_a_rerun_resumes_and_generates_only_unfinished_problems(tiny, tmp_path, 
     assert len((tmp_path / "eval" / "mine.jsonl").read_text().splitlines()) == 4
 
 
+def small_benchmark(tmp_path, count=4):
+    benchmark = tmp_path / "mine.jsonl"
+    benchmark.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
+                                 for a in range(count)))
+    return benchmark
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_what_differs(tiny, tmp_path):
+    benchmark = small_benchmark(tmp_path)
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "1", "--k", "2")
+    differ = r"other settings \(--k 2 there, 3 here; --temperature 0.6 there, 1.0 here\)"
+    with pytest.raises(SystemExit, match=differ):
+        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "3", "--temperature", "1.0")
+    (tmp_path / "eval" / "settings.json").unlink()  # completions whose settings nobody can vouch for
+    with pytest.raises(SystemExit, match="holds completions without a settings.json"):
+        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
+
+
+def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_named(tiny, tmp_path, capsys):
+    benchmark, results = small_benchmark(tmp_path), tmp_path / "eval" / "mine.jsonl"
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    lines = results.read_text().splitlines()
+    results.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])  # killed mid-write
+    rerun = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    assert rerun["mine"]["problems"] == 2
+    assert "the last line is cut short" in capsys.readouterr().out
+    assert [json.loads(line)["index"] for line in results.read_text().splitlines()] == [0, 1]
+    results.write_text("{not json\n" + results.read_text())
+    with pytest.raises(SystemExit, match=r"mine.jsonl: line 1 is not valid JSON"):
+        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+
+
+def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
+    benchmark = small_benchmark(tmp_path, count=1)
+    with open(benchmark, "a") as file:  # the tiny model reads 256 positions
+        file.write(json.dumps({"problem": "What is " + " + ".join(["1"] * 300) + "?", "answer": "9"}) + "\n")
+    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
+    assert results["mine"]["problems"] == 2 and results["mine"]["no_answer_rate"] >= 0.5
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "mine.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda row: row["index"])
+    assert [row.get("prompt_too_long", False) for row in rows] == [False, True]
+
+
+def test_the_progress_bar_counts_problems_not_generate_calls(tiny, tmp_path, capsys):
+    run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2")  # one generate call
+    assert "4/4 [" in capsys.readouterr().err
+
+
 def test_refine_rounds_report_the_refined_accuracy_beside_the_single_pass(tiny, tmp_path):
     benchmark = tmp_path / "mine.jsonl"
     benchmark.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
@@ -99,6 +147,7 @@ def test_refine_rounds_report_the_refined_accuracy_beside_the_single_pass(tiny, 
     (["--benchmarks", "missing.jsonl"], "no such file: missing.jsonl"),
     (["--benchmarks", "gsm8k", "--k", "-1"], "--k -1"),
     (["--benchmarks", "gsm8k", "--k", "0"], "--k 0"),
+    (["--benchmarks", "gsm8k", "--limit", "0"], "--limit 0: evaluate at least 1 problem"),
 ])
 def test_eval_bad_input_gives_one_clear_message(tiny, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail 
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -494,7 +495,7 @@ def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(tmp
     assert prepared.model == str(tmp_path / "toy" / "model")
 
 
-def test_masks_cover_exactly_the_generated_tokens_through_eos_even_when_pad_is_eos():
+def test_masks_cover_exactly_the_generated_tokens_through_eos_and_the_text_stops_before_it():
     class Tokenizer:
         pad_token_id = 0
 
@@ -506,7 +507,7 @@ def test_masks_cover_exactly_the_generated_tokens_through_eos_even_when_pad_is_e
     prompt_mask = torch.tensor([[0, 1], [1, 1]])
     samples = igrpo.stack_samples([(output, prompt_mask)], Tokenizer(), [eos])
     assert samples.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert samples.texts == ["[6, 7, 0]", "[6, 6, 6, 6, 6]"]
+    assert samples.texts == ["[6, 7]", "[6, 6, 6, 6, 6]"]
     assert samples.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
 
 
@@ -569,6 +570,141 @@ def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tin
     assert torch.allclose(entropy[0], -(reference.exp() * reference).sum(-1), atol=1e-5)
 
 
+def shrunk(config):
+    """A causal-LM config at its defaults, shrunk to a tiny model: every size a few units, the vocabulary 256,
+    the sub-configs alike; logit scalings and soft-caps set to 3, so a scorer that skips them is caught."""
+    sizes = dict(hidden_size=64, n_embd=64, d_model=64, n_embed=64, embed_dim=64, dim=64, num_hidden_layers=2,
+                 n_layer=2, num_layers=2, n_layers=2, decoder_layers=2, num_attention_heads=4, n_head=4,
+                 num_heads=4, n_heads=4, decoder_attention_heads=4, num_key_value_heads=4, num_kv_heads=4,
+                 intermediate_size=128, n_inner=128, ffn_dim=128, decoder_ffn_dim=128, d_ff=128,
+                 max_position_embeddings=128)
+    values = config.to_dict()
+    layers = next((values[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                   if isinstance(values.get(k), int)), None)
+    small = {}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if name in sizes:
+                small[name] = sizes[name]
+            elif "vocab" in name:
+                small[name] = 256
+            elif "head_dim" in name or "rotary_dim" in name or "rope_dim" in name:
+                small[name] = 16
+            elif name.endswith("token_id") and value >= 256:
+                small[name] = 1
+            elif value > 64 and "token" not in name and "id" not in name.split("_"):
+                small[name] = 32
+        elif isinstance(value, float) and ("logit" in name or name.endswith("multiplier")):
+            small[name] = 3.0
+        elif isinstance(value, list) and layers not in (None, 2) and len(value) == layers:
+            small[name] = value[:2]  # per-layer settings
+        elif isinstance(value, dict) and "model_type" in value and hasattr(getattr(config, name), "to_dict"):
+            small[name] = shrunk(getattr(config, name)).to_dict()  # a sub-config
+    return type(config)(**small)
+
+
+def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(capsys):
+    """Every causal LM of the installed transformers that builds tiny: token_logprobs must equal
+    log_softmax(model(...).logits / T) on the completion tokens, whichever path check_scoring picks."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(10).expand(2, -1)  # as generate() numbers an unpadded prompt
+    mask, temperature, table = torch.ones(2, 6, dtype=torch.bool), 0.7, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~200 tiny forwards: one thread is faster, and immune to a busy machine
+    try:
+        for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            try:
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(shrunk(CONFIG_MAPPING[model_type]())).eval()
+                with torch.no_grad():
+                    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+            except Exception as error:  # noqa: BLE001  a config that does not shrink: reported, not hidden
+                table[model_type] = ("skipped", f"{type(error).__name__}: {str(error)[:90]!r}")
+                continue
+            reference = torch.log_softmax(logits[:, 3:-1] / temperature, -1)
+            reference = reference.gather(-1, ids[:, 4:, None]).squeeze(-1)           # (2, 6)
+            with torch.no_grad():
+                igrpo.check_scoring(model, model_type)
+                logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, mask, temperature)[0]
+            error = (logp - reference).abs().max().item()
+            path = "own forward" if model.scored_by_forward else "output layer"
+            table[model_type] = ("matches" if error < 1e-4 else "DIFFERS", f"{path}, max error {error:.1e}")
+    finally:
+        torch.set_num_threads(threads)
+    counts = {r: sum(v[0] == r for v in table.values()) for r in ("matches", "DIFFERS", "skipped")}
+    with capsys.disabled():  # the table, less the rows that match through the output layer
+        print(f"\n{len(table)} causal-LM architectures: {counts}")
+        for model_type, (result, detail) in table.items():
+            if result != "matches" or "own forward" in detail:
+                print(f"  {model_type:<26} {result:<8} {detail}")
+    assert [name for name, (result, _) in table.items() if result == "DIFFERS"] == []
+    assert sum(result == "matches" for result, _ in table.values()) >= 100
+    for scaled in ("granite", "granitemoehybrid", "cohere", "falcon_h1", "gemma2", "llama", "qwen2"):
+        assert table[scaled][0] == "matches" and "output layer" in table[scaled][1]  # the memory-light path
+
+
+def test_logits_changed_in_an_unknown_way_are_scored_through_the_models_own_forward(tiny, monkeypatch):
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
+    assert not model.scored_by_forward
+    plain_forward, bias = model.forward, torch.linspace(-3, 3, model.config.vocab_size)
+
+    def biased_forward(*args, **kwargs):  # e.g. a final_logits_bias the output layer does not hold
+        output = plain_forward(*args, **kwargs)
+        output.logits = output.logits + bias
+        return output
+    monkeypatch.setattr(model, "forward", biased_forward)
+    igrpo.check_scoring(model, "--model biased")
+    ids = torch.tensor([tokenizer("What is 3 + 1? 4").input_ids])
+    with torch.no_grad():
+        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 3,
+                                    torch.ones(1, 3, dtype=torch.bool), 0.5)[0]
+        reference = torch.log_softmax(model(ids).logits[0, -4:-1] / 0.5, -1).gather(-1, ids[0, -3:, None])
+    assert model.scored_by_forward and torch.allclose(logp[0], reference.squeeze(-1), atol=1e-5)
+
+
+def test_a_model_whose_forward_fails_is_refused_before_training(tiny, monkeypatch):
+    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("expected 4D input")
+    monkeypatch.setattr(model, "forward", broken_forward)
+    with pytest.raises(SystemExit, match="--model odd: its forward pass fails .* expected 4D input"):
+        igrpo.check_scoring(model, "--model odd")
+
+
+@pytest.mark.parametrize("architecture,scaling,weight_scale", [
+    ("llama", {}, 40), ("granite", dict(logits_scaling=8.0), 320), ("cohere", dict(logit_scale=0.0625), 600),
+    ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16), 40)])
+def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(architecture, scaling,
+                                                                              weight_scale):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                                          **scaling)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a trained model's logits span tens of nats, where bf16 rounding shows
+        model.get_output_embeddings().weight.mul_(weight_scale)
+    model = model.to(torch.bfloat16).eval()
+    igrpo.check_scoring(model, architecture)
+    ids = torch.randint(3, 1999, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, position_ids=torch.arange(32).expand(2, -1)).logits.float()
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 16, mask, 1.0)[0]
+    reference = torch.log_softmax(logits[:, 15:-1], -1).gather(-1, ids[:, 16:, None]).squeeze(-1)
+    assert logits.abs().max() > 20 and not model.scored_by_forward
+    assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
+
+
 def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
@@ -576,6 +712,136 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     torch.manual_seed(0)
     samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], 8, 6, 1.0, 1.0, cfg)
     assert len(set(samples.texts)) > 1
+
+
+def hostile_generation_defaults(model):
+    """A checkpoint generation_config that sets every field shaping the next-token distribution."""
+    from transformers import WatermarkingConfig
+    vocab = model.config.vocab_size
+    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9,
+                   typical_p=0.1, epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0,
+                   encoder_repetition_penalty=3.0, no_repeat_ngram_size=1, sequence_bias={(5,): 30.0},
+                   min_new_tokens=5, min_length=40, suppress_tokens=list(range(10, vocab, 2)),
+                   begin_suppress_tokens=list(range(11, vocab, 2)), bad_words_ids=[[7], [8]],
+                   forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
+                   exponential_decay_length_penalty=(1, 3.0),
+                   watermarking_config=WatermarkingConfig(), max_new_tokens=1, max_length=3)
+    for name, value in hostile.items():  # as a generation_config.json would hold them, unvalidated
+        setattr(model.generation_config, name, value)
+    return hostile
+
+
+def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(tiny):
+    cfg = Config(chat_template="off")
+    clean, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    hostile = hostile_generation_defaults(model)
+    own_defaults = model.generation_config
+    prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with warnings.catch_warnings():  # left to itself, generate() obeys them: here, one new token at most
+        warnings.simplefilter("ignore")
+        assert model.generate(**encoded).shape[1] == encoded.input_ids.shape[1] + 1
+    for temperature in (1.0, 0.5):  # sampled: the very tokens a clean checkpoint samples with the same seed
+        torch.manual_seed(1)
+        ours = igrpo.sample(model, tokenizer, prompt * 3, 4, 8, temperature, 1.0, cfg)
+        torch.manual_seed(1)
+        reference = igrpo.sample(clean, tokenizer, prompt * 3, 4, 8, temperature, 1.0, cfg)
+        assert torch.equal(ours.input_ids, reference.input_ids) and ours.texts == reference.texts
+    greedy = igrpo.sample(model, tokenizer, prompt, 1, 8, 0.0, 1.0, cfg)  # greedy: argmax of the raw logits
+    ids = encoded.input_ids
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    length = int(greedy.lengths[0])
+    assert greedy.input_ids[0, -8:].tolist()[:length] == ids[0, -8:].tolist()[:length]
+    assert model.generation_config is own_defaults  # given back, untouched
+    assert model.generation_config.sequence_bias == hostile["sequence_bias"]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer(template=CHAT_TEMPLATE, bos=False):
+    """A locally built tokenizer whose chat template closes turns with <|im_end|>, while its EOS is
+    <|endoftext|>: the layout of Qwen2.5 base checkpoints. bos: it also starts every encoding with
+    <|endoftext|>, as Llama-3's tokenizer adds the BOS its template already wrote."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer.train_from_iterator(["What is 1 + 1? so \\boxed{2}", igrpo.SYSTEM_PROMPT], trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                 special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=template)
+
+
+def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = chat_tokenizer()
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert igrpo.turn_end_id(tokenizer) == turn_end != tokenizer.eos_token_id
+    plain_turns = chat_tokenizer("{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}")
+    assert igrpo.turn_end_id(plain_turns) is None  # never stop at a newline
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32,
+                                         eos_token_id=tokenizer.eos_token_id))
+    cfg = Config(chat_template="auto")
+    prompt = igrpo.build_prompt(tokenizer, "What is 1 + 1?", cfg)
+    # A base model keeps writing after its turn: it closes it, then invents a new one with another answer.
+    answer = tokenizer("so \\boxed{2}", add_special_tokens=False).input_ids
+    invention = tokenizer("<|im_start|>user\nso \\boxed{3}", add_special_tokens=False).input_ids
+    asked = []
+
+    def generate(input_ids, attention_mask, generation_config):
+        asked.append(generation_config.eos_token_id)
+        return torch.cat([input_ids, torch.tensor([answer + [turn_end] + invention])], 1)
+    monkeypatch.setattr(model, "generate", generate)
+    samples = igrpo.sample(model, tokenizer, [prompt], 1, 32, 1.0, 1.0, cfg)
+    assert asked == [sorted([tokenizer.eos_token_id, turn_end])]
+    assert samples.texts == ["so \\boxed{2}"] and igrpo.math_reward(samples.texts[0], "2") == 1.0
+    assert samples.completion_mask[0].tolist() == [True] * (len(answer) + 1) + [False] * len(invention)
+
+
+def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling_encodes_them():
+    tokenizer = chat_tokenizer("<|endoftext|>" + CHAT_TEMPLATE, bos=True)
+    cfg = Config(chat_template="auto")
+    prompt = igrpo.build_prompt(tokenizer, "What is 1 + 1?", cfg)
+    encoded = igrpo.encode(tokenizer, [prompt], cfg).input_ids[0].tolist()
+    assert encoded.count(tokenizer.eos_token_id) == 1  # the template's BOS, not a second one
+    assert igrpo.prompt_length(tokenizer, "What is 1 + 1?", cfg) == len(encoded)
+    assert len(tokenizer(prompt).input_ids) == len(encoded) + 1  # what the old length filter counted
+
+
+def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys):
+    held_out = tmp_path / "held_out.jsonl"
+    problems = [f"What is {a} + 1?" for a in range(3)] + ["What is " + " + ".join(["1"] * 200) + "?"]
+    held_out.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in problems))
+    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out), group_size=2,
+                      generation_batch_size=2)
+    igrpo.train(cfg)
+    captured = capsys.readouterr()
+    assert "--eval-dataset: skipping 1 problems longer than 128 prompt tokens" in captured.out
+    assert "(3 problems)" in captured.out  # before training: 3 scored
+    assert captured.err.count("held-out:   0%") == 2  # one bar for each scoring (before, after), not per call
+
+
+def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
+    cfg = Config(chat_template="off")
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    prompt = "Problem: What is 1 + 1?\n\nSolution:"
+    model.config.max_position_embeddings = len(tokenizer(prompt).input_ids) + 5
+    model.generation_config.eos_token_id = tokenizer.eos_token_id = None  # nothing else can stop it
+    samples = igrpo.sample(model, tokenizer, [prompt], 2, 50, 1.0, 1.0, cfg)
+    assert samples.lengths.tolist() == [5, 5]
+    igrpo.say_context_limit(model, 10, 50)
+    assert f"at most {model.config.max_position_embeddings} positions" in capsys.readouterr().out
 
 
 class ChatTokenizer:
