@@ -197,3 +197,19 @@ def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):
     assert all(r["draft_reward"] is not None for r in rows if "reward" in r)
     plot.main([str(tmp_path / "run")])
     assert png_written(tmp_path / "run" / "plot.png")
+
+
+def test_comparison_table_gives_accuracy_before_and_after_over_seeds_and_igrpo_stage_rewards(tmp_path):
+    for algo in toy.ALGOS:
+        for seed in (0, 1):
+            write_run(tmp_path / f"{algo}-seed{seed}", algo=algo, seed=seed)
+    table = toy.comparison_table(tmp_path, [0, 1])
+    assert "| grpo | 2 | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] | 10.0 [10.0, 10.0] | 50.0 -> 60.0, 50.0 -> 60.0 |" in table
+    assert "| drafts | 42.5 [42.5, 42.5] | 42.5 [42.5, 42.5] | 42.5 [42.5, 42.5] |" in table
+    assert "| refinements (trained on) | 53.0 [52.5, 53.5] |" in table
+
+
+def test_a_comparison_folder_refuses_a_rerun_with_other_flags(tmp_path):
+    (tmp_path / "compare.json").write_text(json.dumps(dict(flags=["--steps", "5"])))
+    with pytest.raises(SystemExit, match="holds a comparison run with other flags"):
+        toy.compare(["--output-dir", str(tmp_path), "--seeds", "0"])

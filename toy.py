@@ -268,13 +268,16 @@ def comparison_table(out, seeds):
         per_seed = ", ".join(f"{100 * b:.1f} -> {100 * a:.1f}" for b, a in zip(before, after))
         lines.append(f"| {algo} | {len(seeds)} | {spread(before)} | {spread(after)} | {spread(gains)} | {per_seed} |")
         if algo == "igrpo":
-            for key in ("draft_reward", "best_draft_reward", "reward"):
-                means = [sum(v) / len(v) for v in (plot.series(run["rows"], key)[1] for run in runs)]
-                rewards.append((key, means))
+            rewards = [(key, [plot.series(run["rows"], key)[1] for run in runs])
+                       for key in ("draft_reward", "best_draft_reward", "reward")]
     names = dict(draft_reward="drafts", best_draft_reward="best draft (what Stage 2 reads)",
-                 reward="refinements")
-    lines += ["", "| iGRPO training reward, mean over steps | mean [min, max] over seeds (%) |", "|---|---|"]
-    lines += [f"| {names[key]} | {spread(means)} |" for key, means in rewards]
+                 reward="refinements (trained on)")
+    lines += ["", "| iGRPO training reward (%), mean [min, max] over seeds | first 10 steps | last 10 steps | all steps |",
+              "|---|---|---|---|"]
+    for key, per_run in rewards:
+        cells = [spread([sum(v[part]) / len(v[part]) for v in per_run])
+                 for part in (slice(0, 10), slice(-10, None), slice(None))]
+        lines.append(f"| {names[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
