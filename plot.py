@@ -4,7 +4,7 @@ and eval.py's avg@k per benchmark as a bar chart (from summary.json). Needs matp
 this file uses it).
 
     python plot.py runs/toy-igrpo-seed0                           # one run -> runs/toy-igrpo-seed0/plot.png
-    python plot.py runs/toy-compare/*-seed* --out compare.png      # seeds of one setting: mean and min-max band
+    python plot.py runs/toy-compare/*-seed* --out compare.png      # seeds of a setting: mean, min-max band
     python plot.py runs/eval-grpo runs/eval-igrpo --out evals.png  # folders holding eval.py's summary.json
 
 Runs are labelled by their args.json (algo, loss, and any other setting that tells them apart). Runs that
@@ -85,7 +85,8 @@ def group_by_setting(runs):
             label = " ".join([f"{settings.get('algo', '?')}, loss={settings.get('loss', '?')}"] +
                              [f"{k}={settings.get(k)}" for k in differing])
         seeds = sorted(m["args"].get("seed", "?") for m in members)
-        labelled.append((label + (f" (seeds {', '.join(map(str, seeds))})" if len(members) > 1 else ""), members))
+        label += f" (seeds {', '.join(map(str, seeds))})" if len(members) > 1 else ""
+        labelled.append((label, members))
     return labelled
 
 
@@ -132,7 +133,8 @@ def plot_training(run_folders, out, smooth=1):
             color = colors[index % len(colors)]
             if metric == "drafts":  # GRPO's draft rewards are null: it draws nothing here
                 drawn |= draw_line(axis, members, "draft_reward", smooth, color, f"{label}: drafts", ":")
-                drawn |= draw_line(axis, members, "best_draft_reward", smooth, color, f"{label}: best draft", "--")
+                drawn |= draw_line(axis, members, "best_draft_reward", smooth, color, f"{label}: best draft",
+                                   "--")
                 if any(isinstance(r.get("draft_reward"), (int, float)) for m in members for r in m["rows"]):
                     drawn |= draw_line(axis, members, "reward", smooth, color, f"{label}: refinements")
             else:
@@ -176,8 +178,8 @@ def plot_eval(paths, out):
         positions = [b + (index - (len(summaries) - 1) / 2) * width for b in range(len(benchmarks))]
         heights = [100 * results[name]["avg_at_k"] if name in results else 0 for name in benchmarks]
         bars = axis.bar(positions, heights, width, label=summary.get("model") or str(path))
-        axis.bar_label(bars, labels=[f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)],
-                       fontsize=7)
+        labels = [f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)]
+        axis.bar_label(bars, labels=labels, fontsize=7)
     ks = sorted({r.get("k") for s in summaries for r in s["results"].values()}, key=str)
     axis.set_xticks(range(len(benchmarks)), benchmarks)
     axis.set_ylabel(f"avg@k (%), k = {', '.join(map(str, ks))}")
@@ -205,7 +207,8 @@ def main(argv=None):
                                                                (Path(f) / "summary.json").is_file())
                for f in args.folders]
     if any(is_eval) and not all(is_eval):
-        igrpo.fail("give either training run folders (metrics.jsonl) or eval.py folders (summary.json), not both")
+        igrpo.fail("give either training run folders (metrics.jsonl) or eval.py folders (summary.json), "
+                   "not both")
     first = Path(args.folders[0])
     out = args.out or str((first if first.is_dir() else first.parent) / "plot.png")
     (plot_eval if all(is_eval) else plot_training)(args.folders, out, **({} if all(is_eval) else

@@ -2,6 +2,7 @@
 import builtins
 import json
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -66,7 +67,8 @@ def test_runs_that_differ_only_in_seed_are_one_line_with_a_min_max_band(tmp_path
     runs = [plot.read_run(write_run(tmp_path / f"{algo}{seed}", algo=algo, seed=seed))
             for algo in ("grpo", "igrpo") for seed in (0, 1, 2)]
     groups = plot.group_by_setting(runs)
-    assert [label for label, _ in groups] == ["grpo, loss=grpo (seeds 0, 1, 2)", "igrpo, loss=grpo (seeds 0, 1, 2)"]
+    assert [label for label, _ in groups] == ["grpo, loss=grpo (seeds 0, 1, 2)",
+                                              "igrpo, loss=grpo (seeds 0, 1, 2)"]
     steps, mean, low, high = plot.across_seeds(groups[0][1], "reward")
     assert steps == [1, 2, 3, 4]
     assert mean[0] == pytest.approx(0.52) and low[0] == pytest.approx(0.51) and high[0] == pytest.approx(0.53)
@@ -82,7 +84,8 @@ def test_eval_summaries_become_an_avg_at_k_bar_chart(tmp_path):
     for name, accuracy in (("a", 0.25), ("b", 0.5)):
         (tmp_path / name).mkdir()
         results = {"gsm8k": dict(k=2, avg_at_k=accuracy), "math500": dict(k=2, avg_at_k=accuracy / 2)}
-        (tmp_path / name / "summary.json").write_text(json.dumps(dict(model=f"model-{name}", results=results)))
+        summary = dict(model=f"model-{name}", results=results)
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "evals.png")])
     assert png_written(tmp_path / "evals.png")
     with pytest.raises(SystemExit, match="not both"):
@@ -97,7 +100,7 @@ def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(SystemExit, match="plot.py needs matplotlib, an optional dependency: pip install matplotlib"):
+    with pytest.raises(SystemExit, match="plot.py needs matplotlib, an optional dependency: pip install"):
         plot.main([str(write_run(tmp_path / "run"))])
 
 
@@ -105,7 +108,6 @@ def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
 # The toy world
 # ----------------------------------------------------------------------------------------------
 def test_a_wrong_draft_has_exactly_one_wrong_column_step_and_a_wrong_final_answer():
-    import random
     rng = random.Random(0)
     for _ in range(50):
         terms = (rng.randint(10, 99), rng.randint(10, 99))
@@ -120,21 +122,21 @@ def test_a_wrong_draft_has_exactly_one_wrong_column_step_and_a_wrong_final_answe
 def test_warm_start_stops_at_the_first_check_inside_the_band_not_at_a_step_count(tiny_toy):
     tokenizer, model, examples = tiny_toy
     measured = iter([0.1, 0.3, 0.5, 0.9])
-    steps, accuracy, _ = toy.warm_start(model, tokenizer, examples, __import__("random").Random(0),
-                                        lambda m: next(measured), band=(0.45, 0.6), check_every=2, batch_size=4)
+    steps, accuracy, _ = toy.warm_start(model, tokenizer, examples, random.Random(0),
+                                        lambda m: next(measured), band=(0.45, 0.6), check_every=2,
+                                        batch_size=4)
     assert (steps, accuracy) == (6, 0.5)
 
 
 def test_a_warm_start_that_never_reaches_the_band_fails_with_one_line(tiny_toy):
     tokenizer, model, examples = tiny_toy
     with pytest.raises(SystemExit, match="did not reach 45% calibration accuracy in 4 steps"):
-        toy.warm_start(model, tokenizer, examples, __import__("random").Random(0), lambda m: 0.0,
+        toy.warm_start(model, tokenizer, examples, random.Random(0), lambda m: 0.0,
                        band=(0.45, 0.6), check_every=2, max_steps=4, batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def tiny_toy():
-    import random
     cfg = igrpo.Config(**toy.SETTINGS)
     rng = random.Random(0)
     problems, _ = toy.make_problems(8, rng)
@@ -143,9 +145,10 @@ def tiny_toy():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=32, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
     return tokenizer, model, toy.warm_start_examples(problems, tokenizer, cfg, rng)
 
 
@@ -164,7 +167,22 @@ def test_toy_build_records_where_its_warm_start_stopped_and_is_complete(built_to
     assert toy.is_complete(folder) and not list(folder.parent.glob("*.partial-*"))
 
 
-def test_an_incomplete_toy_cache_is_rebuilt_and_never_blames_dataset(built_toy, tmp_path, monkeypatch, capsys):
+def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(built_toy, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, _ = built_toy
+    cfg = igrpo.Config(**toy.SETTINGS)
+    assert AutoModelForCausalLM.from_pretrained(folder / "model").config.model_type == "llama"
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    assert tokenizer.decode(tokenizer("What is 47 + 38?").input_ids) == "What is 47 + 38?"
+    train, test = (igrpo.load_problems(str(folder / f"{n}.jsonl"), cfg) for n in ("train", "test"))
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}  # held out means held out
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
+    prepared = toy.prepare(igrpo.Config(algo="grpo", steps=3), given={"algo", "steps"})
+    assert (prepared.algo, prepared.steps, prepared.lr) == ("grpo", 3, toy.SETTINGS["lr"])
+    assert prepared.model == str(folder / "model")
+
+
+def test_an_incomplete_toy_cache_is_rebuilt_and_never_blames_dataset(tmp_path, monkeypatch, capsys):
     broken = tmp_path / "toy-broken-seed0"
     (broken / "model").mkdir(parents=True)
     (broken / "model" / "config.json").write_text("{}")  # a build killed mid-save
@@ -182,7 +200,8 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
     outputs = [toy.prepare(cfg, given).output_dir for cfg, given in (
         (igrpo.Config(), set()), (igrpo.Config(algo="grpo"), {"algo"}), (igrpo.Config(seed=1), {"seed"}),
-        (igrpo.Config(loss="dapo", steps=5), {"loss", "steps"}), (igrpo.Config(output_dir="mine"), {"output_dir"}))]
+        (igrpo.Config(loss="dapo", steps=5), {"loss", "steps"}),
+        (igrpo.Config(output_dir="mine"), {"output_dir"}))]
     assert outputs == ["runs/toy-igrpo-seed0", "runs/toy-grpo-seed0", "runs/toy-igrpo-seed1",
                        "runs/toy-igrpo-seed0-loss-dapo-steps-5", "mine"]
 
@@ -204,7 +223,8 @@ def test_comparison_table_gives_accuracy_before_and_after_over_seeds_and_igrpo_s
         for seed in (0, 1):
             write_run(tmp_path / f"{algo}-seed{seed}", algo=algo, seed=seed)
     table = toy.comparison_table(tmp_path, [0, 1])
-    assert "| grpo | 2 | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] | 10.0 [10.0, 10.0] | 50.0 -> 60.0, 50.0 -> 60.0 |" in table
+    assert ("| grpo | 2 | 50.0 [50.0, 50.0] | 60.0 [60.0, 60.0] | 10.0 [10.0, 10.0] "
+            "| 50.0 -> 60.0, 50.0 -> 60.0 |") in table
     assert "| drafts | 42.5 [42.5, 42.5] | 42.5 [42.5, 42.5] | 42.5 [42.5, 42.5] |" in table
     assert "| refinements (trained on) | 53.0 [52.5, 53.5] |" in table
 
@@ -213,3 +233,15 @@ def test_a_comparison_folder_refuses_a_rerun_with_other_flags(tmp_path):
     (tmp_path / "compare.json").write_text(json.dumps(dict(flags=["--steps", "5"])))
     with pytest.raises(SystemExit, match="holds a comparison run with other flags"):
         toy.compare(["--output-dir", str(tmp_path), "--seeds", "0"])
+
+
+def test_a_toy_build_killed_while_saving_leaves_no_cache_that_looks_complete(tmp_path, monkeypatch):
+    def killed_mid_save(model, tokenizer, folder):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(toy, "warm_start", lambda *args, **kwargs: (2, 0.5, 1.0))
+    monkeypatch.setattr(igrpo, "save", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        toy.build(tmp_path / "toy-seed0", igrpo.Config(**toy.SETTINGS))
+    assert not (tmp_path / "toy-seed0").exists() and not toy.is_complete(tmp_path / "toy-seed0")

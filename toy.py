@@ -65,7 +65,8 @@ def solution(terms, wrong_step=None, error=0):
     ones = a_ones + b_ones + (error if wrong_step == 0 else 0)
     carry = ones // 10
     tens = a_tens + b_tens + carry + (error if wrong_step == 1 else 0)
-    return f" {a_ones} + {b_ones} = {ones}. {a_tens} + {b_tens} + {carry} = {tens}. \\boxed{{{tens}{ones % 10}}}"
+    return (f" {a_ones} + {b_ones} = {ones}. {a_tens} + {b_tens} + {carry} = {tens}."
+            f" \\boxed{{{tens}{ones % 10}}}")
 
 
 def wrong_draft(terms, rng):
@@ -100,8 +101,8 @@ def build_tokenizer(texts):
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -199,10 +200,12 @@ def cache_root():
 
 
 def cache_folder(seed=0):
-    """Keyed by the code and settings that build the toy, igrpo's prompts and the seed: change any, rebuild."""
+    """Keyed by the code and settings that build the toy, igrpo's prompts and the seed: change any and the
+    toy is built anew."""
     code = [inspect.getsource(f) for f in (make_problems, solution, wrong_draft, warm_start_examples,
                                             build_tokenizer, build_model, supervised_loss, warm_start, build)]
-    settings = repr((MODEL_SIZE, CALIBRATION_BAND, CALIBRATION_PROBLEMS, CHECK_EVERY, MAX_WARM_START_STEPS, SETTINGS))
+    settings = repr((MODEL_SIZE, CALIBRATION_BAND, CALIBRATION_PROBLEMS, CHECK_EVERY, MAX_WARM_START_STEPS,
+                     SETTINGS))
     key = hashlib.sha256("".join(code + [settings, igrpo.SYSTEM_PROMPT, igrpo.REFINE_TEMPLATE,
                                          igrpo.PLAIN_TEMPLATE]).encode()).hexdigest()[:12]
     return cache_root() / f"toy-{key}-seed{seed}"
@@ -217,7 +220,8 @@ def is_complete(folder):
 def run_folder(cfg, given):
     """runs/toy-<algo>-seed<N>, plus each other flag the user gave: settings never share a folder."""
     extra = sorted(name for name in given if name not in ("algo", "seed", "output_dir"))
-    parts = [f"toy-{cfg.algo}-seed{cfg.seed}"] + [f"{name.replace('_', '-')}-{getattr(cfg, name)}" for name in extra]
+    parts = [f"toy-{cfg.algo}-seed{cfg.seed}"]
+    parts += [f"{name.replace('_', '-')}-{getattr(cfg, name)}" for name in extra]
     return str(Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)))
 
 
@@ -255,9 +259,10 @@ def spread(values):
 
 def comparison_table(out, seeds):
     """Markdown: held-out accuracy before/after per algorithm (mean [min, max] over seeds, in %), and iGRPO's
-    Stage-1 vs Stage-2 rewards (mean over steps, then over seeds)."""
+    draft, best-draft and refinement rewards over the first 10, the last 10 and all steps."""
     import plot
-    lines = ["| algorithm | seeds | held-out before | held-out after | gain (points) | per seed (before -> after) |",
+    lines = ["| algorithm | seeds | held-out before | held-out after | gain (points) "
+             "| per seed (before -> after) |",
              "|---|---|---|---|---|---|"]
     rewards = []
     for algo in ALGOS:
@@ -266,13 +271,15 @@ def comparison_table(out, seeds):
         before, after = [e[0] for e in evals], [e[-1] for e in evals]
         gains = [a - b for a, b in zip(after, before)]
         per_seed = ", ".join(f"{100 * b:.1f} -> {100 * a:.1f}" for b, a in zip(before, after))
-        lines.append(f"| {algo} | {len(seeds)} | {spread(before)} | {spread(after)} | {spread(gains)} | {per_seed} |")
+        lines.append(f"| {algo} | {len(seeds)} | {spread(before)} | {spread(after)} | {spread(gains)} "
+                     f"| {per_seed} |")
         if algo == "igrpo":
             rewards = [(key, [plot.series(run["rows"], key)[1] for run in runs])
                        for key in ("draft_reward", "best_draft_reward", "reward")]
     names = dict(draft_reward="drafts", best_draft_reward="best draft (what Stage 2 reads)",
                  reward="refinements (trained on)")
-    lines += ["", "| iGRPO training reward (%), mean [min, max] over seeds | first 10 steps | last 10 steps | all steps |",
+    lines += ["", "| iGRPO training reward (%), mean [min, max] over seeds "
+              "| first 10 steps | last 10 steps | all steps |",
               "|---|---|---|---|"]
     for key, per_run in rewards:
         cells = [spread([sum(v[part]) / len(v[part]) for v in per_run])
@@ -285,14 +292,15 @@ def compare(argv=None):
     parser = argparse.ArgumentParser(description="GRPO vs iGRPO on the toy, same budget, several seeds; "
                                      "other flags go to igrpo.py (e.g. --steps 50)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output-dir", default="runs/toy-compare", help="one folder per run, table.md, compare.png")
+    parser.add_argument("--output-dir", default="runs/toy-compare",
+                        help="one folder per run, table.md, compare.png")
     args, flags = parser.parse_known_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     recorded = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else None
     if recorded is not None and recorded["flags"] != flags:
-        igrpo.fail(f"{out} holds a comparison run with other flags ({' '.join(recorded['flags']) or 'none'}): "
-                   "give another --output-dir")
+        previous = " ".join(recorded["flags"]) or "none"
+        igrpo.fail(f"{out} holds a comparison run with other flags ({previous}): give another --output-dir")
     (out / "compare.json").write_text(json.dumps(dict(flags=flags)))
     for seed in args.seeds:
         for algo in ALGOS:
@@ -309,10 +317,12 @@ def compare(argv=None):
     print("warm starts: " + ", ".join(f"seed {s['seed']}: {s['warm_start_steps']} steps, "
                                       f"{100 * s['calibration_accuracy']:.1f}%" for s in starts))
     import plot
-    print(f"figure: {plot.plot_training([out / f'{a}-seed{s}' for a in ALGOS for s in args.seeds], out / 'compare.png')}")
+    runs = [out / f"{algo}-seed{seed}" for algo in ALGOS for seed in args.seeds]
+    print(f"figure: {plot.plot_training(runs, out / 'compare.png')}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["compare"]:
-        sys.exit("usage: python toy.py compare [--seeds 0 1 2] [--output-dir runs/toy-compare] [igrpo.py flags]")
+        sys.exit("usage: python toy.py compare [--seeds 0 1 2] [--output-dir runs/toy-compare] "
+                 "[igrpo.py flags]")
     compare(sys.argv[2:])
