@@ -156,8 +156,10 @@ def tiny_toy():
 def built_toy(tmp_path_factory):
     """A real toy build whose band is met at the first check (2 steps): the files, not the skill."""
     folder = tmp_path_factory.mktemp("cache") / "toy-test-seed0"
-    cfg = igrpo.Config(**toy.SETTINGS)
-    record = toy.build(folder, cfg, seed=0, band=(0.0, 1.0), check_every=2)
+    cfg = igrpo.Config(**toy.SETTINGS | dict(max_completion_tokens=8))  # a short calibration
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(toy, "CALIBRATION_PROBLEMS", 8)
+        record = toy.build(folder, cfg, seed=0, band=(0.0, 1.0), check_every=2)
     return folder, record
 
 
@@ -209,7 +211,8 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
 def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):
     folder, _ = built_toy
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
-    igrpo.main(["--steps", "2", "--prompts-per-step", "2", "--eval-limit", "4", "--eval-samples", "1",
+    igrpo.main(["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--num-drafts", "2",
+                "--max-completion-tokens", "12", "--eval-limit", "4", "--eval-samples", "1",
                 "--output-dir", str(tmp_path / "run")])
     rows = plot.read_run(tmp_path / "run")["rows"]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2]
