@@ -8,8 +8,8 @@ problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
 and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's own.
 
-    python eval.py --model runs/toy/final --benchmarks gsm8k,math500 --limit 20 --k 2
-    python eval.py --model runs/toy/final --benchmarks my_problems.jsonl --refine-rounds 1
+    python eval.py --model runs/toy-igrpo-seed0/final --benchmarks gsm8k,math500 --limit 20 --k 2
+    python eval.py --model runs/toy-igrpo-seed0/final --benchmarks my_problems.jsonl --refine-rounds 1
 
 A rerun with the same --output-dir and settings resumes: problems already in OUTPUT_DIR/<benchmark>.jsonl are
 skipped; other settings (model, k, temperature, budget, ...) are refused.
@@ -207,7 +207,7 @@ def parse_args(argv=None):
     default_data = HERE.parent / "shared" / "data"
     parser = argparse.ArgumentParser(description="Evaluate a causal LM with the iGRPO paper's protocol.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub name or local folder (e.g. runs/toy/final)")
+    parser.add_argument("--model", required=True, help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
     parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",

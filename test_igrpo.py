@@ -480,21 +480,6 @@ def test_toy_checkpoint_round_trips_through_the_auto_classes(tiny):
     assert AutoModelForCausalLM.from_pretrained(tiny / "model").config.model_type == "llama"
 
 
-def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    cfg = igrpo.Config(**{k: v for k, v in toy.SETTINGS.items()})
-    toy.build(tmp_path / "toy", cfg, warm_start_steps=2)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "toy" / "model").config.model_type == "llama"
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "toy" / "model")
-    assert tokenizer.decode(tokenizer("What is 47 + 38?").input_ids) == "What is 47 + 38?"
-    train, test = (igrpo.load_problems(str(tmp_path / "toy" / f"{n}.jsonl"), cfg) for n in ("train", "test"))
-    assert not {p["problem"] for p in train} & {p["problem"] for p in test}  # held out means held out
-    monkeypatch.setattr(toy, "cache_folder", lambda: tmp_path / "toy")
-    prepared = toy.prepare(igrpo.Config(algo="grpo", steps=3), given={"algo", "steps"})
-    assert (prepared.algo, prepared.steps, prepared.lr) == ("grpo", 3, toy.SETTINGS["lr"])
-    assert prepared.model == str(tmp_path / "toy" / "model")
-
-
 def test_masks_cover_exactly_the_generated_tokens_through_eos_and_the_text_stops_before_it():
     class Tokenizer:
         pad_token_id = 0
