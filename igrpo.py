@@ -10,7 +10,7 @@ model answers in one pass, no drafts.
 Read top to bottom: settings, data, prompts, answer checking and rewards, sampling, log-probs,
 group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop, main.
 
-    python igrpo.py                   # offline toy world: tiny model on CPU, about 5 minutes
+    python igrpo.py                   # offline toy world: tiny model on CPU, about 6 minutes the first time
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
 """
 import argparse
