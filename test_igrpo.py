@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
+from safetensors.torch import load_file
 
 import igrpo
 import toy
@@ -595,12 +596,16 @@ def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path
 # Long runs: resume, atomic checkpoints, Ctrl-C, non-finite numbers, failures that name their fix
 # ----------------------------------------------------------------------------------------------
 def final_weights(folder):
-    from safetensors.torch import load_file
     return load_file(folder / "final" / "model.safetensors")
 
 
 def training_steps(folder):
     return [r["step"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "reward" in r]
+
+
+def parity_reward(completion, gold):
+    """A reward that differs between the completions of a random tiny model, so every update moves the weights."""
+    return float(sum(map(ord, completion)) % 2)
 
 
 def long_run_config(tiny, folder, **overrides):
@@ -612,10 +617,12 @@ def long_run_config(tiny, folder, **overrides):
 def uninterrupted(tiny, tmp_path_factory):
     """Reference runs of 4 steps, one per dtype, never stopped."""
     runs = {}
-    for dtype in ("fp32", "bf16"):
-        folder = tmp_path_factory.mktemp("uninterrupted") / dtype
-        igrpo.train(long_run_config(tiny, folder, dtype=dtype))
-        runs[dtype] = folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(igrpo, "math_reward", parity_reward)
+        for dtype in ("fp32", "bf16"):
+            folder = tmp_path_factory.mktemp("uninterrupted") / dtype
+            igrpo.train(long_run_config(tiny, folder, dtype=dtype))
+            runs[dtype] = folder
     return runs
 
 
@@ -638,6 +645,7 @@ def rollout_that(monkeypatch, at_call, action):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_each_step_once(
         tiny, tmp_path, monkeypatch, uninterrupted, dtype):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
     folder = tmp_path / "run"
     cfg = long_run_config(tiny, folder, dtype=dtype, save_every=2)
 
@@ -652,11 +660,14 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_ea
     assert training_steps(folder) == [1, 2, 3, 4]
     assert "eval_before" in results and "eval_after" in results
     expected, resumed = final_weights(uninterrupted[dtype]), final_weights(folder)
+    start = load_file(tiny / "model" / "model.safetensors")
+    assert any(not torch.equal(expected[name], start[name].to(expected[name].dtype)) for name in expected)
     assert all(torch.allclose(expected[name].float(), resumed[name].float(), atol=1e-6) for name in expected)
 
 
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
         tiny, tmp_path, monkeypatch, capsys, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
     folder = tmp_path / "run"
     cfg = long_run_config(tiny, folder, dtype="fp32")
     handler = signal.getsignal(signal.SIGINT)
