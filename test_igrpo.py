@@ -604,7 +604,7 @@ def training_steps(folder):
 
 
 def parity_reward(completion, gold):
-    """A reward that differs between the completions of a random tiny model, so every update moves the weights."""
+    """Differs between the completions of a random tiny model, so every update moves the weights."""
     return float(sum(map(ord, completion)) % 2)
 
 
