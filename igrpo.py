@@ -8,7 +8,8 @@ of answers *after reading that draft*. Only those refinements are trained on; at
 model answers in one pass, no drafts.
 
 Read top to bottom: settings, data, prompts, answer checking and rewards, sampling, log-probs,
-group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop, main.
+group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop,
+what a long run needs (checkpoints, resume, Ctrl-C), main.
 
     python igrpo.py                   # offline toy world: tiny model on CPU, about 6 minutes the first time
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
@@ -19,8 +20,11 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -94,6 +98,9 @@ class Config:
     seed: int = setting(0, "random seed")
     output_dir: str = setting("runs/igrpo", "metrics.jsonl, args.json and checkpoints go here")
     save_every: int = setting(0, "also save a checkpoint every N steps (0: only the final one)")
+    keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)")
+    resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint")
+    overwrite: bool = setting(False, "start afresh in an --output-dir that holds a run, deleting that run")
 
 
 def fail(message):
@@ -122,6 +129,19 @@ def check_config(cfg):
              "0 < top-p <= 1 (log-probs are taken under softmax(logits / temperature))")
     if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
         fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
+    if cfg.dataset and not cfg.model:
+        fail(f"--dataset {cfg.dataset} needs --model: without one, the toy world trains on its own problems")
+    bounds = dict(lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
+                  max_grad_norm=(cfg.max_grad_norm > 0, "> 0"), weight_decay=(cfg.weight_decay >= 0, ">= 0"),
+                  min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+                  warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+                  eval_every=(cfg.eval_every >= 0, ">= 0"), save_every=(cfg.save_every >= 0, ">= 0"),
+                  keep_checkpoints=(cfg.keep_checkpoints >= 0, ">= 0"))
+    for name, (ok, rule) in bounds.items():
+        if not ok:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}")
+    if cfg.resume and cfg.overwrite:
+        fail("--resume and --overwrite: choose one (continue the run, or replace it)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +156,9 @@ def read_rows(name, config="", split="train", flag="dataset"):
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             fail(f"--{flag}: no such file: {name}")
+        if path.suffix not in (".jsonl", ".json", ".parquet"):
+            fail(f"--{flag} {name}: unsupported format {path.suffix or '(no suffix)'}: "
+                 "use .jsonl, .json, .parquet")
         if path.suffix == ".parquet":
             import datasets
             return list(datasets.Dataset.from_parquet(str(path)))
@@ -178,7 +201,7 @@ def load_problems(name, cfg, flag="dataset", limit=None):
     problem_key = pick(cfg.problem_key, PROBLEM_KEYS, "problem", "problem-key")
     answer_key = pick(cfg.answer_key, ANSWER_KEYS, "answer", "answer-key")
     problems = []
-    for index, row in enumerate(rows[:limit]):
+    for index, row in enumerate(rows[:limit], 1):  # counted from 1, like the lines of a .jsonl
         if not isinstance(row, dict):
             fail(f"--{flag} {name}, row {index}: not an object with {problem_key!r} and {answer_key!r}")
         problem, raw = row.get(problem_key), row.get(answer_key)
@@ -1134,8 +1157,10 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
     # With one epoch the sampler *is* the policy being updated: old log-probs = logp.detach(), no extra pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
     reference = frozen_logprobs(ref_model) if ref_model is not None else None
-    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # summed as tensors, read once at the end
+    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0, grad_norm=0.0)  # tensors, read once at the end
+    skipped = 0
     for epoch in range(cfg.ppo_epochs):
+        epoch_loss = 0.0
         for k, (rows, chunk_weights) in enumerate(chunks):
             input_ids, attention_mask, prompt_length, completion_mask = micro_batch(samples, rows)
             logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
@@ -1145,14 +1170,18 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
                                             reference[k] if reference else None)
             loss.backward()
             accumulate_gradients(params, master)
-            totals["loss"] += loss.detach() / cfg.ppo_epochs
+            epoch_loss = epoch_loss + loss.detach()
             totals["clipped"] += clipped
             totals["kl"] += kl
             if entropy is not None:
                 totals["entropy"] += (entropy * completion_mask).sum()
+        totals["loss"] += epoch_loss / cfg.ppo_epochs
         if chunks:
-            torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)
-            optimizer.step()
+            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)  # before clipping
+            if torch.isfinite(totals["grad_norm"] + epoch_loss):  # a NaN/inf step would poison weights, Adam
+                optimizer.step()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for p, m in zip(params, master):
@@ -1162,7 +1191,8 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
     tokens = max(1, int(samples.completion_mask[index].sum()))
     return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * cfg.ppo_epochs),
                 kl=totals["kl"] / (tokens * cfg.ppo_epochs) if ref_model is not None else None,
-                entropy=totals["entropy"] / tokens if chunks else None)
+                entropy=totals["entropy"] / tokens if chunks else None, grad_norm=totals["grad_norm"],
+                skipped_updates=skipped)
 
 
 def master_weights(model):
@@ -1255,13 +1285,28 @@ def load_model(name, cfg, dtype, device, flag="model"):
     return model, tokenizer
 
 
-def save(model, tokenizer, folder):
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def save(model, tokenizer, folder, trainer_state=None):
+    """Written into a hidden temporary folder, renamed once complete: a kill mid-save never leaves a folder
+    that looks like a checkpoint and is not. Files get the usual umask modes (safetensors writes 0600)."""
+    folder = Path(folder)
+    temporary = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    if trainer_state is not None:
+        torch.save(trainer_state, temporary / "trainer_state.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [temporary, *temporary.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
 
 
 def train(cfg):
     check_config(cfg)
+    use_local_cache_if_hub_unreachable(cfg)
+    resume_from = prepare_output_dir(cfg)  # refusals and an unwritable folder fail now, before loading
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1270,7 +1315,7 @@ def train(cfg):
         fail("--dataset: give a dataset to train on (or no --model, for the toy world)")
     problems = load_problems(cfg.dataset, cfg)
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
-    model, tokenizer = load_model(cfg.model, cfg, dtype, device)
+    model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
     fits = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
     held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
     say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
@@ -1284,51 +1329,80 @@ def train(cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     master = master_weights(model)
     optimizer = torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics_file = open(out / "metrics.jsonl", "w")
+    out, start, order, results = Path(cfg.output_dir), 0, [], {}
+    if resume_from:
+        start, order = load_checkpoint(resume_from, model, optimizer, master, out / "metrics.jsonl")
+        results = {"eval_before": row["eval_accuracy"] for row in map(json.loads, open(out / "metrics.jsonl"))
+                   if row["step"] == 0}
+        tqdm.write(f"resuming from {resume_from}: step {start} of {cfg.steps}")
+    else:
+        start_fresh(out, cfg)
+    metrics_file = open(out / "metrics.jsonl", "a")
 
-    def log(record):  # one JSON object per line, flushed, so a plot can follow a live run
-        metrics_file.write(json.dumps(record) + "\n")
+    def log(record):  # one JSON object per line, flushed, so a plot can follow a live run; NaN/inf -> null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         metrics_file.flush()
 
-    results = {}
-    if held_out:
-        results["eval_before"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+    if held_out and not start:
+        with explain_failure("scoring the held-out set", cfg):
+            results["eval_before"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         tqdm.write(f"held-out accuracy before training: {results['eval_before']:.3f} ({len(held_out)} problems)")
         log(dict(step=0, eval_accuracy=results["eval_before"]))
-    order = []
-    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.algo, dynamic_ncols=True)
-    for step in bar:
-        started = time.time()
-        while len(order) < cfg.prompts_per_step:  # epochs over the shuffled problems
-            order += random.sample(fits, len(fits))
-        batch, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
-        samples, rewards, group, info = rollout(model, tokenizer, batch, cfg, judge)
-        advantages = group_advantages(rewards, group, scale_by_std=cfg.loss != "dr_grpo")
-        # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
-        keep = informative_groups(rewards, group) if cfg.loss == "dapo" else torch.ones_like(rewards, dtype=torch.bool)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate(step - 1, cfg)
-        stats = policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model)
-        seconds = time.time() - started
-        record = dict(step=step, reward=rewards.mean().item(), accuracy=info["accuracy"],
-                      draft_reward=info["draft_reward"], best_draft_reward=info["best_draft_reward"], **stats,
-                      format_reward=info["format_reward"], completion_tokens=info["generated_tokens"],
-                      mean_completion_length=samples.lengths.float().mean().item(),
-                      dropped_groups=int((~keep).sum()) // group, judge_unparsed=info["judge_unparsed"],
-                      lr=optimizer.param_groups[0]["lr"], step_seconds=seconds,
-                      tokens_per_second=info["generated_tokens"] / seconds)
-        if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
-        log(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", **({} if info["draft_reward"] is None else
-                                                              {"draft": f"{info['draft_reward']:.2f}"}))
-        if cfg.save_every and step % cfg.save_every == 0:
-            save(model, tokenizer, out / f"step-{step}")
+    history, skipped_in_a_row = [], 0
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
+               dynamic_ncols=True)
+    with ctrl_c_stops_after_the_step() as interrupted:
+        for step in bar:
+            started = time.time()
+            while len(order) < cfg.prompts_per_step:  # epochs over the shuffled problems (indices into fits)
+                order += random.sample(range(len(fits)), len(fits))
+            batch, order = [fits[i] for i in order[:cfg.prompts_per_step]], order[cfg.prompts_per_step:]
+            with explain_failure("sampling", cfg):
+                samples, rewards, group, info = rollout(model, tokenizer, batch, cfg, judge)
+            advantages = group_advantages(rewards, group, scale_by_std=cfg.loss != "dr_grpo")
+            # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
+            keep = (informative_groups(rewards, group) if cfg.loss == "dapo"
+                    else torch.ones_like(rewards, dtype=torch.bool))
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = learning_rate(step - 1, cfg)
+            with explain_failure("updating the policy", cfg):
+                stats = policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model)
+            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
+            seconds = time.time() - started
+            record = dict(step=step, reward=rewards.mean().item(), accuracy=info["accuracy"],
+                          draft_reward=info["draft_reward"], best_draft_reward=info["best_draft_reward"],
+                          **stats,
+                          format_reward=info["format_reward"], completion_tokens=info["generated_tokens"],
+                          mean_completion_length=samples.lengths.float().mean().item(),
+                          dropped_groups=int((~keep).sum()) // group, judge_unparsed=info["judge_unparsed"],
+                          lr=optimizer.param_groups[0]["lr"], step_seconds=seconds,
+                          tokens_per_second=info["generated_tokens"] / seconds)
+            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                with explain_failure("scoring the held-out set", cfg):
+                    record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+            log(record)
+            history.append(record)
+            warning = collapse_warning(history)
+            if warning and warning != collapse_warning(history[:-1]):  # once, when it starts
+                tqdm.write(f"step {step}: warning: {warning}")
+            bar.set_postfix(reward=f"{record['reward']:.2f}", **({} if info["draft_reward"] is None else
+                                                                  {"draft": f"{info['draft_reward']:.2f}"}))
+            diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
+            if interrupted.is_set() or diverged or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
+                                             metrics_file, cfg)
+            if interrupted.is_set():
+                tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; continue with:\n"
+                           f"  {resume_command()}")
+                raise SystemExit(130)
+            if diverged:
+                fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm and "
+                     f"were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the precision "
+                     f"too low (try --dtype fp32); the last good weights are in {checkpoint}")
     if held_out:
-        results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+        with explain_failure("scoring the held-out set", cfg):
+            results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         tqdm.write(f"held-out accuracy after {cfg.steps} steps: {results['eval_after']:.3f} "
                    f"(before: {results['eval_before']:.3f})")
         log(dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
@@ -1336,6 +1410,170 @@ def train(cfg):
     metrics_file.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  checkpoint: {out / 'final'}")
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: one run per folder, atomic checkpoints, exact resume, Ctrl-C, and failures that name their fix
+# ----------------------------------------------------------------------------------------------
+# What a resumed run may change: engineering settings, not the method
+RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
+                     "gradient_checkpointing", "save_every", "keep_checkpoints"}
+MAX_SKIPPED_IN_A_ROW = 3  # updates skipped for a non-finite loss or gradient norm before the run stops
+COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or with no right answer, before a warning
+ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but deterministic
+
+
+def step_number(folder):
+    return int(folder.name.split("-")[1])
+
+
+def prepare_output_dir(cfg):
+    """A fresh run needs a folder without a run (or --overwrite); --resume needs the run's own settings.
+    Returns the checkpoint to resume from, or None."""
+    out = Path(cfg.output_dir)
+    if cfg.resume:
+        if not (out / "args.json").is_file():
+            fail(f"--resume: no run to resume in {out} (no args.json)")
+        saved = json.loads((out / "args.json").read_text())
+        changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {value!r}"
+                   for name, value in dataclasses.asdict(cfg).items()
+                   if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+        if changed:
+            fail(f"--resume: settings differ from the run in {out}: {', '.join(changed)}; resume with its "
+                 "settings (args.json) or start a new run in another --output-dir")
+        if (out / "final").exists():
+            fail(f"--resume: the run in {out} already finished ({out / 'final'})")
+        checkpoints = sorted((f.parent for f in out.glob("step-*/trainer_state.pt")), key=step_number)
+        if not checkpoints:
+            fail(f"--resume: no checkpoint in {out} (written on Ctrl-C and every --save-every N steps)")
+        return checkpoints[-1]
+    if ((out / "args.json").exists() or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
+        fail(f"--output-dir {out} already holds a run: add --resume to continue it, --overwrite to replace "
+             "it, or choose another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".write-test", "w"):
+            pass
+        (out / ".write-test").unlink()
+    except OSError as error:
+        fail(f"--output-dir {out}: cannot write there ({error.strerror or error})")
+    return None
+
+
+def start_fresh(out, cfg):
+    """Delete the run that --overwrite replaces (our files only), then record this run's settings."""
+    for old in [*out.glob("step-*"), *out.glob(".*.tmp"), *out.glob("final")]:
+        shutil.rmtree(old)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics_file, cfg):
+    """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what an exact
+    resume needs: fp32 master weights, optimizer moments, data order, RNG states, metrics.jsonl's length."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = dict(step=step, order=order, optimizer=optimizer.state_dict(), metrics_bytes=metrics_file.tell(),
+                 master=[m for m, p in zip(master, params) if m is not p],  # the fp32 copies of bf16 weights
+                 rng=dict(python=random.getstate(), torch=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    save(model, tokenizer, out / f"step-{step}", state)
+    if cfg.keep_checkpoints:
+        for old in sorted(out.glob("step-*"), key=step_number)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    return out / f"step-{step}"
+
+
+def load_checkpoint(folder, model, optimizer, master, metrics_path):
+    """Restore what save_checkpoint wrote (the weights were loaded from the folder), and cut metrics.jsonl
+    back to the checkpoint, so every step is logged once. Returns (step, data order)."""
+    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]:
+        fail(f"--resume: {metrics_path} is missing or shorter than when {folder} was saved")
+    optimizer.load_state_dict(state["optimizer"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for m, saved in zip([m for m, p in zip(master, params) if m is not p], state["master"]):
+            m.copy_(saved)
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    os.truncate(metrics_path, state["metrics_bytes"])
+    return state["step"], state["order"]
+
+
+def resume_command():
+    args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
+    return shlex.join(["python", sys.argv[0], *args, "--resume"])
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_the_step():
+    """The first Ctrl-C sets the event the loop checks after each step; a second one interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def on_interrupt(*_):
+        requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again quits at once)")
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def explain_failure(what, cfg):
+    """Running out of GPU memory, or sampling from inf/NaN probabilities, ends the run with the fix named."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        fail(f"out of GPU memory while {what}: lower --micro-batch-size ({cfg.micro_batch_size}), "
+             f"--generation-batch-size ({cfg.generation_batch_size}) or --max-completion-tokens "
+             f"({cfg.max_completion_tokens}); the first two may change on --resume")
+    except RuntimeError as error:
+        if "inf" not in str(error) or "nan" not in str(error):
+            raise
+        fail(f"the policy's probabilities became inf/NaN while {what}: the learning rate (--lr {cfg.lr}) is "
+             "likely too high, or the precision too low (try --dtype fp32); the newest step-N checkpoint, if "
+             "any, holds earlier weights")
+
+
+def collapse_warning(history):
+    """Why the last COLLAPSE_STEPS step records look like a collapsed or stuck policy, or None."""
+    recent = history[-COLLAPSE_STEPS:]
+    if len(recent) < COLLAPSE_STEPS:
+        return None
+    if all(r["entropy"] is not None and r["entropy"] < ENTROPY_FLOOR for r in recent):
+        return (f"entropy below {ENTROPY_FLOOR} nats per token for {COLLAPSE_STEPS} steps: the policy writes "
+                "one fixed answer per prompt; if the reward is low, it has collapsed (lower --lr)")
+    if all(r["accuracy"] == 0 for r in recent):
+        return (f"no completion was right for {COLLAPSE_STEPS} steps, so no group carries a learning signal: "
+                "the problems may be too hard for the model, or the policy has collapsed (lower --lr)")
+    return None
+
+
+def use_local_cache_if_hub_unreachable(cfg):
+    """huggingface_hub retries an unreachable hub for about 25 s per file; one quick try decides instead."""
+    if not any(name and not Path(name).exists() for name in (cfg.model, cfg.dataset, cfg.eval_dataset,
+                                                              cfg.judge_model)):
+        return
+    from huggingface_hub import constants, get_session
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=3)
+    except Exception as error:  # whatever stops the connection, the answer is the same
+        tqdm.write(f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({type(error).__name__}): "
+                   "loading from the local cache only")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by datasets when it is first imported
+        constants.HF_HUB_OFFLINE = True     # read by huggingface_hub and transformers at each call
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1360,10 +1598,13 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, given = parse_args(argv)
     check_config(cfg)  # before the toy spends minutes on its warm start
-    if not cfg.model:  # no model named: the offline toy world (see toy.py), kept out of this file
-        import toy
-        cfg = toy.prepare(cfg, given)
-    return train(cfg)
+    try:
+        if not cfg.model:  # no model named: the offline toy world (see toy.py), kept out of this file
+            import toy
+            cfg = toy.prepare(cfg, given)
+        return train(cfg)
+    except KeyboardInterrupt:  # a Ctrl-C outside the step loop, or a second one inside it
+        raise SystemExit("igrpo: interrupted, no checkpoint written now (--resume goes on from the newest)")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def test_eval_bad_input_gives_one_clear_message(tiny, tmp_path, args, message):
 def test_eval_row_without_an_answer_is_named(tiny, tmp_path):
     benchmark = tmp_path / "bad.jsonl"
     benchmark.write_text(json.dumps({"problem": "What is 1 + 1?"}) + "\n" + json.dumps({"problem": "2?", "answer": "2"}) + "\n")
-    with pytest.raises(SystemExit, match="row 0: empty or missing 'answer'"):
+    with pytest.raises(SystemExit, match="row 1: empty or missing 'answer'"):
         run_eval(tiny, tmp_path, "--benchmarks", str(benchmark))
 
 

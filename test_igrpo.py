@@ -1,10 +1,12 @@
 """The specification of igrpo.py, as tests. Offline: tiny models built from a config, no hub."""
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
 
 import json
 import re
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
+from safetensors.torch import load_file
 
 import igrpo
 import toy
@@ -970,6 +973,219 @@ def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / folder) is not None
 
 
+# ----------------------------------------------------------------------------------------------
+# Long runs: resume, atomic checkpoints, Ctrl-C, non-finite numbers, failures that name their fix
+# ----------------------------------------------------------------------------------------------
+def final_weights(folder):
+    return load_file(folder / "final" / "model.safetensors")
+
+
+def training_steps(folder):
+    return [r["step"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "reward" in r]
+
+
+def parity_reward(completion, gold):
+    """Differs between the completions of a random tiny model, so every update moves the weights."""
+    return float(sum(map(ord, completion)) % 2)
+
+
+def long_run_config(tiny, folder, **overrides):
+    return tiny_config(tiny, folder.parent, steps=4, eval_dataset=str(tiny / "train.jsonl"), eval_limit=2,
+                       output_dir=str(folder), **overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """Reference runs of 4 steps, one per dtype, never stopped."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(igrpo, "math_reward", parity_reward)
+        for dtype in ("fp32", "bf16"):
+            folder = tmp_path_factory.mktemp("uninterrupted") / dtype
+            igrpo.train(long_run_config(tiny, folder, dtype=dtype))
+            runs[dtype] = folder
+    return runs
+
+
+class Crash(Exception):
+    pass
+
+
+def rollout_that(monkeypatch, at_call, action):
+    """Run igrpo.rollout as usual, but call action() during its at_call-th call (1-based)."""
+    real, calls = igrpo.rollout, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            action()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "rollout", wrapped)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_each_step_once(
+        tiny, tmp_path, monkeypatch, uninterrupted, dtype):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype=dtype, save_every=2)
+
+    def crash():
+        raise Crash("killed")
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint, step 3 is logged
+        with pytest.raises(Crash):
+            igrpo.train(cfg)
+    assert training_steps(folder) == [1, 2, 3]
+    results = igrpo.train(dataclasses.replace(cfg, resume=True))
+    assert training_steps(folder) == [1, 2, 3, 4]
+    assert "eval_before" in results and "eval_after" in results
+    expected, resumed = final_weights(uninterrupted[dtype]), final_weights(folder)
+    start = load_file(tiny / "model" / "model.safetensors")
+    assert any(not torch.equal(expected[name], start[name].to(expected[name].dtype)) for name in expected)
+    assert all(torch.allclose(expected[name].float(), resumed[name].float(), atol=1e-6) for name in expected)
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
+        tiny, tmp_path, monkeypatch, capsys, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype="fp32")
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(SystemExit) as stopped:
+            igrpo.train(cfg)
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert "--resume" in capsys.readouterr().out
+    assert (folder / "step-2" / "trainer_state.pt").exists() and training_steps(folder) == [1, 2]
+    igrpo.train(dataclasses.replace(cfg, resume=True))
+    expected, resumed = final_weights(uninterrupted["fp32"]), final_weights(folder)
+    assert training_steps(folder) == [1, 2, 3, 4]
+    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder)
+
+    def twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    rollout_that(monkeypatch, 1, twice)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, bool)]
+    with pytest.raises(SystemExit, match="interrupted, no checkpoint written"):
+        igrpo.main(argv + ["--no-gradient-checkpointing"])
+    assert not list(folder.glob("step-*")) and training_steps(folder) == []
+
+
+def test_resume_refuses_changed_settings_a_finished_run_and_a_folder_without_checkpoints(
+        tiny, tmp_path, uninterrupted):
+    finished = long_run_config(tiny, uninterrupted["fp32"], dtype="fp32", resume=True)
+    with pytest.raises(SystemExit, match=re.escape("settings differ") + ".*--lr 0.001 -> 0.002"):
+        igrpo.train(dataclasses.replace(finished, lr=2e-3))
+    with pytest.raises(SystemExit, match="already finished"):
+        igrpo.train(finished)
+    with pytest.raises(SystemExit, match="no run to resume"):
+        igrpo.train(long_run_config(tiny, tmp_path / "empty", resume=True))
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_told_to_overwrite(tiny, tmp_path):
+    folder = tmp_path / "run"
+    (folder / "step-7").mkdir(parents=True)
+    (folder / "args.json").write_text("{}")
+    cfg = tiny_config(tiny, tmp_path, steps=1)
+    with pytest.raises(SystemExit, match="already holds a run: add --resume .* --overwrite"):
+        igrpo.train(cfg)
+    igrpo.train(dataclasses.replace(cfg, overwrite=True))
+    assert not (folder / "step-7").exists() and training_steps(folder) == [1]
+    assert json.loads((folder / "args.json").read_text())["steps"] == 1
+
+
+def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newest_are_kept(
+        tiny, tmp_path, monkeypatch):
+    igrpo.train(tiny_config(tiny, tmp_path, steps=3, save_every=1, keep_checkpoints=2))
+    folder = tmp_path / "run"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["final", "step-2", "step-3"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in (folder / "step-3").iterdir())
+    model, tokenizer = igrpo.load_model(str(folder / "final"), Config(), torch.float32, "cpu")
+
+    def killed(*args, **kwargs):
+        raise Crash("killed mid-save")
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", killed)
+    with pytest.raises(Crash):
+        igrpo.save(model, tokenizer, folder / "step-9")
+    assert not (folder / "step-9").exists() and (folder / ".step-9.tmp" / "model.safetensors").exists()
+
+
+def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with_the_likely_cause(
+        tiny, tmp_path, monkeypatch):
+    real = igrpo.policy_loss
+
+    def nan_loss(*args):
+        loss, clipped, kl = real(*args)
+        return loss * float("nan"), clipped, kl
+    monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
+    cfg = tiny_config(tiny, tmp_path, steps=5)
+    with pytest.raises(SystemExit, match=r"3 updates in a row .*--lr 0.001.*--dtype fp32.*step-3"):
+        igrpo.train(cfg)
+    lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
+    records = [json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token} in metrics.jsonl"))
+               for line in lines]
+    assert [r["skipped_updates"] for r in records] == [1, 1, 1] and all(r["loss"] is None for r in records)
+    before = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")[0].state_dict()
+    final = igrpo.load_model(str(tmp_path / "run" / "step-3"), cfg, torch.float32, "cpu")[0].state_dict()
+    assert all(torch.equal(before[name], final[name]) for name in before)  # no update was applied
+
+
+FAILURES_MID_RUN = [
+    ("sample", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory while sampling"),
+    ("token_logprobs", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory while updating the policy"),
+    ("sample", RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"), "--lr 0.001"),
+]
+
+
+@pytest.mark.parametrize("function,error,message", FAILURES_MID_RUN, ids=[m for *_, m in FAILURES_MID_RUN])
+def test_failures_mid_run_stop_with_one_line_naming_the_flags_that_fix_them(
+        tiny, tmp_path, monkeypatch, function, error, message):
+    def raises(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(igrpo, function, raises)
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(tiny_config(tiny, tmp_path))
+    assert message in str(stopped.value.code)
+    if isinstance(error, torch.OutOfMemoryError):
+        assert all(flag in str(stopped.value.code)
+                   for flag in ("--micro-batch-size", "--generation-batch-size", "--max-completion-tokens"))
+
+
+def test_a_collapsed_or_stuck_policy_is_warned_about():
+    healthy = [dict(entropy=0.8, accuracy=0.5)] * igrpo.COLLAPSE_STEPS
+    collapsed = [dict(entropy=0.0, accuracy=0.0)] * igrpo.COLLAPSE_STEPS
+    stuck = [dict(entropy=0.5, accuracy=0.0)] * igrpo.COLLAPSE_STEPS
+    assert igrpo.collapse_warning(healthy) is None and igrpo.collapse_warning(collapsed[1:]) is None
+    assert "entropy below" in igrpo.collapse_warning(healthy + collapsed)
+    assert "no completion was right" in igrpo.collapse_warning(stuck)
+
+
+def test_an_unknown_hub_name_fails_in_seconds_when_the_hub_cannot_be_reached(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    class Unreachable:
+        def head(self, *args, **kwargs):
+            raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "get_session", Unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    started = time.time()
+    with pytest.raises(SystemExit, match="--model 'no-such-user/no-such-model-xyz'"):
+        igrpo.train(tiny_config(tiny, tmp_path, model="no-such-user/no-such-model-xyz"))
+    assert time.time() - started < 10 and constants.HF_HUB_OFFLINE
+
+
 def test_every_setting_is_a_kebab_case_flag_with_help():
     import dataclasses
     cfg, given = igrpo.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])
@@ -987,13 +1203,33 @@ BAD_INPUTS = [
     (dict(reward="judge"), "--reward judge: give --judge-model or --judge-url"),
     (dict(temperature=0.0), "--temperature 0.0"),
     (dict(steps=0), "--steps 0: must be at least 1"),
+    (dict(beta=-1.0), "--beta -1.0: must be >= 0"),
+    (dict(min_lr_ratio=5.0), "--min-lr-ratio 5.0: must be in [0, 1]"),
+    (dict(warmup_ratio=-1.0), "--warmup-ratio -1.0: must be in [0, 1)"),
+    (dict(lr=-1e-4), "--lr -0.0001: must be > 0"),
+    (dict(resume=True, overwrite=True), "--resume and --overwrite: choose one"),
+    (dict(model=""), "--dataset"),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message):
+def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message, monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded before the error"))
     with pytest.raises(SystemExit, match=re.escape(message)):
         igrpo.train(tiny_config(tiny, tmp_path, **overrides))
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded before the error"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="--output-dir .*a-file/run: cannot write there"):
+        igrpo.train(tiny_config(tiny, tmp_path, output_dir=str(tmp_path / "a-file" / "run")))
+
+
+def test_a_dataset_without_a_model_is_an_error_not_ignored_by_the_toy(monkeypatch):
+    monkeypatch.setattr(toy, "prepare", lambda *args: pytest.fail("the toy was built"))
+    with pytest.raises(SystemExit, match="--dataset missing.jsonl needs --model"):
+        igrpo.main(["--dataset", "missing.jsonl"])
 
 
 def test_unknown_model_name_is_a_clear_error(tiny, tmp_path):
@@ -1003,8 +1239,8 @@ def test_unknown_model_name_is_a_clear_error(tiny, tmp_path):
 
 @pytest.mark.parametrize("rows,message", [
     ([], "no rows"),
-    ([{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}], "row 1: empty or missing 'answer'"),
-    ([{"problem": "1+1?", "answer": ""}], "row 0: empty or missing 'answer'"),
+    ([{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}], "row 2: empty or missing 'answer'"),
+    ([{"problem": "1+1?", "answer": ""}], "row 1: empty or missing 'answer'"),
     ([{"text": "1+1?", "label": "2"}], "no problem column"),
 ])
 def test_bad_dataset_rows_are_named_in_the_error(tiny, tmp_path, rows, message):
@@ -1012,6 +1248,12 @@ def test_bad_dataset_rows_are_named_in_the_error(tiny, tmp_path, rows, message):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit, match=re.escape(message)):
         igrpo.train(tiny_config(tiny, tmp_path, dataset=str(path)))
+
+
+def test_a_csv_dataset_is_an_unsupported_format_not_bad_json(tiny, tmp_path):
+    (tmp_path / "problems.csv").write_text("problem,answer\n1+1?,2\n")
+    with pytest.raises(SystemExit, match=re.escape("problems.csv: unsupported format .csv: use .jsonl, .json, .parquet")):
+        igrpo.train(tiny_config(tiny, tmp_path, dataset=str(tmp_path / "problems.csv")))
 
 
 def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):
