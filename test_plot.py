@@ -193,8 +193,8 @@ def test_an_incomplete_toy_cache_is_rebuilt_and_never_blames_dataset(tmp_path, m
     monkeypatch.setattr(toy, "build", lambda folder, cfg, seed: built.append(folder))
     toy.prepare(igrpo.Config(), given=set())
     assert built == [broken] and "incomplete" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--dataset needs --model"):
-        toy.prepare(igrpo.Config(dataset="x.jsonl"), given={"dataset"})
+    with pytest.raises(SystemExit, match="--dataset x.jsonl needs --model"):
+        igrpo.main(["--dataset", "x.jsonl"])
 
 
 def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monkeypatch):
@@ -203,9 +203,11 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
     outputs = [toy.prepare(cfg, given).output_dir for cfg, given in (
         (igrpo.Config(), set()), (igrpo.Config(algo="grpo"), {"algo"}), (igrpo.Config(seed=1), {"seed"}),
         (igrpo.Config(loss="dapo", steps=5), {"loss", "steps"}),
-        (igrpo.Config(output_dir="mine"), {"output_dir"}))]
+        (igrpo.Config(output_dir="mine"), {"output_dir"}),
+        (igrpo.Config(resume=True, micro_batch_size=8), {"resume", "micro_batch_size"}))]
     assert outputs == ["runs/toy-igrpo-seed0", "runs/toy-grpo-seed0", "runs/toy-igrpo-seed1",
-                       "runs/toy-igrpo-seed0-loss-dapo-steps-5", "mine"]
+                       "runs/toy-igrpo-seed0-loss-dapo-steps-5", "mine",
+                       "runs/toy-igrpo-seed0"]  # a resumed run goes on in the run's own folder
 
 
 def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):

@@ -218,8 +218,9 @@ def is_complete(folder):
 
 
 def run_folder(cfg, given):
-    """runs/toy-<algo>-seed<N>, plus each other flag the user gave: settings never share a folder."""
-    extra = sorted(name for name in given if name not in ("algo", "seed", "output_dir"))
+    """runs/toy-<algo>-seed<N>, plus each other setting the user gave: runs never share a folder, while the
+    flags that a resumed run may change (--resume, --micro-batch-size...) keep the folder of the run."""
+    extra = sorted(given - {"algo", "seed", "output_dir"} - igrpo.RESUMABLE_CHANGES)
     parts = [f"toy-{cfg.algo}-seed{cfg.seed}"]
     parts += [f"{name.replace('_', '-')}-{getattr(cfg, name)}" for name in extra]
     return str(Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)))
@@ -227,8 +228,6 @@ def run_folder(cfg, given):
 
 def prepare(cfg, given):
     """The toy's settings over the user's unset flags, and this seed's cached starting point (built once)."""
-    if "dataset" in given:
-        igrpo.fail("--dataset needs --model: the toy world (no --model) trains on its own problems")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in SETTINGS.items() if k not in given})
     if "output_dir" not in given:
         cfg = dataclasses.replace(cfg, output_dir=run_folder(cfg, given))
