@@ -1100,9 +1100,8 @@ def apply_lora(model, cfg):
         wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. no module of the model has the given name
         fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
-    base = Path(cfg.model)  # saved adapters name their base; a local folder by its absolute path
-    wrapped.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.is_dir() else \
-        cfg.model
+    local = cfg.model and Path(cfg.model).is_dir()  # saved adapters name their base; a local one by absolute path
+    wrapped.peft_config["default"].base_model_name_or_path = str(Path(cfg.model).resolve()) if local else cfg.model
     model = wrapped.get_base_model()  # the original model object, adapters inside: the rest of igrpo as is
     for p in model.parameters() if process_count() > 1 else []:  # A starts random: all ranks take rank 0's
         if p.requires_grad:
