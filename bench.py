@@ -154,6 +154,6 @@ if __name__ == "__main__":
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all weights)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all)")
     args = parser.parse_args()
     {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)

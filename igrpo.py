@@ -1100,8 +1100,9 @@ def apply_lora(model, cfg):
         wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. no module of the model has the given name
         fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
-    local = cfg.model and Path(cfg.model).is_dir()  # saved adapters name their base; a local one by absolute path
-    wrapped.peft_config["default"].base_model_name_or_path = str(Path(cfg.model).resolve()) if local else cfg.model
+    local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names its base, a local one absolutely
+    base = str(Path(cfg.model).resolve()) if local else cfg.model
+    wrapped.peft_config["default"].base_model_name_or_path = base
     model = wrapped.get_base_model()  # the original model object, adapters inside: the rest of igrpo as is
     for p in model.parameters() if process_count() > 1 else []:  # A starts random: all ranks take rank 0's
         if p.requires_grad:
