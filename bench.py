@@ -5,12 +5,14 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
     python bench.py step                # one training step's time and peak memory, per phase
     python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024   # ~0.5B, Qwen2-like, on a GPU
     python bench.py logprobs            # peak memory: chunked log-probs vs a full float32 log-softmax
+    python bench.py step --lora-rank 32 # the same step training LoRA adapters only (peak RSS on a CPU)
 
 The step benchmark builds a randomly initialized Llama-style model from a config (no download), so a
 random model writes to the full --completion budget: the worst case for time and memory.
 """
 import argparse
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -68,19 +70,22 @@ def bench_step(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = random_model(args, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
     cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
                        prompts_per_step=args.prompts, max_completion_tokens=args.completion,
                        max_draft_tokens=args.completion, micro_batch_size=args.micro_batch_size,
-                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off", lr=1e-6)
+                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off", lr=1e-6,
+                       lora_rank=args.lora_rank)
+    model = igrpo.apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     master = igrpo.master_weights(model)
     optimizer = torch.optim.AdamW(master, lr=cfg.lr)
+    params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
     batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(cfg.prompts_per_step)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), dtype {dtype}, "
-          f"{params / 1e6:.0f}M parameters, algo {cfg.algo}, {cfg.prompts_per_step} prompts x {cfg.group_size}, "
+          f"{params / 1e6:.0f}M parameters ({trained / 1e6:.1f}M trained), algo {cfg.algo}, "
+          f"{cfg.prompts_per_step} prompts x {cfg.group_size}, "
           f"completion budget {cfg.max_completion_tokens}, "
           f"micro-batch {cfg.micro_batch_size}, gradient checkpointing {cfg.gradient_checkpointing}")
     for step in range(args.steps):
@@ -101,10 +106,12 @@ def bench_step(args):
         sync()
         done = time.time()
         update_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; the process's peak
         print(f"step {step}: sampling {sampled - started:.1f}s ({info['generated_tokens']} tokens, "
               f"{info['generated_tokens'] / (sampled - started):.0f} tok/s, peak {sample_memory:.1f} GiB), "
               f"update {done - sampled:.1f}s ({int(samples.lengths.sum())} tokens, "
-              f"{int(samples.lengths.sum()) / (done - sampled):.0f} tok/s, peak {update_memory:.1f} GiB)")
+              f"{int(samples.lengths.sum()) / (done - sampled):.0f} tok/s, peak {update_memory:.1f} GiB), "
+              f"peak CPU RSS so far {rss:.2f} GiB")
 
 
 def bench_logprobs(args):
@@ -155,5 +162,6 @@ if __name__ == "__main__":
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all)")
     args = parser.parse_args()
     {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)

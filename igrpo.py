@@ -15,6 +15,7 @@ what a long run needs (checkpoints, resume, Ctrl-C), main.
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
 """
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -101,6 +102,11 @@ class Config:
     keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)")
     resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint")
     overwrite: bool = setting(False, "start afresh in an --output-dir that holds a run, deleting that run")
+    # scaling out (see "Scaling out" below; multi-GPU runs start with torchrun, no flag)
+    lora_rank: int = setting(0, "train LoRA adapters of this rank on a frozen base (0: full fine-tuning)")
+    lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x")
+    lora_targets: str = setting("all-linear", "modules given adapters: all-linear, or e.g. q_proj,v_proj")
+    save_merged: bool = setting(False, "with --lora-rank: also save final-merged/, adapter merged in")
 
 
 def fail(message):
@@ -142,6 +148,7 @@ def check_config(cfg):
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite: choose one (continue the run, or replace it)")
+    check_scaling_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1101,11 +1108,12 @@ CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28),
 def loss_weights(completion_mask, loss, max_completion_tokens):
     """(B, T) weight of each token's term; summed over the batch's micro-batches they give the batch loss."""
     mask = completion_mask.float()
+    completions, tokens = summed_over_ranks(len(mask), mask.sum())  # the whole step's, over torchrun's ranks
     if loss == "dapo":     # DAPO (Yu et al. 2025): one token-level mean over the whole batch
-        return mask / mask.sum()
+        return mask / tokens
     if loss == "dr_grpo":  # Dr. GRPO: a constant normalizer, so a completion's length does not scale it
-        return mask / (max_completion_tokens * len(mask))
-    return mask / (mask.sum(1, keepdim=True) * len(mask))  # grpo, gspo: per-completion mean, then mean
+        return mask / (max_completion_tokens * completions)
+    return mask / (mask.sum(1, keepdim=True) * completions)  # grpo, gspo: per-completion mean, then mean
 
 
 def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_logp=None):
@@ -1156,9 +1164,10 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
                     for rows, _ in chunks]
     # With one epoch the sampler *is* the policy being updated: old log-probs = logp.detach(), no extra pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
-    reference = frozen_logprobs(ref_model) if ref_model is not None else None
-    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0, grad_norm=0.0)  # tensors, read once at the end
-    skipped = 0
+    with reference_policy(model, ref_model):  # LoRA: the policy with its adapters off
+        reference = frozen_logprobs(ref_model) if ref_model is not None else None
+    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # summed as tensors, read once at the end
+    grad_norm, skipped = 0.0, 0
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
         for k, (rows, chunk_weights) in enumerate(chunks):
@@ -1176,9 +1185,11 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
             if entropy is not None:
                 totals["entropy"] += (entropy * completion_mask).sum()
         totals["loss"] += epoch_loss / cfg.ppo_epochs
-        if chunks:
-            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)  # before clipping
-            if torch.isfinite(totals["grad_norm"] + epoch_loss):  # a NaN/inf step would poison weights, Adam
+        if summed_over_ranks(len(chunks))[0]:  # under torchrun every rank steps if any has work
+            sum_gradients_over_ranks(master)
+            grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)  # the norm before clipping
+            # a NaN/inf step would poison the weights and Adam's moments; every rank decides alike
+            if torch.isfinite(grad_norm + summed_over_ranks(epoch_loss)[0]):
                 optimizer.step()
             else:
                 skipped += 1
@@ -1187,11 +1198,12 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
                 for p, m in zip(params, master):
                     if p is not m:
                         p.copy_(m)
-    totals = {name: float(value) for name, value in totals.items()}
-    tokens = max(1, int(samples.completion_mask[index].sum()))
+    totals["tokens"] = samples.completion_mask[index].sum()
+    totals = {name: float(value) for name, value in zip(totals, summed_over_ranks(*totals.values()))}
+    tokens = max(1, int(totals["tokens"]))
     return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * cfg.ppo_epochs),
                 kl=totals["kl"] / (tokens * cfg.ppo_epochs) if ref_model is not None else None,
-                entropy=totals["entropy"] / tokens if chunks else None, grad_norm=totals["grad_norm"],
+                entropy=totals["entropy"] / tokens if totals["tokens"] else None, grad_norm=float(grad_norm),
                 skipped_updates=skipped)
 
 
@@ -1254,18 +1266,24 @@ def repeat(items, times):
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, problems, cfg):
     """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples."""
+    problems, correct = shard_problems(problems), 0.0  # under torchrun each rank scores its share
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
-    samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature,
-                     cfg.eval_top_p, cfg, progress="held-out")
-    golds = repeat([p["answer"] for p in problems], k)
-    return sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds)) / len(samples.texts)
+    if problems:
+        samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature,
+                         cfg.eval_top_p, cfg, progress="held-out")
+        golds = repeat([p["answer"] for p in problems], k)
+        correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
+    correct, count = summed_over_ranks(correct, len(problems) * k)
+    return correct / count
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def load_model(name, cfg, dtype, device, flag="model"):
+    if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter, merged
+        return load_lora_checkpoint(name, cfg, dtype, device, flag)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
@@ -1288,10 +1306,12 @@ def load_model(name, cfg, dtype, device, flag="model"):
 def save(model, tokenizer, folder, trainer_state=None):
     """Written into a hidden temporary folder, renamed once complete: a kill mid-save never leaves a folder
     that looks like a checkpoint and is not. Files get the usual umask modes (safetensors writes 0600)."""
+    if not is_main_process():  # under torchrun rank 0 alone writes files
+        return
     folder = Path(folder)
     temporary = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    save_adapter(model, temporary) if is_lora(model) else model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     if trainer_state is not None:
         torch.save(trainer_state, temporary / "trainer_state.pt")
@@ -1305,10 +1325,12 @@ def save(model, tokenizer, folder, trainer_state=None):
 
 def train(cfg):
     check_config(cfg)
+    setup_distributed(cfg)  # torchrun only; one process creates no process group
     use_local_cache_if_hub_unreachable(cfg)
     resume_from = prepare_output_dir(cfg)  # refusals and an unwritable folder fail now, before loading
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    barrier()  # under torchrun every rank checks the folder before rank 0 writes to it
+    random.seed(cfg.seed)  # the same problem order on every rank
+    torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
     if not cfg.dataset:
@@ -1316,11 +1338,13 @@ def train(cfg):
     problems = load_problems(cfg.dataset, cfg)
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
     model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
+    model = apply_lora(model, cfg)
     fits = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
     held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
     say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
                       cfg.max_completion_tokens)
-    ref_model = load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False) if cfg.beta > 0 else None
+    ref_model = None if cfg.beta <= 0 else model if cfg.lora_rank else \
+        load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)  # LoRA: adapters off
     judge = None
     if cfg.reward != "rule":
         from judge import make_judge
@@ -1335,9 +1359,9 @@ def train(cfg):
         results = {"eval_before": row["eval_accuracy"] for row in map(json.loads, open(out / "metrics.jsonl"))
                    if row["step"] == 0}
         tqdm.write(f"resuming from {resume_from}: step {start} of {cfg.steps}")
-    else:
+    elif is_main_process():  # under torchrun rank 0 alone writes files
         start_fresh(out, cfg)
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
 
     def log(record):  # one JSON object per line, flushed, so a plot can follow a live run; NaN/inf -> null
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -1351,13 +1375,14 @@ def train(cfg):
         log(dict(step=0, eval_accuracy=results["eval_before"]))
     history, skipped_in_a_row = [], 0
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not is_main_process())
     with ctrl_c_stops_after_the_step() as interrupted:
         for step in bar:
             started = time.time()
             while len(order) < cfg.prompts_per_step:  # epochs over the shuffled problems (indices into fits)
                 order += random.sample(range(len(fits)), len(fits))
             batch, order = [fits[i] for i in order[:cfg.prompts_per_step]], order[cfg.prompts_per_step:]
+            batch = shard_problems(batch)  # torchrun: this rank's share of the step
             with explain_failure("sampling", cfg):
                 samples, rewards, group, info = rollout(model, tokenizer, batch, cfg, judge)
             advantages = group_advantages(rewards, group, scale_by_std=cfg.loss != "dr_grpo")
@@ -1378,6 +1403,7 @@ def train(cfg):
                           dropped_groups=int((~keep).sum()) // group, judge_unparsed=info["judge_unparsed"],
                           lr=optimizer.param_groups[0]["lr"], step_seconds=seconds,
                           tokens_per_second=info["generated_tokens"] / seconds)
+            record = step_record_over_ranks(record)
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 with explain_failure("scoring the held-out set", cfg):
                     record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
@@ -1407,6 +1433,7 @@ def train(cfg):
                    f"(before: {results['eval_before']:.3f})")
         log(dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
     save(model, tokenizer, out / "final")
+    save_merged(out / "final", out / "final-merged", cfg, dtype)
     metrics_file.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  checkpoint: {out / 'final'}")
     return results
@@ -1451,10 +1478,10 @@ def prepare_output_dir(cfg):
         fail(f"--output-dir {out} already holds a run: add --resume to continue it, --overwrite to replace "
              "it, or choose another --output-dir")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".write-test", "w"):
-            pass
-        (out / ".write-test").unlink()
+        if is_main_process():  # under torchrun rank 0 alone writes files
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write-test").touch()
+            (out / ".write-test").unlink()
     except OSError as error:
         fail(f"--output-dir {out}: cannot write there ({error.strerror or error})")
     return None
@@ -1477,7 +1504,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metri
                  rng=dict(python=random.getstate(), torch=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     save(model, tokenizer, out / f"step-{step}", state)
-    if cfg.keep_checkpoints:
+    if cfg.keep_checkpoints and is_main_process():
         for old in sorted(out.glob("step-*"), key=step_number)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old)
     return out / f"step-{step}"
@@ -1498,7 +1525,8 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    os.truncate(metrics_path, state["metrics_bytes"])
+    if is_main_process():  # under torchrun rank 0 alone writes files
+        os.truncate(metrics_path, state["metrics_bytes"])
     return state["step"], state["order"]
 
 
@@ -1577,6 +1605,201 @@ def use_local_cache_if_hub_unreachable(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# Scaling out: LoRA adapters (past one GPU's memory) and torchrun (past one GPU)
+#
+# LoRA (Hu et al. 2021): W x + (alpha / r) B A x with the base W frozen in the model's dtype; only
+# A (r x d_in) and B (d_out x r) train, in fp32, so gradients and Adam state exist for the adapters alone.
+# B starts at zero: at step 0 the policy is the base model, which (adapters off) is also the KL reference.
+#
+# torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one rank, so
+# advantages need no communication). Every normalizer of the loss counts the whole step (all ranks), so
+# each rank's loss is its share of the one-process loss and the step's gradient is the sum over ranks:
+#   grad L = sum_k grad L_k,   L_k = sum over rank k's tokens of w_jt * loss_jt
+# Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (PyTorch's
+# DistributedDataParallel would reduce the bf16 model gradients on every micro-batch's backward.)
+# ----------------------------------------------------------------------------------------------
+def check_scaling_config(cfg):
+    if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
+        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: the rank must be 0 (off) or more, "
+             "alpha positive")
+    if cfg.save_merged and not cfg.lora_rank:
+        fail("--save-merged: only with --lora-rank (a full fine-tune is saved whole anyway)")
+    if cfg.lora_rank and cfg.resume:
+        fail("--resume with --lora-rank: not supported yet (a LoRA checkpoint reloads merged into its base)")
+    if cfg.lora_rank:
+        import_peft()
+
+
+def import_peft():
+    try:
+        import peft
+    except ImportError:
+        fail("--lora-rank: LoRA needs the optional peft package (pip install peft)")
+    return peft
+
+
+def apply_lora(model, cfg):
+    """--lora-rank > 0: the same model, its weights frozen, trainable fp32 adapters inside; else as is."""
+    if not cfg.lora_rank:
+        return model
+    peft = import_peft()
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else \
+        [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                             target_modules=targets)
+    try:  # peft freezes the base, adds the adapters and keeps them fp32 over a bf16 base
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError as error:  # e.g. no module of the model has the given name
+        fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
+    local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names its base, a local one absolutely
+    base = str(Path(cfg.model).resolve()) if local else cfg.model
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    model = wrapped.get_base_model()  # the original model object, adapters inside: the rest of igrpo as is
+    for p in model.parameters() if process_count() > 1 else []:  # A starts random: all ranks take rank 0's
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src=0)
+    return model
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_policy(model, ref_model):
+    """With LoRA the reference policy is the policy with its adapters off: no second copy of the weights."""
+    if ref_model is not model:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def save_adapter(model, folder):
+    """The adapter alone, in peft's format: peft.PeftModel.from_pretrained(base, folder) reads it."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {f"base_model.model.{name}": tensor.detach().contiguous().cpu()  # peft's key prefix
+               for name, tensor in get_peft_model_state_dict(model).items()}
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(folder)
+
+
+def load_lora_checkpoint(folder, cfg, dtype, device, flag="model"):
+    """A folder saved with --lora-rank: its base (named in adapter_config.json), the adapter merged in."""
+    peft = import_peft()
+    base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        fail(f"--{flag} {folder}: adapter_config.json names no base model (base_model_name_or_path)")
+    model, tokenizer = load_model(base, cfg, dtype, device, flag)
+    return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
+
+
+def save_merged(folder, merged_folder, cfg, dtype):
+    """--save-merged: the adapter folder's model, merged, as a plain checkpoint (AutoModelForCausalLM, vLLM).
+    Merged on the CPU from the saved files, so the GPU holds no second copy."""
+    if cfg.save_merged and is_main_process():
+        save(*load_lora_checkpoint(folder, cfg, dtype, "cpu"), merged_folder)
+
+
+def setup_distributed(cfg=None):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print nothing.
+    In one process: nothing at all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")
+    if cfg and cfg.prompts_per_step % process_count():
+        fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
+             f"{process_count()} ranks: make it a multiple of {process_count()}")
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """torchrun: rank 0 runs the block (e.g. builds a cache) before the other ranks (that read it)."""
+    setup_distributed()
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+def barrier():
+    """torchrun: wait here until every rank arrives; in one process, nothing."""
+    if process_count() > 1:
+        torch.distributed.barrier()
+
+
+def process_count():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def process_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main_process():
+    return process_rank() == 0
+
+
+def shard_problems(items):
+    """This rank's share: items k, k+n, k+2n, ... (all of them in one process)."""
+    return items[process_rank()::process_count()]
+
+
+def summed_over_ranks(*values):
+    """Each number (int, float or one-element tensor) summed over all ranks; in one process, as given."""
+    if process_count() == 1:
+        return values
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+    torch.distributed.all_reduce(total)
+    return tuple(total.tolist())
+
+
+def sum_gradients_over_ranks(master):
+    """The step's gradient: the sum of every rank's, on the fp32 master gradients, once per optimizer step."""
+    if process_count() == 1:
+        return
+    for m in master:  # a rank without completions to train on still takes part, with zeros
+        if m.grad is None:
+            m.grad = torch.zeros_like(m)
+    for work in [torch.distributed.all_reduce(m.grad, async_op=True) for m in master]:
+        work.wait()
+
+
+STEP_SUMS = ("completion_tokens", "dropped_groups", "judge_unparsed")
+STEP_MEANS = ("reward", "accuracy", "draft_reward", "best_draft_reward", "format_reward",
+              "mean_completion_length")
+
+
+def step_record_over_ranks(record):
+    """One step's numbers over all ranks: counts summed, per-completion means averaged (every rank holds as
+    many completions), throughput from the summed tokens. The update's metrics are already global."""
+    if process_count() == 1:
+        return record
+    names = [name for name in STEP_SUMS + STEP_MEANS if record.get(name) is not None]
+    totals = summed_over_ranks(*(record[name] for name in names))
+    record = dict(record, **{name: int(total) if name in STEP_SUMS else total / process_count()
+                             for name, total in zip(names, totals)})
+    record["tokens_per_second"] = record["completion_tokens"] / record["step_seconds"]
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
 # main: every Config field is a --kebab-case flag
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
@@ -1601,7 +1824,8 @@ def main(argv=None):
     try:
         if not cfg.model:  # no model named: the offline toy world (see toy.py), kept out of this file
             import toy
-            cfg = toy.prepare(cfg, given)
+            with main_process_first():  # torchrun: rank 0 builds the toy's cache, then the others read it
+                cfg = toy.prepare(cfg, given)
         return train(cfg)
     except KeyboardInterrupt:  # a Ctrl-C outside the step loop, or a second one inside it
         raise SystemExit("igrpo: interrupted, no checkpoint written now (--resume goes on from the newest)")
