@@ -984,7 +984,7 @@ def stack_samples(chunks, tokenizer, stop):
     # A chunk shorter than T stopped because all its rows hit EOS, so its padding is never inside a mask.
     is_stop = torch.isin(completions, torch.tensor(stop, device=completions.device))
     stopped = is_stop.any(1)                                                    # (B,)
-    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # the stop token is in the mask
+    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # the stop token in the mask
     completion_mask = torch.arange(T, device=completions.device)[None] < first_stop[:, None]
     text_ends = (first_stop - stopped.long()).tolist()                           # but not in the text
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
@@ -1003,7 +1003,7 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
-    if getattr(model, "scored_by_forward", False):  # set by check_scoring: its forward does more than the head
+    if getattr(model, "scored_by_forward", False):  # set by check_scoring: its forward does more than a head
         hidden, head, scale, softcap = model(**inputs).logits, torch.nn.Identity(), 1.0, None  # (b, P+T, V)
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
