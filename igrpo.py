@@ -950,7 +950,8 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
     # nothing is inherited, whatever fields a checkpoint or a later transformers brings.
     own_defaults, model.generation_config = model.generation_config, GenerationConfig()
     chunks, per_call = [], max(1, cfg.generation_batch_size // num_samples)
-    bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(prompts), desc=progress, leave=False, dynamic_ncols=True,
+               disable=progress is None or not is_main_process())  # torchrun: rank 0's bar alone
     try:
         for start in range(0, len(prompts), per_call):
             encoded = encode(tokenizer, prompts[start:start + per_call], cfg).to(model.device)
