@@ -1265,9 +1265,10 @@ def repeat(items, times):
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, problems, cfg):
-    """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples."""
-    problems, correct = shard_problems(problems), 0.0  # under torchrun each rank scores its share
+def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
+    """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples.
+    Under torchrun each rank scores its share; over_ranks=False: this process alone scores them all."""
+    problems, correct = shard_problems(problems) if over_ranks else problems, 0.0
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
     if problems:
@@ -1275,7 +1276,9 @@ def held_out_accuracy(model, tokenizer, problems, cfg):
                          cfg.eval_top_p, cfg, progress="held-out")
         golds = repeat([p["answer"] for p in problems], k)
         correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
-    correct, count = summed_over_ranks(correct, len(problems) * k)
+    count = len(problems) * k
+    if over_ranks:
+        correct, count = summed_over_ranks(correct, count)
     return correct / count
 
 

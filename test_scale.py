@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
+import functools
 import json
 import re
 import socket
@@ -168,6 +169,22 @@ def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_write
         rank0, rank1 = (torch.load(tmp_path / f"weights-{folder}-rank{r}.pt") for r in (0, 1))
         assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     assert any(p.abs().max() > 0 for name, p in rank0.items() if "lora_B" in name)  # it trained
+
+
+def build_toy_on_rank(rank, port, tmp_path):
+    join_as(rank, port)
+    import toy
+    toy.CALIBRATION_PROBLEMS = 8
+    toy.warm_start = functools.partial(toy.warm_start, band=(0.0, 1.0), check_every=2)  # met at the first check
+    toy.cache_folder = lambda seed=0: tmp_path / "toy-seed0"
+    with igrpo.main_process_first():  # as igrpo.main: rank 0 builds, the others wait
+        toy.prepare(igrpo.Config(max_completion_tokens=8), given={"max_completion_tokens"})
+
+
+def test_under_torchrun_rank_0_builds_the_toy_world_alone_while_the_other_ranks_wait(tmp_path):
+    import toy
+    spawn_two_ranks(build_toy_on_rank, tmp_path)
+    assert toy.is_complete(tmp_path / "toy-seed0")
 
 
 LOSSES = ("grpo", "dapo", "dr_grpo")  # per-completion mean, global token mean, constant normalizer

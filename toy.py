@@ -174,7 +174,8 @@ def build(folder, cfg, seed=0, **warm_start_options):
     started = time.time()
     steps, accuracy, loss = warm_start(
         model, tokenizer, warm_start_examples(train, tokenizer, cfg, rng), rng,
-        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe), **warm_start_options)
+        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe, over_ranks=False),  # torchrun:
+        **warm_start_options)                                                    # rank 0 builds, others wait
     record = dict(seed=seed, warm_start_steps=steps, calibration_accuracy=accuracy, final_loss=loss,
                   seconds=round(time.time() - started, 1), calibration_problems=len(calibration),
                   band=list(warm_start_options.get("band", CALIBRATION_BAND)))
