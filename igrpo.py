@@ -1419,12 +1419,14 @@ def train(cfg):
             bar.set_postfix(reward=f"{record['reward']:.2f}", **({} if info["draft_reward"] is None else
                                                                   {"draft": f"{info['draft_reward']:.2f}"}))
             diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
-            if interrupted.is_set() or diverged or (cfg.save_every and step % cfg.save_every == 0):
+            stop = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops at the same step
+            if stop or diverged or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
                                              metrics_file, cfg)
-            if interrupted.is_set():
-                tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; continue with:\n"
-                           f"  {resume_command()}")
+            if stop:
+                how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
+                       f"continue with:\n  {resume_command()}")
+                tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; {how}")
                 raise SystemExit(130)
             if diverged:
                 fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm and "
@@ -1505,8 +1507,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metri
     params = [p for p in model.parameters() if p.requires_grad]
     state = dict(step=step, order=order, optimizer=optimizer.state_dict(), metrics_bytes=metrics_file.tell(),
                  master=[m for m, p in zip(master, params) if m is not p],  # the fp32 copies of bf16 weights
-                 rng=dict(python=random.getstate(), torch=torch.get_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+                 rng=dict(python=random.getstate(), ranks=every_ranks_rng_state()))
     save(model, tokenizer, out / f"step-{step}", state)
     if cfg.keep_checkpoints and is_main_process():
         for old in sorted(out.glob("step-*"), key=step_number)[:-cfg.keep_checkpoints]:
@@ -1526,12 +1527,27 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
         for m, saved in zip([m for m, p in zip(master, params) if m is not p], state["master"]):
             m.copy_(saved)
     random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    ranks = state["rng"]["ranks"]
+    own = ranks[process_rank() % len(ranks)]
+    torch.set_rng_state(own["torch"])
+    if own["cuda"]:
+        torch.cuda.set_rng_state_all(own["cuda"])
+    if len(ranks) != process_count():  # saved by another number of ranks: each still draws its own samples
+        torch.manual_seed(int(torch.randint(2**62, ())) + process_rank())
     if is_main_process():  # under torchrun rank 0 alone writes files
         os.truncate(metrics_path, state["metrics_bytes"])
     return state["step"], state["order"]
+
+
+def every_ranks_rng_state():
+    """[rank 0's torch RNG states, rank 1's, ...]: under torchrun each rank samples from its own stream."""
+    own = dict(torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    if process_count() == 1:
+        return [own]
+    ranks = [None] * process_count()
+    torch.distributed.all_gather_object(ranks, own)
+    return ranks
 
 
 def resume_command():

@@ -171,6 +171,33 @@ def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_write
     assert any(p.abs().max() > 0 for name, p in rank0.items() if "lora_B" in name)  # it trained
 
 
+def checkpoint_on_rank(rank, port, tiny, tmp_path):
+    join_as(rank, port)
+    igrpo.setup_distributed()
+    cfg = tiny_config(tiny, tmp_path)
+    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
+    master = igrpo.master_weights(model)
+    optimizer, out = torch.optim.AdamW(master), tmp_path / "run"
+    out.mkdir(exist_ok=True)
+    metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
+    torch.manual_seed(rank)  # as train() seeds: each rank its own stream
+    igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics, cfg)
+    metrics.close()
+    after_save = torch.rand(4)
+    igrpo.barrier()  # rank 0 has written step-1
+    torch.manual_seed(1234)
+    igrpo.load_checkpoint(out / "step-1", model, optimizer, master, out / "metrics.jsonl")
+    torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
+
+
+def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny, tmp_path):
+    spawn_two_ranks(checkpoint_on_rank, tiny, tmp_path)
+    draws = [torch.load(tmp_path / f"draws-rank{rank}.pt") for rank in (0, 1)]
+    for expected, resumed in draws:
+        assert torch.equal(expected, resumed)
+    assert not torch.equal(draws[0][1], draws[1][1])
+
+
 def build_toy_on_rank(rank, port, tmp_path):
     join_as(rank, port)
     import toy
