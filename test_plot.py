@@ -240,6 +240,22 @@ def test_a_comparison_folder_refuses_a_rerun_with_other_flags(tmp_path):
         toy.compare(["--output-dir", str(tmp_path), "--seeds", "0"])
 
 
+def test_a_comparison_rerun_resumes_a_run_stopped_with_a_checkpoint_and_restarts_one_without(
+        tmp_path, monkeypatch):
+    (tmp_path / "grpo-seed0" / "step-3").mkdir(parents=True)
+    (tmp_path / "grpo-seed0" / "step-3" / "trainer_state.pt").write_bytes(b"")  # Ctrl-C after step 3
+    (tmp_path / "igrpo-seed0").mkdir()
+    (tmp_path / "igrpo-seed0" / "args.json").write_text("{}")  # killed before its first checkpoint
+    (tmp_path / "toy.json").write_text(json.dumps(dict(seed=0, warm_start_steps=2, calibration_accuracy=0.5)))
+    calls = []
+    monkeypatch.setattr(igrpo, "main", calls.append)
+    monkeypatch.setattr(toy, "comparison_table", lambda out, seeds: "")
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: tmp_path)
+    monkeypatch.setattr(plot, "plot_training", lambda runs, path: path)
+    toy.compare(["--output-dir", str(tmp_path), "--seeds", "0"])
+    assert [argv[-1] for argv in calls] == ["--resume", "--overwrite"]
+
+
 def test_a_toy_build_killed_while_saving_leaves_no_cache_that_looks_complete(tmp_path, monkeypatch):
     def killed_mid_save(model, tokenizer, folder):
         folder.mkdir(parents=True)

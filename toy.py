@@ -309,7 +309,9 @@ def compare(argv=None):
                 print(f"toy compare: {folder} is done, kept")
                 continue
             print(f"toy compare: {algo}, seed {seed} -> {folder}")
-            igrpo.main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)])
+            # a run stopped by Ctrl-C goes on from its checkpoint; one killed before any starts over
+            again = ["--resume"] if any(folder.glob("step-*/trainer_state.pt")) else ["--overwrite"]
+            igrpo.main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)] + again)
     table = comparison_table(out, args.seeds)
     (out / "table.md").write_text(table)
     print(table)
