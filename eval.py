@@ -207,7 +207,8 @@ def parse_args(argv=None):
     default_data = HERE.parent / "shared" / "data"
     parser = argparse.ArgumentParser(description="Evaluate a causal LM with the iGRPO paper's protocol.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
+    parser.add_argument("--model", required=True,
+                        help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
     parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",
@@ -247,8 +248,7 @@ def main(argv=None):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device == "cuda") else torch.float32
+    device, dtype = igrpo.device_and_dtype(args.dtype)
     model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
     igrpo.say_context_limit(model, 1, args.max_completion_tokens)
     results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out) for name in names}

@@ -1285,6 +1285,13 @@ def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+def device_and_dtype(choice):
+    """The GPU if there is one; --dtype auto is bf16 there and fp32 on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = choice == "bf16" or (choice == "auto" and device == "cuda")
+    return device, torch.bfloat16 if bf16 else torch.float32
+
+
 def load_model(name, cfg, dtype, device, flag="model"):
     if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter, merged
         return load_lora_checkpoint(name, cfg, dtype, device, flag)
@@ -1335,8 +1342,7 @@ def train(cfg):
     barrier()  # under torchrun every rank checks the folder before rank 0 writes to it
     random.seed(cfg.seed)  # the same problem order on every rank
     torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device == "cuda") else torch.float32
+    device, dtype = device_and_dtype(cfg.dtype)
     if not cfg.dataset:
         fail("--dataset: give a dataset to train on (or no --model, for the toy world)")
     problems = load_problems(cfg.dataset, cfg)
