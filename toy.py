@@ -118,7 +118,8 @@ def build_model(tokenizer, seed=0):
 def supervised_loss(model, tokenizer, batch):
     """Cross-entropy on the completion tokens (and EOS) of (prompt, completion) pairs."""
     prompts = [tokenizer(p, add_special_tokens=True).input_ids for p, _ in batch]
-    completions = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for _, c in batch]
+    completions = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                   for _, c in batch]
     length = max(len(p) + len(c) for p, c in zip(prompts, completions))
     input_ids = torch.full((len(batch), length), tokenizer.pad_token_id)          # (B, T)
     labels = torch.full((len(batch), length), -100)
