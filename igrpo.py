@@ -1558,7 +1558,8 @@ def every_ranks_rng_state():
 
 def resume_command():
     args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
-    return shlex.join(["python", sys.argv[0], *args, "--resume"])
+    launcher = ["torchrun", f"--nproc-per-node={process_count()}"] if process_count() > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *args, "--resume"])
 
 
 @contextlib.contextmanager

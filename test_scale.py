@@ -198,6 +198,12 @@ def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny,
     assert not torch.equal(draws[0][1], draws[1][1])
 
 
+def test_the_resume_command_printed_under_torchrun_starts_with_torchrun(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["igrpo.py", "--model", "m", "--overwrite"])
+    monkeypatch.setattr(igrpo, "process_count", lambda: 2)
+    assert igrpo.resume_command() == "torchrun --nproc-per-node=2 igrpo.py --model m --resume"
+
+
 def build_toy_on_rank(rank, port, tmp_path):
     join_as(rank, port)
     import toy
