@@ -114,6 +114,7 @@ def test_a_short_one_process_lora_run_with_kl_saves_the_adapter_and_the_merged_m
     (dict(lora_rank=-1), "--lora-rank -1"),
     (dict(save_merged=True), "--save-merged: only with --lora-rank"),
     (dict(lora_rank=4, lora_targets="no_such_proj"), "--lora-targets 'no_such_proj'"),
+    (dict(lora_rank=4, resume=True), "--resume with --lora-rank: not supported yet"),
 ])
 def test_bad_lora_settings_stop_with_a_clear_message(tiny, tmp_path, overrides, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
