@@ -1156,13 +1156,15 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
     device = samples.input_ids.device
     advantages, index = advantages.to(device), keep.to(device).nonzero().squeeze(1)
     weights = loss_weights(samples.completion_mask[index], cfg.loss, cfg.max_completion_tokens)
-    chunks = [(index[i:i + cfg.micro_batch_size], weights[i:i + cfg.micro_batch_size])
-              for i in range(0, len(index), cfg.micro_batch_size)]
+    chunks = []  # (rows, their trimmed tensors, their loss weights): sliced once, reused by every pass and epoch
+    for i in range(0, len(index), cfg.micro_batch_size):
+        rows = index[i:i + cfg.micro_batch_size]
+        chunks.append((rows, micro_batch(samples, rows), weights[i:i + cfg.micro_batch_size]))
 
     def frozen_logprobs(policy):  # one no-grad pass, only when a ratio must be taken against it
         with torch.no_grad():
-            return [token_logprobs(policy, *micro_batch(samples, rows), cfg.temperature, with_entropy=False)[0]
-                    for rows, _ in chunks]
+            return [token_logprobs(policy, *batch, cfg.temperature, with_entropy=False)[0]
+                    for _, batch, _ in chunks]
     # With one epoch the sampler *is* the policy being updated: old log-probs = logp.detach(), no extra pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
     with reference_policy(model, ref_model):  # LoRA: the policy with its adapters off
@@ -1171,8 +1173,8 @@ def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_
     grad_norm, skipped = 0.0, 0
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
-        for k, (rows, chunk_weights) in enumerate(chunks):
-            input_ids, attention_mask, prompt_length, completion_mask = micro_batch(samples, rows)
+        for k, (rows, batch, chunk_weights) in enumerate(chunks):
+            input_ids, attention_mask, prompt_length, completion_mask = batch
             logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
                                            cfg.temperature, with_entropy=epoch == 0)
             loss, clipped, kl = policy_loss(logp, old[k] if old else logp.detach(), advantages[rows],
