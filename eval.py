@@ -84,7 +84,8 @@ def grade(completion, gold, tokens):
 
 
 def generate(model, tokenizer, prompts, k, args, cfg):
-    samples = igrpo.sample(model, tokenizer, prompts, k, args.max_completion_tokens, args.temperature, args.top_p, cfg)
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=args.temperature,
+                           top_p=args.top_p, max_new_tokens=args.max_completion_tokens)
     return samples.texts, samples.lengths.tolist()
 
 

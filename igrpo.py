@@ -33,6 +33,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -858,9 +859,15 @@ def time_limit(seconds):
 # ----------------------------------------------------------------------------------------------
 # Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
 # ----------------------------------------------------------------------------------------------
+class Scores(NamedTuple):
+    rewards: torch.Tensor   # (B,) what the advantages are computed from
+    accuracy: torch.Tensor  # (B,) 1.0 where the checker finds the gold answer
+    format: torch.Tensor    # (B,) 1.0 where the final answer is boxed
+    judge_unparsed: int     # judge replies that gave no score (counted 0)
+
+
 def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
-    """The one reward function: accuracy (checker and/or judge) + format bonus - overlong penalty.
-    Returns (rewards, accuracy, format, unparsed judge replies)."""
+    """The one reward function: accuracy (checker and/or judge) + format bonus - overlong penalty."""
     accuracy = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)])
     rewards, unparsed = accuracy.clone(), 0
     if cfg.reward != "rule":
@@ -873,7 +880,7 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
     if cfg.overlong_buffer and lengths is not None:  # DAPO (Yu et al. 2025): soft penalty near the budget
         start = cfg.max_completion_tokens - cfg.overlong_buffer
         rewards = rewards - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
-    return rewards, accuracy, formats, unparsed
+    return Scores(rewards, accuracy, formats, unparsed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -935,21 +942,26 @@ def say_context_limit(model, prompt_tokens, budget):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, top_p, cfg, progress=None):
-    """num_samples completions for each prompt, grouped: rows i*num_samples .. (i+1)*num_samples-1.
-    progress: a label for one progress bar over the prompts (None: no bar)."""
+def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_p=None, max_new_tokens=None,
+           progress=None):
+    """per_prompt completions for each prompt, grouped: rows i*per_prompt .. (i+1)*per_prompt-1.
+    Temperature, top-p and the token budget default to training's (cfg); held-out scoring and the judge
+    pass their own. progress: a label for one progress bar over the prompts (None: no bar)."""
     from transformers import GenerationConfig
+    temperature = cfg.temperature if temperature is None else temperature
+    top_p = cfg.top_p if top_p is None else top_p
+    max_new_tokens = max_new_tokens or cfg.max_completion_tokens
     model.eval()
     stop, context = stop_ids(model, tokenizer, cfg), max_positions(model)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if temperature else {}
     generation = GenerationConfig(do_sample=temperature > 0, **sampling, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=stop, num_return_sequences=num_samples)
+                                  eos_token_id=stop, num_return_sequences=per_prompt)
     # generate() fills every field left unset from model.generation_config, so a checkpoint's own defaults
     # (sequence_bias, suppress_tokens, min_new_tokens, a top_k, ...) would sample from a distribution our
     # log-probs do not describe. During the call the model's defaults are transformers' plain ones instead:
     # nothing is inherited, whatever fields a checkpoint or a later transformers brings.
     own_defaults, model.generation_config = model.generation_config, GenerationConfig()
-    chunks, per_call = [], max(1, cfg.generation_batch_size // num_samples)
+    chunks, per_call = [], max(1, cfg.generation_batch_size // per_prompt)
     bar = tqdm(total=len(prompts), desc=progress, leave=False, dynamic_ncols=True,
                disable=progress is None or not is_main_process())  # torchrun: rank 0's bar alone
     try:
@@ -962,7 +974,7 @@ def sample(model, tokenizer, prompts, num_samples, max_new_tokens, temperature, 
                      "lower --max-prompt-tokens or --max-draft-tokens")
             generation.max_new_tokens = min(max_new_tokens, room)
             output = model.generate(**encoded, generation_config=generation)
-            chunks.append((output, encoded.attention_mask.repeat_interleave(num_samples, 0)))
+            chunks.append((output, encoded.attention_mask.repeat_interleave(per_prompt, 0)))
             bar.update(len(prompts[start:start + per_call]))
     finally:
         model.generation_config = own_defaults
@@ -1245,8 +1257,8 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
     group, info = cfg.group_size, dict(draft_reward=None, best_draft_reward=None, generated_tokens=0)
     if cfg.algo == "igrpo":
         N = cfg.num_drafts
-        drafts = sample(model, tokenizer, prompts, N, cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg)
-        draft_rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge)[0]
+        drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
+        draft_rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge).rewards
         best_rows = torch.arange(len(batch)) * N + draft_rewards.view(-1, N).argmax(1)  # argmax: first of ties
         best_drafts = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens) for row in best_rows.tolist()]
         prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
@@ -1254,12 +1266,12 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
         group = cfg.group_size - N
         info.update(draft_reward=draft_rewards.mean().item(), best_draft_reward=draft_rewards[best_rows].mean().item(),
                     best_drafts=best_drafts, generated_tokens=int(drafts.lengths.sum()))
-    samples = sample(model, tokenizer, prompts, group, cfg.max_completion_tokens, cfg.temperature, cfg.top_p, cfg)
-    rewards, accuracy, formats, unparsed = score(samples.texts, repeat(golds, group), cfg, samples.lengths,
-                                                 repeat(problems, group), judge)
-    info.update(accuracy=accuracy.mean().item(), format_reward=formats.mean().item(), judge_unparsed=unparsed,
+    samples = sample(model, tokenizer, prompts, cfg, per_prompt=group)
+    scores = score(samples.texts, repeat(golds, group), cfg, samples.lengths, repeat(problems, group), judge)
+    info.update(accuracy=scores.accuracy.mean().item(), format_reward=scores.format.mean().item(),
+                judge_unparsed=scores.judge_unparsed,
                 generated_tokens=info["generated_tokens"] + int(samples.lengths.sum()))
-    return samples, rewards, group, info
+    return samples, scores.rewards, group, info
 
 
 def repeat(items, times):
@@ -1274,8 +1286,8 @@ def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
     if problems:
-        samples = sample(model, tokenizer, prompts, k, cfg.max_completion_tokens, cfg.eval_temperature,
-                         cfg.eval_top_p, cfg, progress="held-out")
+        samples = sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
+                         top_p=cfg.eval_top_p, progress="held-out")
         golds = repeat([p["answer"] for p in problems], k)
         correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
     count = len(problems) * k

@@ -62,7 +62,7 @@ def local_judge(cfg, device, dtype):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                  add_generation_prompt=True) if tokenizer.chat_template else text + "\n"
                    for text in grading_prompts(problems, golds, completions)]
-        replies = igrpo.sample(model, tokenizer, prompts, 1, 32, 0.0, 1.0, cfg).texts  # greedy
+        replies = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32, temperature=0.0).texts
         return [parse_score(reply) for reply in replies]
     return judge
 

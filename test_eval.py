@@ -78,7 +78,7 @@ def test_a_rerun_resumes_and_generates_only_unfinished_problems(tiny, tmp_path, 
     run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
     asked = []
     real_sample = igrpo.sample
-    monkeypatch.setattr(igrpo, "sample", lambda m, t, prompts, *a: asked.extend(prompts) or real_sample(m, t, prompts, *a))
+    monkeypatch.setattr(igrpo, "sample", lambda m, t, prompts, *a, **kw: asked.extend(prompts) or real_sample(m, t, prompts, *a, **kw))
     results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
     assert len(asked) == 2 and all("What is 2 + 1?" in p or "What is 3 + 1?" in p for p in asked)
     assert results["mine"]["problems"] == 4

@@ -531,7 +531,7 @@ def test_generation_in_several_calls_stacks_each_prompt_intact_and_trimming_keep
     cfg = Config(chat_template="off", generation_batch_size=2)  # 3 prompts x 2 samples: three generate calls
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
     prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
-    samples = igrpo.sample(model, tokenizer, prompts, 2, 6, 1.0, 1.0, cfg)
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6, temperature=1.0)
     assert samples.input_ids.shape[0] == 6
     for row in range(6):
         prompt = samples.input_ids[row, :samples.prompt_length][samples.attention_mask[row, :samples.prompt_length] == 1]
@@ -698,7 +698,8 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
     model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 10.0  # would make samples agree
     torch.manual_seed(0)
-    samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], 8, 6, 1.0, 1.0, cfg)
+    samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], cfg, per_prompt=8,
+                           max_new_tokens=6, temperature=1.0)
     assert len(set(samples.texts)) > 1
 
 
@@ -732,11 +733,11 @@ def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(t
         assert model.generate(**encoded).shape[1] == encoded.input_ids.shape[1] + 1
     for temperature in (1.0, 0.5):  # sampled: the very tokens a clean checkpoint samples with the same seed
         torch.manual_seed(1)
-        ours = igrpo.sample(model, tokenizer, prompt * 3, 4, 8, temperature, 1.0, cfg)
+        ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8, temperature=temperature)
         torch.manual_seed(1)
-        reference = igrpo.sample(clean, tokenizer, prompt * 3, 4, 8, temperature, 1.0, cfg)
+        reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8, temperature=temperature)
         assert torch.equal(ours.input_ids, reference.input_ids) and ours.texts == reference.texts
-    greedy = igrpo.sample(model, tokenizer, prompt, 1, 8, 0.0, 1.0, cfg)  # greedy: argmax of the raw logits
+    greedy = igrpo.sample(model, tokenizer, prompt, cfg, per_prompt=1, max_new_tokens=8, temperature=0.0)  # greedy: argmax of the raw logits
     ids = encoded.input_ids
     with torch.no_grad():
         for _ in range(8):
@@ -791,7 +792,7 @@ def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkey
         asked.append(generation_config.eos_token_id)
         return torch.cat([input_ids, torch.tensor([answer + [turn_end] + invention])], 1)
     monkeypatch.setattr(model, "generate", generate)
-    samples = igrpo.sample(model, tokenizer, [prompt], 1, 32, 1.0, 1.0, cfg)
+    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=1, max_new_tokens=32, temperature=1.0)
     assert asked == [sorted([tokenizer.eos_token_id, turn_end])]
     assert samples.texts == ["so \\boxed{2}"] and igrpo.math_reward(samples.texts[0], "2") == 1.0
     assert samples.completion_mask[0].tolist() == [True] * (len(answer) + 1) + [False] * len(invention)
@@ -826,7 +827,7 @@ def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
     prompt = "Problem: What is 1 + 1?\n\nSolution:"
     model.config.max_position_embeddings = len(tokenizer(prompt).input_ids) + 5
     model.generation_config.eos_token_id = tokenizer.eos_token_id = None  # nothing else can stop it
-    samples = igrpo.sample(model, tokenizer, [prompt], 2, 50, 1.0, 1.0, cfg)
+    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=2, max_new_tokens=50, temperature=1.0)
     assert samples.lengths.tolist() == [5, 5]
     igrpo.say_context_limit(model, 10, 50)
     assert f"at most {model.config.max_position_embeddings} positions" in capsys.readouterr().out
@@ -871,14 +872,14 @@ def test_a_long_draft_is_cut_from_the_front_keeping_its_end(tiny):
 # The iGRPO step
 # ----------------------------------------------------------------------------------------------
 def scripted_sampler(monkeypatch, tiny, script):
-    """Replace generation by scripted completions; record every (prompt, num_samples) asked for."""
+    """Replace generation by scripted completions; record every (prompt, per_prompt) asked for."""
     calls = []
     real_sample = igrpo.sample
 
-    def fake(model, tokenizer, prompts, num_samples, *args):
-        calls.append((list(prompts), num_samples))
-        samples = real_sample(model, tokenizer, prompts, num_samples, *args)
-        samples.texts = [script(prompt, index) for prompt in prompts for index in range(num_samples)]
+    def fake(model, tokenizer, prompts, cfg, per_prompt, **options):
+        calls.append((list(prompts), per_prompt))
+        samples = real_sample(model, tokenizer, prompts, cfg, per_prompt=per_prompt, **options)
+        samples.texts = [script(prompt, index) for prompt in prompts for index in range(per_prompt)]
         return samples
     monkeypatch.setattr(igrpo, "sample", fake)
     return calls
@@ -934,7 +935,8 @@ def test_one_ppo_epoch_never_clips_and_more_epochs_can(tiny, tmp_path):
         cfg = tiny_config(tiny, tmp_path, ppo_epochs=epochs, lr=0.05, output_dir=str(tmp_path / f"e{epochs}"))
         torch.manual_seed(0)
         model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-        samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"] * 2, 4, 8, 1.0, 1.0, cfg)
+        samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"] * 2, cfg, per_prompt=4,
+                                   max_new_tokens=8, temperature=1.0)
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
         master = igrpo.master_weights(model)
         optimizer = torch.optim.AdamW(master, lr=cfg.lr)

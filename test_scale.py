@@ -28,7 +28,7 @@ def lora_model(tiny, tmp_path, dtype=torch.float32, **overrides):
 
 def fixed_samples(model, tokenizer, cfg):
     torch.manual_seed(0)
-    return igrpo.sample(model, tokenizer, PROMPTS, 4, cfg.max_completion_tokens, 1.0, 1.0, cfg)
+    return igrpo.sample(model, tokenizer, PROMPTS, cfg, per_prompt=4, temperature=1.0)
 
 
 def update(model, samples, cfg, ref_model=None, advantages=ADVANTAGES, optimizer=None):
@@ -152,7 +152,8 @@ def train_on_rank(rank, port, tiny, tmp_path):
                    tmp_path / f"weights-{folder.name}-rank{rank}.pt")
         real_save(model, tokenizer, folder, *state)
     igrpo.save = save_and_record
-    alternate = lambda completions, *_: (torch.arange(len(completions)) % 2.0,) * 2 + (torch.zeros(0), 0)
+    alternate = lambda completions, *_: igrpo.Scores(*(torch.arange(len(completions)) % 2.0,) * 2,
+                                                     torch.zeros(0), 0)
     igrpo.score = alternate  # every group's rewards differ, so every step has a gradient
     cfg = tiny_config(tiny, tmp_path, lora_rank=4, beta=0.01, lr=0.05, save_every=1, eval_limit=3,
                       eval_dataset=str(tiny / "train.jsonl"), output_dir=str(tmp_path / f"run-rank{rank}"))
