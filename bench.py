@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def bench_checker(args):
-    from test_igrpo import CHECKER_CASES, DATA, rewrites
+    from checker_cases import CHECKER_CASES, DATA, rewrites
     suites = {"case table": [(completion, gold, verdict) for completion, gold, verdict, _ in CHECKER_CASES],
               "shipped golds": []}
     for name in ("math500", "minerva_math", "aime24", "aime25", "amc23", "gsm8k_test"):
@@ -67,8 +67,7 @@ def random_model(args, device, dtype):
 
 
 def bench_step(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = igrpo.device_and_dtype("auto")
     model, tokenizer = random_model(args, device, dtype)
     cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
                        prompts_per_step=args.prompts, max_completion_tokens=args.completion,
@@ -116,8 +115,7 @@ def bench_step(args):
 
 def bench_logprobs(args):
     """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full log-softmax."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device, dtype = igrpo.device_and_dtype("auto")
     model, _ = random_model(args, device, dtype)
     if args.gradient_checkpointing:  # as in training, so the output layer's share of memory shows
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

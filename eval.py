@@ -83,9 +83,9 @@ def grade(completion, gold, tokens):
                 tokens=tokens)
 
 
-def generate(model, tokenizer, prompts, k, args, cfg):
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=args.temperature,
-                           top_p=args.top_p, max_new_tokens=args.max_completion_tokens)
+def generate(model, tokenizer, prompts, k, cfg):
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
+                           top_p=cfg.eval_top_p)
     return samples.texts, samples.lengths.tolist()
 
 
@@ -125,7 +125,7 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
         print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context ({context} "
               "positions): scored as unanswered")
     todo = [p for p in todo if p not in too_long]
-    per_call = max(1, args.generation_batch_size // k)
+    per_call = max(1, cfg.generation_batch_size // k)
     bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
     with open(path, "w") as file, bar:
         for row in list(done.values()) + [unanswered(p, k, args) for p in too_long]:
@@ -134,7 +134,7 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
         for start in range(0, len(todo), per_call):
             chunk = todo[start:start + per_call]
             prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
-            texts, lengths = generate(model, tokenizer, prompts, k, args, cfg)
+            texts, lengths = generate(model, tokenizer, prompts, k, cfg)
             rows = [dict(index=p["index"], problem=p["problem"], answer=p["answer"], refined=[],
                          samples=[grade(t, p["answer"], n) for t, n in zip(texts[j * k:(j + 1) * k],
                                                                            lengths[j * k:(j + 1) * k])])
@@ -142,9 +142,9 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
             previous = [s["completion"] for row in rows for s in row["samples"]]
             for _ in range(args.refine_rounds):  # beyond the paper: refine each sample with igrpo's template
                 refine = [igrpo.build_prompt(tokenizer, igrpo.refine_message(
-                    rows[i // k]["problem"], igrpo.cut_draft(tokenizer, draft, args.max_draft_tokens)), cfg)
+                    rows[i // k]["problem"], igrpo.cut_draft(tokenizer, draft, cfg.max_draft_tokens)), cfg)
                     for i, draft in enumerate(previous)]
-                previous, lengths = generate(model, tokenizer, refine, 1, args, cfg)
+                previous, lengths = generate(model, tokenizer, refine, 1, cfg)
                 for j, row in enumerate(rows):
                     row["refined"].append([grade(t, row["answer"], n) for t, n in
                                            zip(previous[j * k:(j + 1) * k], lengths[j * k:(j + 1) * k])])
@@ -216,19 +216,12 @@ def parse_args(argv=None):
                         help="folder with the local benchmark copies; names not found there load from the hub")
     parser.add_argument("--k", type=int, default=None, help="samples per problem (default: the paper's, 64 AIME, 8 others)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    parser.add_argument("--max-completion-tokens", type=int, default=4096, help="generation budget")
     parser.add_argument("--refine-rounds", type=int, default=0,
                         help="beyond the paper: refine each sample this many times through iGRPO's template")
-    parser.add_argument("--max-draft-tokens", type=int, default=2048, help="a longer draft is cut from the front")
-    parser.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"], help="as in igrpo.py")
-    parser.add_argument("--generation-batch-size", type=int, default=256, help="sequences per generate call")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="bf16 on GPU by default")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--output-dir", default="runs/eval", help="summary.json and one JSONL per benchmark")
+    igrpo.add_config_flags(parser, CONFIG_FLAGS)
     args = parser.parse_args(argv)
+    igrpo.check_config(config(args))
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
     if args.limit is not None and args.limit < 1:
@@ -238,20 +231,30 @@ def parse_args(argv=None):
     return args
 
 
+# igrpo.py's settings that eval.py shares, by eval.py's flag name: defaults and help come from igrpo.Config
+CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p", max_completion_tokens="max_completion_tokens",
+                    max_draft_tokens="max_draft_tokens", chat_template="chat_template",
+                    generation_batch_size="generation_batch_size", dtype="dtype",
+                    trust_remote_code="trust_remote_code", seed="seed")
+
+
+def config(args):
+    return igrpo.Config(**{field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()})
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    cfg = igrpo.Config(chat_template=args.chat_template, generation_batch_size=args.generation_batch_size,
-                       trust_remote_code=args.trust_remote_code)
+    cfg = config(args)
     names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
     for name in names:
         resolve(name, args.data_dir)  # every name checked before the model loads
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(out, args)
-    device, dtype = igrpo.device_and_dtype(args.dtype)
+    device, dtype = igrpo.device_and_dtype(cfg.dtype)
     model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
-    igrpo.say_context_limit(model, 1, args.max_completion_tokens)
+    igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
     results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out) for name in names}
     (out / "summary.json").write_text(json.dumps(dict(model=args.model, settings=vars(args), results=results), indent=2))
     print_table(results)

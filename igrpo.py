@@ -11,7 +11,6 @@ Read top to bottom: settings, data, prompts, answer checking and rewards, sampli
 group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop,
 what a long run needs (checkpoints, resume, Ctrl-C), main.
 
-    python igrpo.py                   # offline toy world: tiny model on CPU, about 6 minutes the first time
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
 """
 import argparse
@@ -51,7 +50,7 @@ def setting(default, help):
 @dataclass
 class Config:
     # what to train
-    model: str = setting("", "Hugging Face causal LM (hub name or local folder); empty = the offline toy world")
+    model: str = setting("", "Hugging Face causal LM (hub name or local folder) to train")
     dataset: str = setting("", "hub dataset name or local .jsonl/.json/.parquet file of problems")
     dataset_config: str = setting("", "hub dataset config, e.g. 'main' for openai/gsm8k")
     split: str = setting("train", "dataset split to train on")
@@ -88,8 +87,8 @@ class Config:
     max_prompt_tokens: int = setting(1024, "longer problems are skipped")
     max_completion_tokens: int = setting(4096, "generation budget per completion")
     max_draft_tokens: int = setting(2048, "a longer best draft is cut from the front, keeping its end")
-    eval_temperature: float = setting(0.6, "sampling temperature for held-out scoring")
-    eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring")
+    eval_temperature: float = setting(0.6, "sampling temperature for held-out scoring (and eval.py)")
+    eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring (and eval.py)")
     chat_template: str = setting("auto", "auto | on | off: wrap prompts in the tokenizer's chat template")
     # engineering
     micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory")
@@ -137,7 +136,7 @@ def check_config(cfg):
     if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
         fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
     if cfg.dataset and not cfg.model:
-        fail(f"--dataset {cfg.dataset} needs --model: without one, the toy world trains on its own problems")
+        fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the offline toy world)")
     bounds = dict(lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
                   max_grad_norm=(cfg.max_grad_norm > 0, "> 0"), weight_decay=(cfg.weight_decay >= 0, ">= 0"),
                   min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
@@ -1348,7 +1347,26 @@ def save(model, tokenizer, folder, trainer_state=None):
     temporary.rename(folder)
 
 
-def train(cfg):
+def load_judge(cfg, device, dtype):
+    """--reward judge: judge.py's generative judge, behind --judge-url or as a local model that replies
+    greedily, without gradients, on the training device."""
+    import judge  # the ablation's grading prompt and score parsing; judge.py imports nothing from here
+    if cfg.judge_url:
+        return judge.url_judge(cfg.judge_url, cfg.judge_model)
+    model, tokenizer = load_model(cfg.judge_model, cfg, dtype, device, flag="judge-model")
+    model.requires_grad_(False)
+
+    def reply(texts):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+                   if tokenizer.chat_template else text + "\n" for text in texts]
+        return sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32, temperature=0.0).texts
+    return judge.model_judge(reply)
+
+
+def train(cfg, judge=None):
+    """Train cfg.model on cfg.dataset. judge: a function (problems, golds, completions) -> scores for
+    --reward judge; by default load_judge builds judge.py's from --judge-model or --judge-url."""
     check_config(cfg)
     setup_distributed(cfg)  # torchrun only; one process creates no process group
     use_local_cache_if_hub_unreachable(cfg)
@@ -1358,7 +1376,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
     device, dtype = device_and_dtype(cfg.dtype)
     if not cfg.dataset:
-        fail("--dataset: give a dataset to train on (or no --model, for the toy world)")
+        fail("--dataset: give a dataset to train on (`python toy.py` trains the offline toy world)")
     problems = load_problems(cfg.dataset, cfg)
     held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
     model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
@@ -1369,10 +1387,8 @@ def train(cfg):
                       cfg.max_completion_tokens)
     ref_model = None if cfg.beta <= 0 else model if cfg.lora_rank else \
         load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)  # LoRA: adapters off
-    judge = None
-    if cfg.reward != "rule":
-        from judge import make_judge
-        judge = make_judge(cfg, device, dtype)
+    if judge is None and cfg.reward != "rule":
+        judge = load_judge(cfg, device, dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     master = master_weights(model)
@@ -1843,15 +1859,20 @@ def step_record_over_ranks(record):
 # ----------------------------------------------------------------------------------------------
 # main: every Config field is a --kebab-case flag
 # ----------------------------------------------------------------------------------------------
+def add_config_flags(parser, flags=None):
+    """Config's fields as --kebab-case flags with their defaults and help. flags: {flag name: field} for a
+    script that shares some settings under its own names (eval.py's --temperature is eval_temperature)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name, field_name in (flags or {name: name for name in fields}).items():
+        default, help = fields[field_name].default, fields[field_name].metadata["help"]
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=help, **kind)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="GRPO and iGRPO for math reasoning in one file.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_config_flags(parser)
     args = parser.parse_args(argv)
     given = {action.dest for action in parser._actions for option in action.option_strings
              for arg in (argv if argv is not None else sys.argv[1:])
@@ -1859,17 +1880,18 @@ def parse_args(argv=None):
     return Config(**vars(args)), given
 
 
+INTERRUPTED = "igrpo: interrupted, no checkpoint written now (--resume goes on from the newest)"
+
+
 def main(argv=None):
-    cfg, given = parse_args(argv)
-    check_config(cfg)  # before the toy spends minutes on its warm start
+    cfg, _ = parse_args(argv)
+    check_config(cfg)
+    if not cfg.model:
+        fail("--model: name a causal LM to train (`python toy.py` trains the offline toy world)")
     try:
-        if not cfg.model:  # no model named: the offline toy world (see toy.py), kept out of this file
-            import toy
-            with main_process_first():  # torchrun: rank 0 builds the toy's cache, then the others read it
-                cfg = toy.prepare(cfg, given)
         return train(cfg)
     except KeyboardInterrupt:  # a Ctrl-C outside the step loop, or a second one inside it
-        raise SystemExit("igrpo: interrupted, no checkpoint written now (--resume goes on from the newest)")
+        raise SystemExit(INTERRUPTED)
 
 
 if __name__ == "__main__":

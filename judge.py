@@ -2,7 +2,8 @@
 The generative judge of the paper's ablation (--reward judge | rule+judge): a second language model
 reads the problem, the reference answer and a solution, and replies with a score in [0, 1].
 
-Kept out of igrpo.py because the method does not need it. Two ways to run the judge:
+Kept out of igrpo.py because the method does not need it; it imports nothing from igrpo.py, whose
+load_judge builds a judge from these parts. Two ways to run the judge:
   --judge-model NAME_OR_PATH   a Hugging Face causal LM on the training device, no gradients, greedy,
                                one batched generate call per scoring
   --judge-url URL              an OpenAI-compatible chat-completions endpoint (what vLLM and SGLang
@@ -48,22 +49,11 @@ def grading_prompts(problems, golds, completions):
     return [JUDGE_PROMPT.format(problem=p, answer=g, solution=c) for p, g, c in zip(problems, golds, completions)]
 
 
-def make_judge(cfg, device, dtype):
-    """A function (problems, golds, completions) -> list of scores in [0, 1] or None."""
-    return url_judge(cfg.judge_url, cfg.judge_model) if cfg.judge_url else local_judge(cfg, device, dtype)
-
-
-def local_judge(cfg, device, dtype):
-    import igrpo
-    model, tokenizer = igrpo.load_model(cfg.judge_model, cfg, dtype, device, flag="judge-model")
-    model.requires_grad_(False)
-
+# A judge is a function (problems, golds, completions) -> list of scores in [0, 1], or None where unparsed.
+def model_judge(reply):
+    """A judge around a local model: reply(grading prompts) -> its replies (igrpo.load_judge supplies it)."""
     def judge(problems, golds, completions):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True) if tokenizer.chat_template else text + "\n"
-                   for text in grading_prompts(problems, golds, completions)]
-        replies = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32, temperature=0.0).texts
-        return [parse_score(reply) for reply in replies]
+        return [parse_score(text) for text in reply(grading_prompts(problems, golds, completions))]
     return judge
 
 

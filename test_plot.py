@@ -213,7 +213,7 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
 def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):
     folder, _ = built_toy
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
-    igrpo.main(["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--num-drafts", "2",
+    toy.main(["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--num-drafts", "2",
                 "--max-completion-tokens", "12", "--eval-limit", "4", "--eval-samples", "1",
                 "--output-dir", str(tmp_path / "run")])
     rows = plot.read_run(tmp_path / "run")["rows"]
@@ -248,7 +248,7 @@ def test_a_comparison_rerun_resumes_a_run_stopped_with_a_checkpoint_and_restarts
     (tmp_path / "igrpo-seed0" / "args.json").write_text("{}")  # killed before its first checkpoint
     (tmp_path / "toy.json").write_text(json.dumps(dict(seed=0, warm_start_steps=2, calibration_accuracy=0.5)))
     calls = []
-    monkeypatch.setattr(igrpo, "main", calls.append)
+    monkeypatch.setattr(toy, "main", calls.append)
     monkeypatch.setattr(toy, "comparison_table", lambda out, seeds: "")
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0: tmp_path)
     monkeypatch.setattr(plot, "plot_training", lambda runs, path: path)

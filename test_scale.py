@@ -212,7 +212,7 @@ def build_toy_on_rank(rank, port, tmp_path):
     toy.CALIBRATION_PROBLEMS = 8
     toy.warm_start = functools.partial(toy.warm_start, band=(0.0, 1.0), check_every=2)  # met at the first check
     toy.cache_folder = lambda seed=0: tmp_path / "toy-seed0"
-    with igrpo.main_process_first():  # as igrpo.main: rank 0 builds, the others wait
+    with igrpo.main_process_first():  # as toy.main: rank 0 builds, the others wait
         toy.prepare(igrpo.Config(max_completion_tokens=8), given={"max_completion_tokens"})
 
 

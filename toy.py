@@ -1,5 +1,5 @@
 """
-The offline toy world behind `python igrpo.py` with no --model: a tiny model that half-knows arithmetic.
+The offline toy world: a tiny model that half-knows arithmetic, trained by igrpo.py without a download.
 
 RL needs a policy that is sometimes right, so the toy builds one locally (no download): a byte-level BPE
 tokenizer trained on the toy's own text, a small Llama-style model from a config, and a supervised warm
@@ -11,7 +11,10 @@ step count: when single-pass accuracy on calibration problems (training problems
 so every machine starts RL from the same place. Each seed's starting point is cached: only the first run
 pays for it. Everything here exists only to give igrpo.py something real to train offline.
 
+    python toy.py                            # the default job: iGRPO on the toy (flags: igrpo.py's)
     python toy.py compare --seeds 0 1 2      # GRPO vs iGRPO on the toy, 3 seeds each: table + figure
+
+The launcher lives here, not in igrpo.py, so imports point one way: toy.py uses igrpo.py, never back.
 """
 import argparse
 import dataclasses
@@ -312,7 +315,7 @@ def compare(argv=None):
             print(f"toy compare: {algo}, seed {seed} -> {folder}")
             # a run stopped by Ctrl-C goes on from its checkpoint; one killed before any starts over
             again = ["--resume"] if any(folder.glob("step-*/trainer_state.pt")) else ["--overwrite"]
-            igrpo.main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)] + again)
+            main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)] + again)
     table = comparison_table(out, args.seeds)
     (out / "table.md").write_text(table)
     print(table)
@@ -324,8 +327,22 @@ def compare(argv=None):
     print(f"figure: {plot.plot_training(runs, out / 'compare.png')}")
 
 
+def main(argv=None):
+    """python toy.py [igrpo.py flags]: this seed's toy world (built once), then igrpo.py's training on it."""
+    cfg, given = igrpo.parse_args(argv)
+    igrpo.check_config(cfg)  # before the warm start spends minutes
+    if cfg.model:
+        igrpo.fail(f"--model {cfg.model}: the toy world trains its own model; run igrpo.py to train yours")
+    try:
+        with igrpo.main_process_first():  # torchrun: rank 0 builds the toy's cache, then the others read it
+            cfg = prepare(cfg, given)
+        return igrpo.train(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit(igrpo.INTERRUPTED)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["compare"]:
-        sys.exit("usage: python toy.py compare [--seeds 0 1 2] [--output-dir runs/toy-compare] "
-                 "[igrpo.py flags]")
-    compare(sys.argv[2:])
+    if sys.argv[1:2] == ["compare"]:
+        compare(sys.argv[2:])
+    else:
+        main()
