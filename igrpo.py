@@ -191,6 +191,10 @@ def read_rows(name, config="", split="train", flag="dataset"):
              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
 
 
+def gold_answer(raw):
+    return extract_answer(raw) or raw.strip()
+
+
 def load_problems(name, cfg, flag="dataset", limit=None):
     """Rows -> [{"problem": str, "answer": str}], the gold answer extracted from a full solution if needed."""
     rows = read_rows(name, cfg.dataset_config, cfg.split, flag)
@@ -277,189 +281,8 @@ def refine_message(problem, draft):
 
 
 # ----------------------------------------------------------------------------------------------
-# Answer checking and rewards (never evaluates model text; every call is time-bounded)
-#
-# Grading policy.
-# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when only
-#   list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the last
-#   explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else
-#   none, which scores 0. A gold that is a full solution is read by the same rules.
-# - Cosmetics never matter: units (spaced, or in \text/\mbox), \text, spacing, \left/\right, \dfrac,
-#   \cfrac, math delimiters, degrees, percent, case, Unicode forms. Digit groups join (12,345,
-#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas. 0.\overline{3} is
-#   1/3; a number word (zero to ninety-nine) is its number.
-# - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits, so
-#   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
-#   variables required).
-# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
-#   brackets must agree). An inequality in one unknown is that unknown labelled with its interval:
-#   a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
-# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value on
-#   either side; labels on both sides must agree. Other equations match side by side, or as the same
-#   equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is compared as text.
-# Ambiguous readings, decided (each one is a row of the case table):
-# - A comma between digit groups is a thousands separator only outside brackets: (1,234) and (12,102)
-#   are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join digits anywhere.
-# - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
-#   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
-# - A single name on the left is a label even before an expression: 2x+3 matches the gold y = 2x + 3.
-# - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
-# - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
-#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
-# - Boxes on different lines, or with other words between them, are not joined: the last box counts.
+# Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
 # ----------------------------------------------------------------------------------------------
-MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
-MAX_DIGITS = 60             # longest number literal the parser accepts
-MAX_RESULT_DIGITS = 400     # a power whose value would need more digits is not built
-MAX_DEGREE = 10_000         # most total exponent on unknowns: their values at sample points stay small
-
-BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-BOX_CONNECTOR = re.compile(r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or"
-                           r"|[a-zA-Z] *=)*", re.IGNORECASE)  # what may lie between boxes of one list answer
-CHOICE = re.compile(r"\(?([A-E])\)?")
-MARKER = re.compile(
-    r"<answer>(?P<tag>[^<]{1,400})</answer>|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is"
-    r" correct|\n|$)|the answer is:?\s*(?P<answer_is>[^\n]{1,400})|answer:\s*(?P<colon>[^\n]{1,400})"
-    r"|####\s*(?P<hash>[^\n]{1,400})|\\boxed\s+(?P<bare>[^\s$]{1,100})", re.IGNORECASE)
-
-
-def extract_answer(text):
-    """The final answer of a completion (or of a gold solution), or None."""
-    if not text:
-        return None
-    closing, stack = {}, []
-    for match in re.finditer(r"[{}]", text):  # one pass pairs every brace: linear even for 20,000 "\boxed{"
-        if match.group() == "{":
-            stack.append(match.start())
-        elif stack:
-            closing[stack.pop()] = match.start()
-    boxes = [(m.start(), m.end(), closing[m.end() - 1]) for m in BOX.finditer(text) if m.end() - 1 in closing]
-    if boxes:
-        return final_boxes(text, boxes)
-    markers = list(MARKER.finditer(text))
-    if not markers:
-        return None
-    answer = next(v for v in markers[-1].groupdict().values() if v is not None)
-    answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
-    answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
-    return (extract_answer(answer) if MARKER.search(answer) else None) or answer or None
-
-
-def final_boxes(text, boxes):
-    """The last box's content; with the boxes before it that only list connectors separate, a list."""
-    start, content_start, content_end = boxes[-1]
-    answers = [text[content_start:content_end].strip()]  # last first
-    for previous_start, previous_content_start, previous_end in reversed(boxes[:-1]):
-        if previous_end > start:  # a box around the answer: \boxed{\boxed{3}}
-            start = previous_start
-        elif start - previous_end <= 40 and BOX_CONNECTOR.fullmatch(text, previous_end + 1, start):
-            answers.append(text[previous_content_start:previous_end].strip())
-            start = previous_start
-        else:
-            break
-    return ", ".join(reversed(answers))
-
-
-def gold_answer(raw):
-    return extract_answer(raw) or raw.strip()
-
-
-GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho "
-         "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega").split()
-FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc,
-             "cot": sympy.cot, "ln": sympy.log, "log": sympy.log, "exp": sympy.exp, "arcsin": sympy.asin,
-             "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh}
-UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ", "∞": "\\infty ",
-           "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
-DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  12,\!345  1\,000
-THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
-COSMETIC = [  # (pattern, replacement), in order
-    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox|operatorname)"
-     r"\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
-    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""), (r"(?<!\\)\\[()\[\]]", ""),
-    (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
-    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
-    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"), (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
-    (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-    (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
-    (r"\s+", " ")]
-LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
-REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen sixteen seventeen eighteen nineteen").split()
-TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def normalize(answer):
-    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating decimals."""
-    answer = unicodedata.normalize("NFKC", answer)
-    for symbol, latex in UNICODE.items():
-        answer = answer.replace(symbol, latex)
-    answer = join_digit_groups(answer)
-    for pattern, replacement in COSMETIC:
-        answer = re.sub(pattern, replacement, answer)
-    answer = LIST_CONNECTOR.sub(", ", answer)
-    answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
-    return number_word_as_digits(answer.strip().rstrip(".").strip())
-
-
-def join_digit_groups(answer):
-    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets, where a comma separates items."""
-    answer = DIGIT_GROUP_MARK.sub("", answer)
-    join = lambda found: found.group().replace(",", "")
-    if not THOUSANDS.search(answer) or not re.search(r"[()\[\]]|\\[{}]", answer):
-        return THOUSANDS.sub(join, answer)  # nothing to join, or no brackets to keep out of
-    depth, depths = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
-    for index, char in enumerate(answer):
-        escaped = index > 0 and answer[index - 1] == "\\"
-        depth += (char in "([" or (char == "{" and escaped)) - (char in ")]" or (char == "}" and escaped))
-        depths.append(depth)
-    return THOUSANDS.sub(lambda found: join(found) if depths[found.start()] == 0 else found.group(), answer)
-
-
-def repeating_decimal_as_fraction(found):
-    """1.2\\overline{34} -> \\frac{611}{495}, exactly."""
-    whole, fixed, repeating = found.groups()
-    denominator = 10 ** len(fixed) * (10 ** len(repeating) - 1)
-    numerator = int(whole or 0) * denominator + int(fixed + repeating) - int(fixed or 0)
-    return f"\\frac{{{numerator}}}{{{denominator}}}"
-
-
-def number_word_as_digits(answer):
-    """'twelve' -> '12', 'Forty-two' -> '42'; any other answer unchanged."""
-    found = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", answer.lower())
-    if not found:
-        return answer
-    word, units = found.groups()
-    if units is None and word in NUMBER_WORDS:
-        return str(NUMBER_WORDS.index(word))
-    if word in TENS_WORDS and (units is None or units in NUMBER_WORDS[1:10]):
-        return str(20 + 10 * TENS_WORDS.index(word) + (NUMBER_WORDS.index(units) if units else 0))
-    return answer
-
-
-def split_top_level(text, separator):
-    parts, depth, start = [], 0, 0
-    for index, char in enumerate(text):
-        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
-        if depth == 0 and text.startswith(separator, index):
-            parts.append(text[start:index])
-            start = index + len(separator)
-    return [part.strip() for part in parts + [text[start:]]]
-
-
-def answers_match(pred, gold):
-    """True when a careful grader would accept `pred` for `gold`. Never raises, returns in about 1 s.
-    Either side may be a full solution: its final answer is read by the rules of `extract_answer`."""
-    if pred is None or gold is None:
-        return False
-    try:
-        with time_limit(1.0):
-            return match_normalized(normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold))))
-    except Exception:  # TimeoutError, RecursionError, anything sympy throws: an answer we cannot grade is wrong
-        return False
-
-
 def math_reward(completion, gold):
     return 1.0 if answers_match(extract_answer(completion), gold) else 0.0
 
@@ -470,394 +293,6 @@ def format_reward(completion):
     return 1.0 if before.strip() and after and "\\boxed{" not in after else 0.0
 
 
-def match_normalized(pred, gold):
-    compact = lambda s: s.replace(" ", "").lower()
-    if compact(pred) == compact(gold):
-        return True
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
-        return False
-    gold_choice = CHOICE.fullmatch(gold.replace(" ", ""))  # multiple choice: (C), C, \text{(C)}
-    if gold_choice:
-        found = CHOICE.fullmatch(pred.replace(" ", ""))
-        return bool(found) and found.group(1) == gold_choice.group(1)
-    pred, gold = inequality_as_interval(pred), inequality_as_interval(gold)
-    pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
-    if len(pred_sides) == 2 and len(gold_sides) == 2:
-        return equations_match(pred_sides, gold_sides)
-    pred_label, gold_label = split_label(pred), split_label(gold)
-    if gold_label and len(pred_sides) == 1:
-        return match_normalized(pred, gold_label[1])
-    if pred_label and len(gold_sides) == 1:
-        return match_normalized(pred_label[1], gold)  # "x = 5" for the value 5
-    if len(pred_sides) == 2 or len(gold_sides) == 2:  # an equation against a value
-        return False
-    if "\\begin{" in gold:
-        pred_cells, gold_cells = matrix_cells(pred), matrix_cells(gold)
-        return bool(pred_cells and gold_cells) and same_shape_cells_match(pred_cells, gold_cells)
-    gold_items, pred_items = answer_items(gold), answer_items(pred)
-    if gold_items or pred_items:
-        return gold_items is not None and pred_items is not None and items_match(pred_items, gold_items)
-    gold_value = parse_math(strip_units(gold, pred))
-    pred_value = parse_math(strip_units(pred, gold))
-    return gold_value is not None and pred_value is not None and values_equal(pred_value, gold_value)
-
-
-NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
-LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?|\({NAME}(?:,{NAME})+\)|{NAME}(?::{NAME})+"  # k  f(x)  (p,q)  a:b
-                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")                                  # \frac{AB}{CD}
-
-
-def split_label(answer):
-    """'k = 1' -> ['k', '1']: a value under the name of what it is. None for anything else."""
-    sides = split_top_level(answer, "=")
-    if len(sides) != 2 or not LABEL.fullmatch(sides[0].replace(" ", "")):
-        return None
-    statement = re.fullmatch(r"[A-Z]{2,}", sides[0]) and re.fullmatch(r"[A-Z]{2,}", sides[1])  # MR=SRMC
-    return None if statement else sides
-
-
-def equations_match(pred_sides, gold_sides):
-    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
-    if any(all(map(match_normalized, sides, gold_sides)) for sides in (pred_sides, pred_sides[::-1])):
-        return True
-    sides = [parse_math(side) for side in pred_sides + gold_sides]
-    return None not in sides and proportional(sides[0] - sides[1], sides[2] - sides[3])
-
-
-def proportional(a, b):
-    """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
-    if not b.free_symbols or a.free_symbols != b.free_symbols:
-        return False
-    points = [sample_point(sorted(b.free_symbols, key=str), shift) for shift in range(len(SAMPLE_POINTS))]
-    point = next((p for p in points if b.xreplace(p) != 0), None)  # x - 3/7 vanishes at the first point
-    scale = a.xreplace(point) / b.xreplace(point) if point else sympy.zoo
-    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=len(SAMPLE_POINTS))
-
-
-INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
-FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
-
-
-@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: convert each once
-def inequality_as_interval(answer):
-    """An inequality in one unknown -> the unknown labelled with its interval: a < x \\leq b -> x = (a, b]."""
-    parts = [part.strip() for part in INEQUALITY.split(answer)]
-    if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
-        parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
-    ascending = len(parts) == 5 and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq")
-    if ascending and is_unknown(parts[2]):
-        return f"{parts[2]} = {interval(parts[0], parts[1], parts[4], parts[3])}"
-    one_sided = unknown_on_the_left(*parts) if len(parts) == 3 else None
-    if one_sided is None:
-        return answer
-    unknown, relation, bound = one_sided  # x > 2 -> x = (2, \infty)
-    if relation in ("<", "\\leq"):
-        return f"{unknown} = " + interval("-\\infty", "<", bound, relation)
-    return f"{unknown} = " + interval(bound, FLIPPED[relation], "\\infty", "<")
-
-
-def is_unknown(text):
-    return isinstance(parse_math(text), sympy.Symbol)  # x, t, x_1, \theta; not \pi, e or \infty
-
-
-def interval(low, low_relation, high, high_relation):
-    """low < x <= high -> '(low, high]'."""
-    return f"{'(' if low_relation == '<' else '['}{low}, {high}{')' if high_relation == '<' else ']'}"
-
-
-def unknown_on_the_left(left, relation, right):
-    """'x < 3' -> ('x', '<', '3'); '5 \\geq x' -> ('x', '\\leq', '5'); solved: '-x > -1' -> ('x', '<', '1')"""
-    if is_unknown(left):
-        return left, relation, right
-    if is_unknown(right):
-        return right, FLIPPED[relation], left
-    left_value, right_value = parse_math(left), parse_math(right)
-    if left_value is None or right_value is None:
-        return None
-    difference = left_value - right_value  # linear in one unknown: slope * x + offset
-    if len(difference.free_symbols) != 1:
-        return None
-    unknown = next(iter(difference.free_symbols))
-    offset = difference.xreplace({unknown: 0})
-    slope = difference.xreplace({unknown: 1}) - offset
-    if not (slope.is_positive or slope.is_negative) or not values_equal(difference, slope * unknown + offset):
-        return None
-    relation = relation if slope.is_positive else FLIPPED[relation]
-    return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
-
-
-def strip_units(answer, other):
-    """'10 cm' -> '10' when the other side has no letters outside commands (a spaced unit word, not '2k')."""
-    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
-    other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
-    return found.group(1) if found and not other_has_words else answer
-
-
-def answer_items(answer):
-    """Lists, sets, tuples and intervals -> (kind, brackets, items); a single value -> None."""
-    if answer.count("\\pm") == 1:  # a \pm b is the list a+b, a-b
-        return ("set", "", [answer.replace("\\pm", "+"), answer.replace("\\pm", "-")])
-    if "\\cup" in answer:
-        return ("set", "", split_top_level(answer, "\\cup"))
-    if answer.startswith("\\{") and answer.endswith("\\}"):
-        return ("set", "", split_top_level(answer[2:-2], ","))
-    parts = split_top_level(answer, ",")
-    wrapped = len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]" and \
-        len(split_top_level(answer[1:-1], ",")) > 1 and split_top_level(answer, ",") == [answer]
-    if wrapped:
-        return ("tuple", answer[0] + answer[-1], split_top_level(answer[1:-1], ","))
-    return ("set", "", parts) if len(parts) > 1 else None
-
-
-def items_match(pred, gold):
-    (pred_kind, pred_brackets, pred_list), (gold_kind, gold_brackets, gold_list) = pred, gold
-    if pred_kind != gold_kind or pred_brackets != gold_brackets or len(pred_list) != len(gold_list):
-        return False
-    if len(gold_list) > 30:
-        return False
-    gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
-    named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)  # AB=4, CD=5
-    if gold_kind == "tuple" or (named_values and not any(map(split_label, pred_list))):
-        return all(map(match_normalized, pred_list, gold_list))
-    unmatched = list(gold_list)  # unordered: each predicted item must use up one gold item
-    for item in pred_list:
-        hit = next((g for g in unmatched if match_normalized(item, g)), None)
-        if hit is None:
-            return False
-        unmatched.remove(hit)
-    return True
-
-
-def matrix_cells(answer):
-    found = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", answer.strip(), re.S)
-    if not found:
-        return None
-    return [[cell.strip() for cell in row.split("&")] for row in found.group(1).split("\\\\") if row.strip()]
-
-
-def same_shape_cells_match(pred_cells, gold_cells):
-    return [len(r) for r in pred_cells] == [len(r) for r in gold_cells] and all(
-        match_normalized(p, g) for pr, gr in zip(pred_cells, gold_cells) for p, g in zip(pr, gr))
-
-
-TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|\\([a-zA-Z]+)|([a-zA-Z])"
-                   r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")
-
-
-@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: parse each once
-def parse_math(text):
-    """Our own recursive-descent parser for the answers we accept, building sympy objects; else None."""
-    tokens, position = [], 0
-    text = text.strip()
-    while position < len(text):
-        found = TOKEN.match(text, position)
-        if not found or found.end() == position:
-            return None
-        number, command, letter, symbol = found.groups()
-        tokens.append(("num", number) if number else ("cmd", command) if command else
-                      ("var", letter) if letter else ("sym", symbol))
-        position = found.end()
-    parser = MathParser(tokens)
-    try:
-        value = parser.expression()
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value if parser.index == len(tokens) and unknowns_degree(value) <= MAX_DEGREE else None
-
-
-def unknowns_degree(value):
-    """Sum of the exponents on unknowns: (x+1)^{9999} repeated 20 times is 199,980, too big to evaluate."""
-    powers = [power for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols]
-    return sum(abs(power.exp) for power in powers)
-
-
-class MathParser:
-    """expression := term (+|- term)*; term := unary ((*|/|implicit) unary)*; unary := -unary | power;
-    power := factor (^ unary)?; factor := number | variable | (expression) | {expression} | \\frac | \\sqrt | ..."""
-
-    def __init__(self, tokens):
-        self.tokens, self.index, self.depth = tokens, 0, 0
-
-    def peek(self):
-        return self.tokens[self.index] if self.index < len(self.tokens) else (None, None)
-
-    def take(self, kind=None, value=None):
-        token = self.peek()
-        if (kind and token[0] != kind) or (value and token[1] != value):
-            raise ValueError(f"expected {value or kind}")
-        self.index += 1
-        return token
-
-    def expression(self):
-        self.depth += 1
-        if self.depth > 40:
-            raise ValueError("nested too deeply")
-        value = self.term()
-        while self.peek() in (("sym", "+"), ("sym", "-")):
-            value = value + self.term() if self.take()[1] == "+" else value - self.term()
-        self.depth -= 1
-        return value
-
-    def term(self):
-        value = self.unary()
-        while True:
-            kind, token = self.peek()
-            if (kind, token) in (("sym", "*"), ("cmd", "cdot"), ("cmd", "times")):
-                self.take()
-                value = value * self.unary()
-            elif (kind, token) in (("sym", "/"), ("cmd", "div")):
-                self.take()
-                value = value / self.unary()
-            elif kind in ("num", "var") or (kind == "sym" and token in "({") or \
-                    (kind == "cmd" and token not in ("cdot", "times", "div")):
-                mixed = isinstance(value, sympy.Integer) and token == "frac" and self.tokens[self.index - 1][0] == "num"
-                right = self.unary()
-                value = value + right if mixed and right.is_Rational else value * right  # 1\frac14 = 5/4
-            else:
-                return value
-
-    def unary(self):
-        if self.peek() in (("sym", "-"), ("sym", "+")):
-            return -self.unary() if self.take()[1] == "-" else self.unary()
-        return self.power()
-
-    def power(self):
-        base = self.factor()
-        while self.peek() == ("sym", "!"):
-            self.take()
-            if not (base.is_Integer and 0 <= base <= 200):
-                raise ValueError("factorial out of range")
-            base = sympy.factorial(base)
-        if self.peek() in (("sym", "^"), ("sym", "**")):
-            self.take()
-            return safe_power(base, self.unary())
-        return base
-
-    def group(self):
-        kind, token = self.peek()
-        if kind == "sym" and token == "{":
-            self.take()
-            value = self.expression()
-            self.take("sym", "}")
-            return value
-        if kind == "num" and "." not in token and len(token) > 1:  # \frac12: single-digit arguments
-            self.tokens[self.index] = ("num", token[1:])
-            return sympy.Integer(token[0])
-        return self.factor()
-
-    def factor(self):
-        kind, token = self.take()
-        if kind == "num":
-            if len(token) > MAX_DIGITS:
-                raise ValueError("number too long")
-            mantissa, _, exponent = token.lower().partition("e")  # 3.2e-5, exactly
-            if abs(int(exponent or 0)) > MAX_RESULT_DIGITS:
-                raise ValueError("exponent too large")
-            return sympy.Rational(mantissa) * sympy.Integer(10) ** int(exponent or 0)
-        if kind == "var":
-            name = token
-            if self.peek() == ("sym", "_"):
-                self.take()
-                name += "_" + str(self.group())
-            return {"i": sympy.I, "e": sympy.E}.get(name, sympy.Symbol(name))
-        if kind == "sym" and token in "([{|":
-            value = self.expression()
-            self.take("sym", {"(": ")", "[": "]", "{": "}", "|": "|"}[token])
-            return sympy.Abs(value) if token == "|" else value
-        if kind == "cmd":
-            if token == "frac":
-                return self.group() / self.group()
-            if token == "sqrt":
-                degree = sympy.Integer(2)
-                if self.peek() == ("sym", "["):
-                    self.take()
-                    degree = self.expression()
-                    self.take("sym", "]")
-                return safe_power(self.group(), 1 / degree)
-            if token == "pi":
-                return sympy.pi
-            if token == "infty":
-                return sympy.oo
-            if token in GREEK:
-                name = token
-                if self.peek() == ("sym", "_"):
-                    self.take()
-                    name += "_" + str(self.group())
-                return sympy.Symbol(name)
-            if token in FUNCTIONS:
-                exponent = None
-                if self.peek() == ("sym", "^"):
-                    self.take()
-                    exponent = self.group()
-                value = FUNCTIONS[token](self.power())
-                return safe_power(value, exponent) if exponent is not None else value
-        raise ValueError(f"unsupported {token!r}")
-
-
-def safe_power(base, exponent):
-    """Refuse powers whose value would be astronomically large, e.g. 9^9^9^9 or 10^{10^{10}}."""
-    if exponent.is_Number:
-        if abs(exponent) > 10_000:
-            raise ValueError("exponent too large")
-        if base.is_Number and base != 0 and abs(exponent) * abs(math.log10(abs(complex(base))) + 1) > MAX_RESULT_DIGITS:
-            raise ValueError("power too large")
-    elif exponent.has(sympy.Pow) and base.is_Number:
-        raise ValueError("power tower")
-    return sympy.Pow(base, exponent)
-
-
-SAMPLE_POINTS = [sympy.Rational(p, q) for p, q in ((3, 7), (11, 13), (-5, 17), (19, 23), (2, 29), (-31, 37))]
-
-
-def values_equal(pred, gold, points=3):
-    """Exact rationals compare exactly; others to 35 digits, at `points` rational points if symbolic."""
-    if pred.free_symbols != gold.free_symbols:  # a renamed variable is a different answer
-        return False
-    if not gold.free_symbols:
-        return numbers_equal(pred, gold)
-    symbols = sorted(gold.free_symbols, key=str)
-    for shift in range(points):
-        point = sample_point(symbols, shift)
-        if not numbers_equal(pred.xreplace(point), gold.xreplace(point)):
-            return False
-    return True
-
-
-def sample_point(symbols, shift):
-    return {s: SAMPLE_POINTS[(i + shift) % len(SAMPLE_POINTS)] + shift for i, s in enumerate(symbols)}
-
-
-def numbers_equal(a, b):
-    if a == b:
-        return True
-    infinite = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
-    if (a.is_Rational and b.is_Rational) or a.has(*infinite) or b.has(*infinite):
-        return False
-    difference, size = sympy.N(a - b, 50), sympy.N(abs(a) + abs(b), 50)
-    return bool(abs(difference) <= size * sympy.Float("1e-35", 50))
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    """A hard wall-clock bound on one grading call (main thread only; elsewhere the input bounds suffice)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def on_alarm(*_):
-        raise TimeoutError("grading took too long")
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
-# ----------------------------------------------------------------------------------------------
 class Scores(NamedTuple):
     rewards: torch.Tensor   # (B,) what the advantages are computed from
     accuracy: torch.Tensor  # (B,) 1.0 where the checker finds the gold answer
@@ -1003,6 +438,40 @@ def stack_samples(chunks, tokenizer, stop):
                                    skip_special_tokens=True)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
     return Samples(input_ids, attention_mask, P, completion_mask, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# One step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
+#   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
+#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and gradient.
+# Either way the step generates G sequences per problem: the matched rollout budget.
+# ----------------------------------------------------------------------------------------------
+def repeat(items, times):
+    return [item for item in items for _ in range(times)]
+
+
+def rollout(model, tokenizer, batch, cfg, judge=None):
+    """Sample and score one step. Returns (samples to train on, rewards, group size, metrics)."""
+    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
+    prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
+    group, info = cfg.group_size, dict(draft_reward=None, best_draft_reward=None, generated_tokens=0)
+    if cfg.algo == "igrpo":
+        N = cfg.num_drafts
+        drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
+        draft_rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge).rewards
+        best_rows = torch.arange(len(batch)) * N + draft_rewards.view(-1, N).argmax(1)  # argmax: first of ties
+        best_drafts = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens) for row in best_rows.tolist()]
+        prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
+                   for problem, draft in zip(problems, best_drafts)]
+        group = cfg.group_size - N
+        info.update(draft_reward=draft_rewards.mean().item(), best_draft_reward=draft_rewards[best_rows].mean().item(),
+                    best_drafts=best_drafts, generated_tokens=int(drafts.lengths.sum()))
+    samples = sample(model, tokenizer, prompts, cfg, per_prompt=group)
+    scores = score(samples.texts, repeat(golds, group), cfg, samples.lengths, repeat(problems, group), judge)
+    info.update(accuracy=scores.accuracy.mean().item(), format_reward=scores.format.mean().item(),
+                judge_unparsed=scores.judge_unparsed,
+                generated_tokens=info["generated_tokens"] + int(samples.lengths.sum()))
+    return samples, scores.rewards, group, info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1244,58 +713,6 @@ def learning_rate(step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# One step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
-#   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
-#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and gradient.
-# Either way the step generates G sequences per problem: the matched rollout budget.
-# ----------------------------------------------------------------------------------------------
-def rollout(model, tokenizer, batch, cfg, judge=None):
-    """Sample and score one step. Returns (samples to train on, rewards, group size, metrics)."""
-    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
-    prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
-    group, info = cfg.group_size, dict(draft_reward=None, best_draft_reward=None, generated_tokens=0)
-    if cfg.algo == "igrpo":
-        N = cfg.num_drafts
-        drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
-        draft_rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge).rewards
-        best_rows = torch.arange(len(batch)) * N + draft_rewards.view(-1, N).argmax(1)  # argmax: first of ties
-        best_drafts = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens) for row in best_rows.tolist()]
-        prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
-                   for problem, draft in zip(problems, best_drafts)]
-        group = cfg.group_size - N
-        info.update(draft_reward=draft_rewards.mean().item(), best_draft_reward=draft_rewards[best_rows].mean().item(),
-                    best_drafts=best_drafts, generated_tokens=int(drafts.lengths.sum()))
-    samples = sample(model, tokenizer, prompts, cfg, per_prompt=group)
-    scores = score(samples.texts, repeat(golds, group), cfg, samples.lengths, repeat(problems, group), judge)
-    info.update(accuracy=scores.accuracy.mean().item(), format_reward=scores.format.mean().item(),
-                judge_unparsed=scores.judge_unparsed,
-                generated_tokens=info["generated_tokens"] + int(samples.lengths.sum()))
-    return samples, scores.rewards, group, info
-
-
-def repeat(items, times):
-    return [item for item in items for _ in range(times)]
-
-
-@torch.no_grad()
-def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
-    """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples.
-    Under torchrun each rank scores its share; over_ranks=False: this process alone scores them all."""
-    problems, correct = shard_problems(problems) if over_ranks else problems, 0.0
-    prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
-    k = cfg.eval_samples
-    if problems:
-        samples = sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
-                         top_p=cfg.eval_top_p, progress="held-out")
-        golds = repeat([p["answer"] for p in problems], k)
-        correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
-    count = len(problems) * k
-    if over_ranks:
-        correct, count = summed_over_ranks(correct, count)
-    return correct / count
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def device_and_dtype(choice):
@@ -1345,6 +762,24 @@ def save(model, tokenizer, folder, trainer_state=None):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
+
+
+@torch.no_grad()
+def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
+    """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples.
+    Under torchrun each rank scores its share; over_ranks=False: this process alone scores them all."""
+    problems, correct = shard_problems(problems) if over_ranks else problems, 0.0
+    prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
+    k = cfg.eval_samples
+    if problems:
+        samples = sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
+                         top_p=cfg.eval_top_p, progress="held-out")
+        golds = repeat([p["answer"] for p in problems], k)
+        correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
+    count = len(problems) * k
+    if over_ranks:
+        correct, count = summed_over_ranks(correct, count)
+    return correct / count
 
 
 def load_judge(cfg, device, dtype):
@@ -1892,6 +1327,573 @@ def main(argv=None):
         return train(cfg)
     except KeyboardInterrupt:  # a Ctrl-C outside the step loop, or a second one inside it
         raise SystemExit(INTERRUPTED)
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix. Answer checking: how a completion is graded (math_reward's answers_match)
+# It never evaluates model text: a parser of our own builds sympy objects from bounded input, and
+# every call has a 1-second wall-clock limit.
+#
+# Grading policy.
+# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when only
+#   list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the last
+#   explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else
+#   none, which scores 0. A gold that is a full solution is read by the same rules.
+# - Cosmetics never matter: units (spaced, or in \text/\mbox), \text, spacing, \left/\right, \dfrac,
+#   \cfrac, math delimiters, degrees, percent, case, Unicode forms. Digit groups join (12,345,
+#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas. 0.\overline{3} is
+#   1/3; a number word (zero to ninety-nine) is its number.
+# - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits, so
+#   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
+#   variables required).
+# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
+#   brackets must agree). An inequality in one unknown is that unknown labelled with its interval:
+#   a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value on
+#   either side; labels on both sides must agree. Other equations match side by side, or as the same
+#   equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is compared as text.
+# Ambiguous readings, decided (each one is a row of the case table):
+# - A comma between digit groups is a thousands separator only outside brackets: (1,234) and (12,102)
+#   are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join digits anywhere.
+# - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
+#   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
+# - A single name on the left is a label even before an expression: 2x+3 matches the gold y = 2x + 3.
+# - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
+# - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
+#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
+# - Boxes on different lines, or with other words between them, are not joined: the last box counts.
+# ----------------------------------------------------------------------------------------------
+MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
+MAX_DIGITS = 60             # longest number literal the parser accepts
+MAX_RESULT_DIGITS = 400     # a power whose value would need more digits is not built
+MAX_DEGREE = 10_000         # most total exponent on unknowns: their values at sample points stay small
+
+BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOX_CONNECTOR = re.compile(r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or"
+                           r"|[a-zA-Z] *=)*", re.IGNORECASE)  # what may lie between boxes of one list answer
+CHOICE = re.compile(r"\(?([A-E])\)?")
+MARKER = re.compile(
+    r"<answer>(?P<tag>[^<]{1,400})</answer>|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is"
+    r" correct|\n|$)|the answer is:?\s*(?P<answer_is>[^\n]{1,400})|answer:\s*(?P<colon>[^\n]{1,400})"
+    r"|####\s*(?P<hash>[^\n]{1,400})|\\boxed\s+(?P<bare>[^\s$]{1,100})", re.IGNORECASE)
+
+
+def extract_answer(text):
+    """The final answer of a completion (or of a gold solution), or None."""
+    if not text:
+        return None
+    closing, stack = {}, []
+    for match in re.finditer(r"[{}]", text):  # one pass pairs every brace: linear even for 20,000 "\boxed{"
+        if match.group() == "{":
+            stack.append(match.start())
+        elif stack:
+            closing[stack.pop()] = match.start()
+    boxes = [(m.start(), m.end(), closing[m.end() - 1]) for m in BOX.finditer(text) if m.end() - 1 in closing]
+    if boxes:
+        return final_boxes(text, boxes)
+    markers = list(MARKER.finditer(text))
+    if not markers:
+        return None
+    answer = next(v for v in markers[-1].groupdict().values() if v is not None)
+    answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
+    answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
+    return (extract_answer(answer) if MARKER.search(answer) else None) or answer or None
+
+
+def final_boxes(text, boxes):
+    """The last box's content; with the boxes before it that only list connectors separate, a list."""
+    start, content_start, content_end = boxes[-1]
+    answers = [text[content_start:content_end].strip()]  # last first
+    for previous_start, previous_content_start, previous_end in reversed(boxes[:-1]):
+        if previous_end > start:  # a box around the answer: \boxed{\boxed{3}}
+            start = previous_start
+        elif start - previous_end <= 40 and BOX_CONNECTOR.fullmatch(text, previous_end + 1, start):
+            answers.append(text[previous_content_start:previous_end].strip())
+            start = previous_start
+        else:
+            break
+    return ", ".join(reversed(answers))
+
+
+GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho "
+         "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega").split()
+FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc,
+             "cot": sympy.cot, "ln": sympy.log, "log": sympy.log, "exp": sympy.exp, "arcsin": sympy.asin,
+             "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh}
+UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ", "∞": "\\infty ",
+           "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
+DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  12,\!345  1\,000
+THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
+COSMETIC = [  # (pattern, replacement), in order
+    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox|operatorname)"
+     r"\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
+    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""), (r"(?<!\\)\\[()\[\]]", ""),
+    (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
+    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
+    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"), (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
+    (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
+    (r"\s+", " ")]
+LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
+REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen seventeen eighteen nineteen").split()
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def normalize(answer):
+    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating decimals."""
+    answer = unicodedata.normalize("NFKC", answer)
+    for symbol, latex in UNICODE.items():
+        answer = answer.replace(symbol, latex)
+    answer = join_digit_groups(answer)
+    for pattern, replacement in COSMETIC:
+        answer = re.sub(pattern, replacement, answer)
+    answer = LIST_CONNECTOR.sub(", ", answer)
+    answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
+    return number_word_as_digits(answer.strip().rstrip(".").strip())
+
+
+def join_digit_groups(answer):
+    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets, where a comma separates items."""
+    answer = DIGIT_GROUP_MARK.sub("", answer)
+    join = lambda found: found.group().replace(",", "")
+    if not THOUSANDS.search(answer) or not re.search(r"[()\[\]]|\\[{}]", answer):
+        return THOUSANDS.sub(join, answer)  # nothing to join, or no brackets to keep out of
+    depth, depths = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
+    for index, char in enumerate(answer):
+        escaped = index > 0 and answer[index - 1] == "\\"
+        depth += (char in "([" or (char == "{" and escaped)) - (char in ")]" or (char == "}" and escaped))
+        depths.append(depth)
+    return THOUSANDS.sub(lambda found: join(found) if depths[found.start()] == 0 else found.group(), answer)
+
+
+def repeating_decimal_as_fraction(found):
+    """1.2\\overline{34} -> \\frac{611}{495}, exactly."""
+    whole, fixed, repeating = found.groups()
+    denominator = 10 ** len(fixed) * (10 ** len(repeating) - 1)
+    numerator = int(whole or 0) * denominator + int(fixed + repeating) - int(fixed or 0)
+    return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+def number_word_as_digits(answer):
+    """'twelve' -> '12', 'Forty-two' -> '42'; any other answer unchanged."""
+    found = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", answer.lower())
+    if not found:
+        return answer
+    word, units = found.groups()
+    if units is None and word in NUMBER_WORDS:
+        return str(NUMBER_WORDS.index(word))
+    if word in TENS_WORDS and (units is None or units in NUMBER_WORDS[1:10]):
+        return str(20 + 10 * TENS_WORDS.index(word) + (NUMBER_WORDS.index(units) if units else 0))
+    return answer
+
+
+def split_top_level(text, separator):
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
+        if depth == 0 and text.startswith(separator, index):
+            parts.append(text[start:index])
+            start = index + len(separator)
+    return [part.strip() for part in parts + [text[start:]]]
+
+
+def answers_match(pred, gold):
+    """True when a careful grader would accept `pred` for `gold`. Never raises, returns in about 1 s.
+    Either side may be a full solution: its final answer is read by the rules of `extract_answer`."""
+    if pred is None or gold is None:
+        return False
+    try:
+        with time_limit(1.0):
+            return match_normalized(normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold))))
+    except Exception:  # TimeoutError, RecursionError, anything sympy throws: an answer we cannot grade is wrong
+        return False
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """A hard wall-clock bound on one grading call (main thread only; elsewhere the input bounds suffice)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(*_):
+        raise TimeoutError("grading took too long")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def match_normalized(pred, gold):
+    compact = lambda s: s.replace(" ", "").lower()
+    if compact(pred) == compact(gold):
+        return True
+    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+        return False
+    gold_choice = CHOICE.fullmatch(gold.replace(" ", ""))  # multiple choice: (C), C, \text{(C)}
+    if gold_choice:
+        found = CHOICE.fullmatch(pred.replace(" ", ""))
+        return bool(found) and found.group(1) == gold_choice.group(1)
+    pred, gold = inequality_as_interval(pred), inequality_as_interval(gold)
+    pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
+    if len(pred_sides) == 2 and len(gold_sides) == 2:
+        return equations_match(pred_sides, gold_sides)
+    pred_label, gold_label = split_label(pred), split_label(gold)
+    if gold_label and len(pred_sides) == 1:
+        return match_normalized(pred, gold_label[1])
+    if pred_label and len(gold_sides) == 1:
+        return match_normalized(pred_label[1], gold)  # "x = 5" for the value 5
+    if len(pred_sides) == 2 or len(gold_sides) == 2:  # an equation against a value
+        return False
+    if "\\begin{" in gold:
+        pred_cells, gold_cells = matrix_cells(pred), matrix_cells(gold)
+        return bool(pred_cells and gold_cells) and same_shape_cells_match(pred_cells, gold_cells)
+    gold_items, pred_items = answer_items(gold), answer_items(pred)
+    if gold_items or pred_items:
+        return gold_items is not None and pred_items is not None and items_match(pred_items, gold_items)
+    gold_value = parse_math(strip_units(gold, pred))
+    pred_value = parse_math(strip_units(pred, gold))
+    return gold_value is not None and pred_value is not None and values_equal(pred_value, gold_value)
+
+
+NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
+LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?|\({NAME}(?:,{NAME})+\)|{NAME}(?::{NAME})+"  # k  f(x)  (p,q)  a:b
+                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")                                  # \frac{AB}{CD}
+
+
+def split_label(answer):
+    """'k = 1' -> ['k', '1']: a value under the name of what it is. None for anything else."""
+    sides = split_top_level(answer, "=")
+    if len(sides) != 2 or not LABEL.fullmatch(sides[0].replace(" ", "")):
+        return None
+    statement = re.fullmatch(r"[A-Z]{2,}", sides[0]) and re.fullmatch(r"[A-Z]{2,}", sides[1])  # MR=SRMC
+    return None if statement else sides
+
+
+def equations_match(pred_sides, gold_sides):
+    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
+    if any(all(map(match_normalized, sides, gold_sides)) for sides in (pred_sides, pred_sides[::-1])):
+        return True
+    sides = [parse_math(side) for side in pred_sides + gold_sides]
+    return None not in sides and proportional(sides[0] - sides[1], sides[2] - sides[3])
+
+
+def proportional(a, b):
+    """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
+    if not b.free_symbols or a.free_symbols != b.free_symbols:
+        return False
+    points = [sample_point(sorted(b.free_symbols, key=str), shift) for shift in range(len(SAMPLE_POINTS))]
+    point = next((p for p in points if b.xreplace(p) != 0), None)  # x - 3/7 vanishes at the first point
+    scale = a.xreplace(point) / b.xreplace(point) if point else sympy.zoo
+    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=len(SAMPLE_POINTS))
+
+
+INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
+FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
+
+
+@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: convert each once
+def inequality_as_interval(answer):
+    """An inequality in one unknown -> the unknown labelled with its interval: a < x \\leq b -> x = (a, b]."""
+    parts = [part.strip() for part in INEQUALITY.split(answer)]
+    if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
+        parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
+    ascending = len(parts) == 5 and parts[1] in ("<", "\\leq") and parts[3] in ("<", "\\leq")
+    if ascending and is_unknown(parts[2]):
+        return f"{parts[2]} = {interval(parts[0], parts[1], parts[4], parts[3])}"
+    one_sided = unknown_on_the_left(*parts) if len(parts) == 3 else None
+    if one_sided is None:
+        return answer
+    unknown, relation, bound = one_sided  # x > 2 -> x = (2, \infty)
+    if relation in ("<", "\\leq"):
+        return f"{unknown} = " + interval("-\\infty", "<", bound, relation)
+    return f"{unknown} = " + interval(bound, FLIPPED[relation], "\\infty", "<")
+
+
+def is_unknown(text):
+    return isinstance(parse_math(text), sympy.Symbol)  # x, t, x_1, \theta; not \pi, e or \infty
+
+
+def interval(low, low_relation, high, high_relation):
+    """low < x <= high -> '(low, high]'."""
+    return f"{'(' if low_relation == '<' else '['}{low}, {high}{')' if high_relation == '<' else ']'}"
+
+
+def unknown_on_the_left(left, relation, right):
+    """'x < 3' -> ('x', '<', '3'); '5 \\geq x' -> ('x', '\\leq', '5'); solved: '-x > -1' -> ('x', '<', '1')"""
+    if is_unknown(left):
+        return left, relation, right
+    if is_unknown(right):
+        return right, FLIPPED[relation], left
+    left_value, right_value = parse_math(left), parse_math(right)
+    if left_value is None or right_value is None:
+        return None
+    difference = left_value - right_value  # linear in one unknown: slope * x + offset
+    if len(difference.free_symbols) != 1:
+        return None
+    unknown = next(iter(difference.free_symbols))
+    offset = difference.xreplace({unknown: 0})
+    slope = difference.xreplace({unknown: 1}) - offset
+    if not (slope.is_positive or slope.is_negative) or not values_equal(difference, slope * unknown + offset):
+        return None
+    relation = relation if slope.is_positive else FLIPPED[relation]
+    return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
+
+
+def strip_units(answer, other):
+    """'10 cm' -> '10' when the other side has no letters outside commands (a spaced unit word, not '2k')."""
+    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
+    other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
+    return found.group(1) if found and not other_has_words else answer
+
+
+def answer_items(answer):
+    """Lists, sets, tuples and intervals -> (kind, brackets, items); a single value -> None."""
+    if answer.count("\\pm") == 1:  # a \pm b is the list a+b, a-b
+        return ("set", "", [answer.replace("\\pm", "+"), answer.replace("\\pm", "-")])
+    if "\\cup" in answer:
+        return ("set", "", split_top_level(answer, "\\cup"))
+    if answer.startswith("\\{") and answer.endswith("\\}"):
+        return ("set", "", split_top_level(answer[2:-2], ","))
+    parts = split_top_level(answer, ",")
+    wrapped = len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]" and \
+        len(split_top_level(answer[1:-1], ",")) > 1 and split_top_level(answer, ",") == [answer]
+    if wrapped:
+        return ("tuple", answer[0] + answer[-1], split_top_level(answer[1:-1], ","))
+    return ("set", "", parts) if len(parts) > 1 else None
+
+
+def items_match(pred, gold):
+    (pred_kind, pred_brackets, pred_list), (gold_kind, gold_brackets, gold_list) = pred, gold
+    if pred_kind != gold_kind or pred_brackets != gold_brackets or len(pred_list) != len(gold_list):
+        return False
+    if len(gold_list) > 30:
+        return False
+    gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
+    named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)  # AB=4, CD=5
+    if gold_kind == "tuple" or (named_values and not any(map(split_label, pred_list))):
+        return all(map(match_normalized, pred_list, gold_list))
+    unmatched = list(gold_list)  # unordered: each predicted item must use up one gold item
+    for item in pred_list:
+        hit = next((g for g in unmatched if match_normalized(item, g)), None)
+        if hit is None:
+            return False
+        unmatched.remove(hit)
+    return True
+
+
+def matrix_cells(answer):
+    found = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", answer.strip(), re.S)
+    if not found:
+        return None
+    return [[cell.strip() for cell in row.split("&")] for row in found.group(1).split("\\\\") if row.strip()]
+
+
+def same_shape_cells_match(pred_cells, gold_cells):
+    return [len(r) for r in pred_cells] == [len(r) for r in gold_cells] and all(
+        match_normalized(p, g) for pr, gr in zip(pred_cells, gold_cells) for p, g in zip(pr, gr))
+
+
+TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|\\([a-zA-Z]+)|([a-zA-Z])"
+                   r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")
+
+
+@functools.lru_cache(maxsize=4096)  # list items are compared pairwise: parse each once
+def parse_math(text):
+    """Our own recursive-descent parser for the answers we accept, building sympy objects; else None."""
+    tokens, position = [], 0
+    text = text.strip()
+    while position < len(text):
+        found = TOKEN.match(text, position)
+        if not found or found.end() == position:
+            return None
+        number, command, letter, symbol = found.groups()
+        tokens.append(("num", number) if number else ("cmd", command) if command else
+                      ("var", letter) if letter else ("sym", symbol))
+        position = found.end()
+    parser = MathParser(tokens)
+    try:
+        value = parser.expression()
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if parser.index == len(tokens) and unknowns_degree(value) <= MAX_DEGREE else None
+
+
+def unknowns_degree(value):
+    """Sum of the exponents on unknowns: (x+1)^{9999} repeated 20 times is 199,980, too big to evaluate."""
+    powers = [power for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols]
+    return sum(abs(power.exp) for power in powers)
+
+
+class MathParser:
+    """expression := term (+|- term)*; term := unary ((*|/|implicit) unary)*; unary := -unary | power;
+    power := factor (^ unary)?; factor := number | variable | (expression) | {expression} | \\frac | \\sqrt | ..."""
+
+    def __init__(self, tokens):
+        self.tokens, self.index, self.depth = tokens, 0, 0
+
+    def peek(self):
+        return self.tokens[self.index] if self.index < len(self.tokens) else (None, None)
+
+    def take(self, kind=None, value=None):
+        token = self.peek()
+        if (kind and token[0] != kind) or (value and token[1] != value):
+            raise ValueError(f"expected {value or kind}")
+        self.index += 1
+        return token
+
+    def expression(self):
+        self.depth += 1
+        if self.depth > 40:
+            raise ValueError("nested too deeply")
+        value = self.term()
+        while self.peek() in (("sym", "+"), ("sym", "-")):
+            value = value + self.term() if self.take()[1] == "+" else value - self.term()
+        self.depth -= 1
+        return value
+
+    def term(self):
+        value = self.unary()
+        while True:
+            kind, token = self.peek()
+            if (kind, token) in (("sym", "*"), ("cmd", "cdot"), ("cmd", "times")):
+                self.take()
+                value = value * self.unary()
+            elif (kind, token) in (("sym", "/"), ("cmd", "div")):
+                self.take()
+                value = value / self.unary()
+            elif kind in ("num", "var") or (kind == "sym" and token in "({") or \
+                    (kind == "cmd" and token not in ("cdot", "times", "div")):
+                mixed = isinstance(value, sympy.Integer) and token == "frac" and self.tokens[self.index - 1][0] == "num"
+                right = self.unary()
+                value = value + right if mixed and right.is_Rational else value * right  # 1\frac14 = 5/4
+            else:
+                return value
+
+    def unary(self):
+        if self.peek() in (("sym", "-"), ("sym", "+")):
+            return -self.unary() if self.take()[1] == "-" else self.unary()
+        return self.power()
+
+    def power(self):
+        base = self.factor()
+        while self.peek() == ("sym", "!"):
+            self.take()
+            if not (base.is_Integer and 0 <= base <= 200):
+                raise ValueError("factorial out of range")
+            base = sympy.factorial(base)
+        if self.peek() in (("sym", "^"), ("sym", "**")):
+            self.take()
+            return safe_power(base, self.unary())
+        return base
+
+    def group(self):
+        kind, token = self.peek()
+        if kind == "sym" and token == "{":
+            self.take()
+            value = self.expression()
+            self.take("sym", "}")
+            return value
+        if kind == "num" and "." not in token and len(token) > 1:  # \frac12: single-digit arguments
+            self.tokens[self.index] = ("num", token[1:])
+            return sympy.Integer(token[0])
+        return self.factor()
+
+    def factor(self):
+        kind, token = self.take()
+        if kind == "num":
+            if len(token) > MAX_DIGITS:
+                raise ValueError("number too long")
+            mantissa, _, exponent = token.lower().partition("e")  # 3.2e-5, exactly
+            if abs(int(exponent or 0)) > MAX_RESULT_DIGITS:
+                raise ValueError("exponent too large")
+            return sympy.Rational(mantissa) * sympy.Integer(10) ** int(exponent or 0)
+        if kind == "var":
+            name = token
+            if self.peek() == ("sym", "_"):
+                self.take()
+                name += "_" + str(self.group())
+            return {"i": sympy.I, "e": sympy.E}.get(name, sympy.Symbol(name))
+        if kind == "sym" and token in "([{|":
+            value = self.expression()
+            self.take("sym", {"(": ")", "[": "]", "{": "}", "|": "|"}[token])
+            return sympy.Abs(value) if token == "|" else value
+        if kind == "cmd":
+            if token == "frac":
+                return self.group() / self.group()
+            if token == "sqrt":
+                degree = sympy.Integer(2)
+                if self.peek() == ("sym", "["):
+                    self.take()
+                    degree = self.expression()
+                    self.take("sym", "]")
+                return safe_power(self.group(), 1 / degree)
+            if token == "pi":
+                return sympy.pi
+            if token == "infty":
+                return sympy.oo
+            if token in GREEK:
+                name = token
+                if self.peek() == ("sym", "_"):
+                    self.take()
+                    name += "_" + str(self.group())
+                return sympy.Symbol(name)
+            if token in FUNCTIONS:
+                exponent = None
+                if self.peek() == ("sym", "^"):
+                    self.take()
+                    exponent = self.group()
+                value = FUNCTIONS[token](self.power())
+                return safe_power(value, exponent) if exponent is not None else value
+        raise ValueError(f"unsupported {token!r}")
+
+
+def safe_power(base, exponent):
+    """Refuse powers whose value would be astronomically large, e.g. 9^9^9^9 or 10^{10^{10}}."""
+    if exponent.is_Number:
+        if abs(exponent) > 10_000:
+            raise ValueError("exponent too large")
+        if base.is_Number and base != 0 and abs(exponent) * abs(math.log10(abs(complex(base))) + 1) > MAX_RESULT_DIGITS:
+            raise ValueError("power too large")
+    elif exponent.has(sympy.Pow) and base.is_Number:
+        raise ValueError("power tower")
+    return sympy.Pow(base, exponent)
+
+
+SAMPLE_POINTS = [sympy.Rational(p, q) for p, q in ((3, 7), (11, 13), (-5, 17), (19, 23), (2, 29), (-31, 37))]
+
+
+def values_equal(pred, gold, points=3):
+    """Exact rationals compare exactly; others to 35 digits, at `points` rational points if symbolic."""
+    if pred.free_symbols != gold.free_symbols:  # a renamed variable is a different answer
+        return False
+    if not gold.free_symbols:
+        return numbers_equal(pred, gold)
+    symbols = sorted(gold.free_symbols, key=str)
+    for shift in range(points):
+        point = sample_point(symbols, shift)
+        if not numbers_equal(pred.xreplace(point), gold.xreplace(point)):
+            return False
+    return True
+
+
+def sample_point(symbols, shift):
+    return {s: SAMPLE_POINTS[(i + shift) % len(SAMPLE_POINTS)] + shift for i, s in enumerate(symbols)}
+
+
+def numbers_equal(a, b):
+    if a == b:
+        return True
+    infinite = (sympy.oo, -sympy.oo, sympy.zoo, sympy.nan)
+    if (a.is_Rational and b.is_Rational) or a.has(*infinite) or b.has(*infinite):
+        return False
+    difference, size = sympy.N(a - b, 50), sympy.N(abs(a) + abs(b), 50)
+    return bool(abs(difference) <= size * sympy.Float("1e-35", 50))
 
 
 if __name__ == "__main__":
