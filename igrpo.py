@@ -1,5 +1,5 @@
 """
-igrpo.py: GRPO and iGRPO (Iterative Group Relative Policy Optimization) for math reasoning, in one file.
+igrpo.py: GRPO and iGRPO (Iterative Group Relative Policy Optimization) for math reasoning.
 
 Paper: "iGRPO: Self-Feedback-Driven LLM Reasoning", Hatamizadeh et al., arXiv:2602.09000 (2026).
 GRPO samples a group of answers per problem and pushes up the ones that beat the group's average.
@@ -11,7 +11,8 @@ Read top to bottom: settings, data, prompts, answer checking and rewards, sampli
 group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop,
 what a long run needs (checkpoints, resume, Ctrl-C), main.
 
-    python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval --steps 500
+    python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval
+    python toy.py                    # the offline toy world: a tiny model trained on the CPU
 """
 import argparse
 import atexit
@@ -48,23 +49,23 @@ def setting(default, help):
 
 
 @dataclass
-class Config:
+class Config:  # check_config ("The command line", near the end) vets every value before a run
     # what to train
     model: str = setting("", "Hugging Face causal LM (hub name or local folder) to train")
     dataset: str = setting("", "hub dataset name or local .jsonl/.json/.parquet file of problems")
     dataset_config: str = setting("", "hub dataset config, e.g. 'main' for openai/gsm8k")
     split: str = setting("train", "dataset split to train on")
-    problem_key: str = setting("", "column with the problem (default: the first of problem/question/prompt/query)")
-    answer_key: str = setting("", "column with the gold answer or solution (default: answer/solution/...)")
-    eval_dataset: str = setting("", "held-out problems scored before and after training (local file or hub name)")
+    problem_key: str = setting("", "problem column (default: problem/question/prompt/query)")
+    answer_key: str = setting("", "gold answer or solution column (default: answer/solution/...)")
+    eval_dataset: str = setting("", "held-out problems, scored before and after (file or hub)")
     eval_limit: int = setting(200, "score at most this many held-out problems")
-    eval_every: int = setting(0, "also score the held-out set every N steps (0: only before and after)")
-    eval_samples: int = setting(1, "samples per held-out problem; accuracy is their mean (the paper's avg@k)")
+    eval_every: int = setting(0, "also score the held-out set every N steps (0: never)")
+    eval_samples: int = setting(1, "samples per held-out problem (accuracy: the paper's avg@k)")
     # the method
-    algo: str = setting("igrpo", "igrpo (Stage-1 drafts, Stage-2 refinements) or grpo (the baseline)")
-    loss: str = setting("grpo", "grpo | dr_grpo | dapo | gspo: how the surrogate is ratioed, clipped, averaged")
-    group_size: int = setting(8, "completions generated per problem per step, both stages together")
-    num_drafts: int = setting(4, "iGRPO Stage-1 drafts per problem; refinements = group_size - num_drafts")
+    algo: str = setting("igrpo", "igrpo (drafts, then refinements) or grpo (the baseline)")
+    loss: str = setting("grpo", "grpo | dr_grpo | dapo | gspo: how the loss clips, averages")
+    group_size: int = setting(8, "sequences generated per problem per step, both stages together")
+    num_drafts: int = setting(4, "iGRPO Stage-1 drafts per problem; the rest are refinements")
     prompts_per_step: int = setting(8, "problems per update step")
     steps: int = setting(100, "update steps")
     lr: float = setting(1e-6, "peak learning rate")
@@ -73,82 +74,45 @@ class Config:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
     clip_eps_low: float = setting(0.0, "ratio clip below 1 (0: the loss's default, 0.2; gspo 3e-4)")
-    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's default, 0.2; dapo 0.28; gspo 4e-4)")
+    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's default; dapo 0.28)")
     beta: float = setting(0.0, "weight of the k3 KL penalty to the frozen reference (paper: 0)")
-    ppo_epochs: int = setting(1, "updates per sampled batch (1: the sampler is the policy, no old-logprob pass)")
-    reward: str = setting("rule", "rule (answer checker) | judge (generative judge) | rule+judge (their mean)")
+    ppo_epochs: int = setting(1, "updates per sampled batch (1: no old-logprob pass is needed)")
+    reward: str = setting("rule", "rule (answer checker) | judge (an LM) | rule+judge (their mean)")
     judge_model: str = setting("", "judge LM (hub name or folder) for --reward judge")
-    judge_url: str = setting("", "OpenAI-compatible endpoint (vLLM, SGLang) serving the judge instead")
-    format_weight: float = setting(0.0, "weight of the format reward (final answer in \\boxed{} after reasoning)")
-    overlong_buffer: int = setting(0, "DAPO soft overlong penalty over the last N tokens of the budget (0: off)")
+    judge_url: str = setting("", "OpenAI-compatible endpoint (vLLM, SGLang) serving the judge")
+    format_weight: float = setting(0.0, "weight of the format reward (reasoning, one \\boxed{})")
+    overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens")
     # sampling
     temperature: float = setting(0.7, "sampling temperature during training")
-    top_p: float = setting(1.0, "nucleus sampling during training (log-probs ignore the cut below 1)")
+    top_p: float = setting(1.0, "nucleus sampling in training (log-probs ignore its cut)")
     max_prompt_tokens: int = setting(1024, "longer problems are skipped")
     max_completion_tokens: int = setting(4096, "generation budget per completion")
-    max_draft_tokens: int = setting(2048, "a longer best draft is cut from the front, keeping its end")
-    eval_temperature: float = setting(0.6, "sampling temperature for held-out scoring (and eval.py)")
+    max_draft_tokens: int = setting(2048, "a longer best draft loses its beginning")
+    eval_temperature: float = setting(0.6, "temperature for held-out scoring (and eval.py)")
     eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring (and eval.py)")
-    chat_template: str = setting("auto", "auto | on | off: wrap prompts in the tokenizer's chat template")
+    chat_template: str = setting("auto", "auto | on | off: the tokenizer's chat template")
     # engineering
     micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory")
     generation_batch_size: int = setting(256, "sequences per generate call")
     gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
-    dtype: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; master weights stay fp32")
+    dtype: str = setting("auto", "auto (GPU: bf16, CPU: fp32) | bf16 | fp32 (master weights: fp32)")
     trust_remote_code: bool = setting(False, "allow model/tokenizer code from the hub")
     seed: int = setting(0, "random seed")
     output_dir: str = setting("runs/igrpo", "metrics.jsonl, args.json and checkpoints go here")
     save_every: int = setting(0, "also save a checkpoint every N steps (0: only the final one)")
     keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)")
     resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint")
-    overwrite: bool = setting(False, "start afresh in an --output-dir that holds a run, deleting that run")
+    overwrite: bool = setting(False, "delete the run in --output-dir and start afresh")
     # scaling out (see "Scaling out" below; multi-GPU runs start with torchrun, no flag)
-    lora_rank: int = setting(0, "train LoRA adapters of this rank on a frozen base (0: full fine-tuning)")
+    lora_rank: int = setting(0, "LoRA adapters of this rank on a frozen base (0: all weights)")
     lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x")
-    lora_targets: str = setting("all-linear", "modules given adapters: all-linear, or e.g. q_proj,v_proj")
-    save_merged: bool = setting(False, "with --lora-rank: also save final-merged/, adapter merged in")
+    lora_targets: str = setting("all-linear", "modules with adapters (or e.g. q_proj,v_proj)")
+    save_merged: bool = setting(False, "with --lora-rank: also save the merged model")
 
 
 def fail(message):
     """Bad input stops the run before training with one line that names the problem."""
     raise SystemExit(f"igrpo: error: {message}")
-
-
-def check_config(cfg):
-    choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
-                   reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
-                   chat_template=("auto", "on", "off"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.group_size < 2:
-        fail(f"--group-size {cfg.group_size}: a group needs at least 2 completions")
-    if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
-        fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at least 1 draft "
-             "and 2 refinements (num_drafts <= group_size - 2)")
-    for name in ("steps", "prompts_per_step", "ppo_epochs", "eval_samples", "micro_batch_size", "generation_batch_size",
-                 "max_completion_tokens", "max_draft_tokens", "max_prompt_tokens"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        fail(f"--temperature {cfg.temperature} --top-p {cfg.top_p}: training samples need temperature > 0 and "
-             "0 < top-p <= 1 (log-probs are taken under softmax(logits / temperature))")
-    if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
-        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
-    if cfg.dataset and not cfg.model:
-        fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the offline toy world)")
-    bounds = dict(lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
-                  max_grad_norm=(cfg.max_grad_norm > 0, "> 0"), weight_decay=(cfg.weight_decay >= 0, ">= 0"),
-                  min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
-                  warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
-                  eval_every=(cfg.eval_every >= 0, ">= 0"), save_every=(cfg.save_every >= 0, ">= 0"),
-                  keep_checkpoints=(cfg.keep_checkpoints >= 0, ">= 0"))
-    for name, (ok, rule) in bounds.items():
-        if not ok:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}")
-    if cfg.resume and cfg.overwrite:
-        fail("--resume and --overwrite: choose one (continue the run, or replace it)")
-    check_scaling_config(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +123,7 @@ ANSWER_KEYS = ("answer", "solution", "final_answer", "target", "output")
 
 
 def read_rows(name, config="", split="train", flag="dataset"):
+    """The rows of a local .jsonl/.json/.parquet file or a hub dataset; errors name file and row."""
     path = Path(name)
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
@@ -182,21 +147,26 @@ def read_rows(name, config="", split="train", flag="dataset"):
             data = json.loads(text)
         except json.JSONDecodeError as error:
             fail(f"--{flag} {name}: not valid JSON ({error})")
-        return data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
+        if isinstance(data, list):
+            return data
+        return next((rows for rows in data.values() if isinstance(rows, list)), [])  # {"x": [..]}
     try:
         import datasets
         return list(datasets.load_dataset(name, config or None, split=split))
-    except Exception as error:  # the hub client raises many types; the user needs the name and the reason
-        fail(f"--{flag} {name!r}: not a local file, and loading it from the Hugging Face hub failed "
-             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    except Exception as error:  # the hub client raises many types; the user needs name and reason
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        fail(f"--{flag} {name!r}: not a local file, and the Hugging Face hub failed to load it "
+             f"({reason})")
 
 
 def gold_answer(raw):
+    """A gold answer, or the final answer of a full solution (GSM8K's "#### 72", MATH's \\boxed{}).
+    extract_answer is the answer checker's, in the appendix at the end of the file."""
     return extract_answer(raw) or raw.strip()
 
 
 def load_problems(name, cfg, flag="dataset", limit=None):
-    """Rows -> [{"problem": str, "answer": str}], the gold answer extracted from a full solution if needed."""
+    """Rows -> [{"problem": str, "answer": str}]; a full solution gives its final answer as gold."""
     rows = read_rows(name, cfg.dataset_config, cfg.split, flag)
     if not rows:
         fail(f"--{flag} {name}: no rows")
@@ -206,7 +176,8 @@ def load_problems(name, cfg, flag="dataset", limit=None):
     def pick(given, candidates, what, option):
         found = given if given in columns else next((k for k in candidates if k in columns), None)
         if found is None:
-            fail(f"--{flag} {name}: no {what} column among {sorted(columns)}; name it with --{option}")
+            fail(f"--{flag} {name}: no {what} column among {sorted(columns)}; "
+                 f"name it with --{option}")
         return found
 
     problem_key = pick(cfg.problem_key, PROBLEM_KEYS, "problem", "problem-key")
@@ -214,7 +185,8 @@ def load_problems(name, cfg, flag="dataset", limit=None):
     problems = []
     for index, row in enumerate(rows[:limit], 1):  # counted from 1, like the lines of a .jsonl
         if not isinstance(row, dict):
-            fail(f"--{flag} {name}, row {index}: not an object with {problem_key!r} and {answer_key!r}")
+            fail(f"--{flag} {name}, row {index}: not an object with {problem_key!r} and "
+                 f"{answer_key!r}")
         problem, raw = row.get(problem_key), row.get(answer_key)
         gold = gold_answer(str(raw)) if raw not in (None, "") else None
         if not problem or not gold:
@@ -228,28 +200,33 @@ def load_problems(name, cfg, flag="dataset", limit=None):
 # Prompts: the system prompt, and the Stage-2 prompt q' = q + best draft
 # ----------------------------------------------------------------------------------------------
 SYSTEM_PROMPT = (
-    "You are a careful mathematician. Reason step by step, then give the final answer as \\boxed{answer}. "
-    "If the message contains a previous draft, it is guidance, not ground truth: check it, fix its "
-    "mistakes, fill its gaps, and write a strictly better complete solution instead of copying it.")
+    "You are a careful mathematician. Reason step by step, then give the final answer as "
+    "\\boxed{answer}. If the message contains a previous draft, it is guidance, not ground "
+    "truth: check it, fix its mistakes, fill its gaps, and write a strictly better complete "
+    "solution instead of copying it.")
 # The paper does not publish how the draft is introduced; this separator is ours.
-REFINE_TEMPLATE = "{problem}\n\nPrevious draft (may contain mistakes):\n{draft}\n\nWrite an improved solution."
-PLAIN_TEMPLATE = "{system}\n\nProblem: {user}\n\nSolution:"  # for base models without a chat template
+REFINE_TEMPLATE = ("{problem}\n\nPrevious draft (may contain mistakes):\n{draft}\n\n"
+                   "Write an improved solution.")
+PLAIN_TEMPLATE = "{system}\n\nProblem: {user}\n\nSolution:"  # base models without a chat template
 
 
 def uses_chat_template(tokenizer, cfg):
-    return cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(tokenizer.chat_template))
+    if cfg.chat_template == "auto":
+        return bool(tokenizer.chat_template)
+    return cfg.chat_template == "on"
 
 
 def build_prompt(tokenizer, user_message, cfg):
     if uses_chat_template(tokenizer, cfg):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_message}]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": user_message}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return PLAIN_TEMPLATE.format(system=SYSTEM_PROMPT, user=user_message)
 
 
 def encode(tokenizer, prompts, cfg):
-    """Prompt ids as the model reads them, left-padded. A chat template already wrote its special tokens
-    (BOS included), so the tokenizer adds them only to plain prompts."""
+    """Prompt ids as the model reads them, left-padded. A chat template already wrote its special
+    tokens (BOS included), so the tokenizer adds them only to plain prompts."""
     return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                      add_special_tokens=not uses_chat_template(tokenizer, cfg))
 
@@ -261,13 +238,15 @@ def prompt_length(tokenizer, problem, cfg):
 def short_enough(problems, tokenizer, cfg, context, flag):
     """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context."""
     limit = min(cfg.max_prompt_tokens, context - 1) if context else cfg.max_prompt_tokens
-    fits = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
-    if not fits:
-        fail(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: every prompt is longer than {limit} tokens "
-             f"(--max-prompt-tokens {cfg.max_prompt_tokens}, model context {context})")
-    if len(fits) < len(problems):
-        print(f"--{flag}: skipping {len(problems) - len(fits)} problems longer than {limit} prompt tokens")
-    return fits
+    short = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
+    if not short:
+        fail(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: every prompt is longer than "
+             f"{limit} tokens (--max-prompt-tokens {cfg.max_prompt_tokens}, "
+             f"model context {context})")
+    if len(short) < len(problems):
+        print(f"--{flag}: skipping {len(problems) - len(short)} problems longer than {limit} "
+              "prompt tokens")
+    return short
 
 
 def cut_draft(tokenizer, draft, max_tokens):
@@ -284,11 +263,13 @@ def refine_message(problem, draft):
 # Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
 # ----------------------------------------------------------------------------------------------
 def math_reward(completion, gold):
+    """1 if the completion's final answer is the gold answer. How a careful grader decides that,
+    across the forms answers take (fractions, intervals, lists, units), is the file's appendix."""
     return 1.0 if answers_match(extract_answer(completion), gold) else 0.0
 
 
 def format_reward(completion):
-    """The paper's appendix rewards the expected layout: reasoning first, then one final boxed answer."""
+    """The paper's appendix rewards the expected layout: reasoning first, then one boxed answer."""
     before, _, after = completion.partition("\\boxed{")
     return 1.0 if before.strip() and after and "\\boxed{" not in after else 0.0
 
@@ -301,7 +282,7 @@ class Scores(NamedTuple):
 
 
 def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
-    """The one reward function: accuracy (checker and/or judge) + format bonus - overlong penalty."""
+    """The one reward function: accuracy (checker and/or judge) + format - overlong penalty."""
     accuracy = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)])
     rewards, unparsed = accuracy.clone(), 0
     if cfg.reward != "rule":
@@ -311,7 +292,7 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
         rewards = judged if cfg.reward == "judge" else (accuracy + judged) / 2
     formats = torch.tensor([format_reward(c) for c in completions])
     rewards = rewards + cfg.format_weight * formats
-    if cfg.overlong_buffer and lengths is not None:  # DAPO (Yu et al. 2025): soft penalty near the budget
+    if cfg.overlong_buffer and lengths is not None:  # DAPO (Yu et al. 2025): soft, near the budget
         start = cfg.max_completion_tokens - cfg.overlong_buffer
         rewards = rewards - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
     return Scores(rewards, accuracy, formats, unparsed)
@@ -1292,8 +1273,47 @@ def step_record_over_ranks(record):
 
 
 # ----------------------------------------------------------------------------------------------
-# main: every Config field is a --kebab-case flag
+# The command line: every Config field is a --kebab-case flag, checked before anything loads
 # ----------------------------------------------------------------------------------------------
+def check_config(cfg):
+    """Every flag's value checked before anything loads; a bad one stops the run with one line."""
+    choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
+                   reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
+                   chat_template=("auto", "on", "off"))
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.group_size < 2:
+        fail(f"--group-size {cfg.group_size}: a group needs at least 2 completions")
+    if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
+        fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at least "
+             "1 draft and 2 refinements (num_drafts <= group_size - 2)")
+    for name in ("steps", "prompts_per_step", "ppo_epochs", "eval_samples", "micro_batch_size",
+                 "generation_batch_size", "max_completion_tokens", "max_draft_tokens", "max_prompt_tokens"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        fail(f"--temperature {cfg.temperature} --top-p {cfg.top_p}: training samples need temperature > 0 "
+             "and 0 < top-p <= 1 (log-probs are taken under softmax(logits / temperature))")
+    if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
+        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
+    if cfg.dataset and not cfg.model:
+        fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the offline toy world)")
+    bounds = dict(lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
+                  max_grad_norm=(cfg.max_grad_norm > 0, "> 0"),
+                  weight_decay=(cfg.weight_decay >= 0, ">= 0"),
+                  min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+                  warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
+                  eval_every=(cfg.eval_every >= 0, ">= 0"), save_every=(cfg.save_every >= 0, ">= 0"),
+                  keep_checkpoints=(cfg.keep_checkpoints >= 0, ">= 0"))
+    for name, (ok, rule) in bounds.items():
+        if not ok:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {rule}")
+    if cfg.resume and cfg.overwrite:
+        fail("--resume and --overwrite: choose one (continue the run, or replace it)")
+    check_scaling_config(cfg)
+
+
 def add_config_flags(parser, flags=None):
     """Config's fields as --kebab-case flags with their defaults and help. flags: {flag name: field} for a
     script that shares some settings under its own names (eval.py's --temperature is eval_temperature)."""
