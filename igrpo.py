@@ -456,29 +456,33 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probs of the sampled tokens under the sampling distribution, softmax(logits / temperature)
+# Log-probs: log pi_theta(o_t | q, o_<t) of each sampled token, under the distribution it was
+# sampled from, softmax(logits / temperature). The ratio r and the KL term are built from these.
 # ----------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
                    with_entropy=True, chunk_tokens=1024):
-    """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict completion
-    tokens meet the output layer, a chunk at a time, so no (tokens x vocabulary) float32 tensor exists."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding must not shift positions
+    """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict
+    completion tokens meet the output layer, chunk_tokens at a time, so no (tokens x vocabulary)
+    float32 tensor exists."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
-    if getattr(model, "scored_by_forward", False):  # set by check_scoring: its forward does more than a head
-        hidden, head, scale, softcap = model(**inputs).logits, torch.nn.Identity(), 1.0, None  # (b, P+T, V)
+    if getattr(model, "scored_by_forward", False):  # check_scoring: a forward that does more
+        hidden = model(**inputs).logits                                          # (b, P+T, V)
+        head, scale, softcap = torch.nn.Identity(), 1.0, None
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
         head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
-    hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (N, H) states before each token
+    hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (N, H)
     targets = input_ids[:, prompt_length:][completion_mask]                      # (N,)
     logps, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
-        chunk = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens], temperature,
-                 scale, softcap, with_entropy)
-        # checkpoint: backward recomputes the chunk's logits instead of keeping them all alive
-        logp, entropy = checkpoint(chunk_logprobs, *chunk, use_reentrant=False) if torch.is_grad_enabled() \
-            else chunk_logprobs(*chunk)
+        rows = slice(start, start + chunk_tokens)
+        arguments = (head, hidden[rows], targets[rows], temperature, scale, softcap, with_entropy)
+        if torch.is_grad_enabled():  # backward recomputes a chunk's logits instead of keeping them
+            logp, entropy = checkpoint(chunk_logprobs, *arguments, use_reentrant=False)
+        else:
+            logp, entropy = chunk_logprobs(*arguments)
         logps.append(logp)
         entropies.append(entropy)
     zeros = torch.zeros(completion_mask.shape, device=hidden.device)
@@ -487,8 +491,9 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
 
 
 def logit_transform(model):
-    """(scale, softcap): what a model's forward does to the output layer's logits before sampling: Cohere's
-    logit_scale, Falcon-H1's lm_head_multiplier, Granite's 1 / logits_scaling, Gemma's soft-capping."""
+    """(scale, softcap): what a model's forward does to the output layer's logits before sampling:
+    Cohere's logit_scale, Falcon-H1's lm_head_multiplier, Granite's 1 / logits_scaling, Gemma's
+    soft-capping."""
     config = model.config.get_text_config()
 
     def factor(name):  # unset or None: no scaling
@@ -498,6 +503,7 @@ def logit_transform(model):
 
 
 def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, with_entropy=True):
+    """(n,) log-probs of the targets (and entropies) from n hidden states: one chunk of tokens."""
     logits = head(hidden).float() * scale                                        # (n, V)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -513,26 +519,29 @@ def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, 
 
 @torch.no_grad()
 def check_scoring(model, what):
-    """One tiny forward at load time decides how token_logprobs scores this model: through the output layer,
-    a chunk at a time, when that reproduces model(...).logits; else (a forward that does more to its logits)
-    through the model's own forward, which holds a (tokens x vocabulary) tensor per micro-batch."""
+    """One tiny forward at load time decides how token_logprobs scores this model: through the
+    output layer, a chunk at a time, when that reproduces model(...).logits; else (a forward that
+    does more to its logits) through the model's own forward, which holds (tokens x vocabulary)."""
     model.eval()
     positions = torch.arange(8, device=model.device)[None]                      # (1, 8)
     ids, attention = positions + 1, torch.ones_like(positions)
     try:
         logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
                        use_cache=False).logits                                   # (1, 8, V)
-    except Exception as error:  # noqa: BLE001  any library error here means: we cannot score this model
+    except Exception as error:  # any library error here means: we cannot score this model
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         fail(f"{what}: its forward pass fails on a plain token sequence, so its completions cannot "
-             f"be scored ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
-    reference = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+             f"be scored ({reason})")
+    reference = torch.log_softmax(logits[:, :-1].float(), -1)
+    reference = reference.gather(-1, ids[:, 1:, None]).squeeze(-1)                # (1, 7)
     model.scored_by_forward = False
     try:
-        ours = token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0, with_entropy=False)[0]
-        # bf16 rounds each step of the model's own logit arithmetic (a scale, a soft-cap) at about 0.4%
+        ours = token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0,
+                              with_entropy=False)[0]
+        # bf16 rounds each step of the model's own logit arithmetic (scale, soft-cap) at about 0.4%
         tolerance = 1e-3 if model.dtype == torch.float32 else 1e-2 * (1 + logits.abs().max().item())
         matches = torch.allclose(ours, reference, atol=tolerance)
-    except (AttributeError, TypeError, ValueError, RuntimeError):  # no plain base model / hidden states
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # no base model or hidden states
         matches = False
     if not matches:
         model.scored_by_forward = True
@@ -541,7 +550,8 @@ def check_scoring(model, what):
 
 
 # ----------------------------------------------------------------------------------------------
-# Group-relative advantages:  A_j = (R_j - mean(R)) / (std(R) + eps),  exactly 0 when the group agrees
+# Group-relative advantages: every token of o_j gets A_j = (R_j - mean(R)) / std(R) over its group,
+# and A_j = 0 when the group agrees (std = 0). No value network.
 # ----------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size, scale_by_std=True):
     grouped = rewards.view(-1, group_size)                                       # (B, G)
@@ -564,28 +574,31 @@ def informative_groups(rewards, group_size):
 #   KL_jt   = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1           (the "k3" estimator, >= 0)
 # averaged over each completion's tokens (1/|o_j|) and then over completions (the paper's choice).
 # ----------------------------------------------------------------------------------------------
-CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28),
+                 "gspo": (3e-4, 4e-4)}  # (eps_low, eps_high) per loss
 
 
 def loss_weights(completion_mask, loss, max_completion_tokens):
-    """(B, T) weight of each token's term; summed over the batch's micro-batches they give the batch loss."""
+    """(B, T) weight of each token's term; summed over the micro-batches, the batch's loss."""
     mask = completion_mask.float()
-    completions, tokens = summed_over_ranks(len(mask), mask.sum())  # the whole step's, over torchrun's ranks
+    completions, tokens = summed_over_ranks(len(mask), mask.sum())  # the whole step's, every rank's
     if loss == "dapo":     # DAPO (Yu et al. 2025): one token-level mean over the whole batch
         return mask / tokens
-    if loss == "dr_grpo":  # Dr. GRPO: a constant normalizer, so a completion's length does not scale it
+    if loss == "dr_grpo":  # Dr. GRPO: a constant normalizer, not scaled by a completion's length
         return mask / (max_completion_tokens * completions)
-    return mask / (mask.sum(1, keepdim=True) * completions)  # grpo, gspo: per-completion mean, then mean
+    return mask / (mask.sum(1, keepdim=True) * completions)  # grpo, gspo: mean of per-answer means
 
 
 def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_logp=None):
     """logp, old_logp, ref_logp, weights, completion_mask: (b, T); advantages: (b,).
-    Returns (loss, number of clipped tokens, summed KL), the last two as tensors (no device sync here)."""
+    Returns (loss, clipped token count, summed KL), the last two as tensors (no device sync)."""
     log_ratio = logp - old_logp
-    if cfg.loss == "gspo":  # GSPO (Zheng et al. 2025): one ratio per sequence, the geometric mean of its tokens'
-        log_ratio = (log_ratio * completion_mask).sum(1, keepdim=True) / completion_mask.sum(1, keepdim=True)
+    if cfg.loss == "gspo":  # GSPO (Zheng et al. 2025): one ratio per sequence, its geometric mean
+        masked = log_ratio * completion_mask
+        log_ratio = masked.sum(1, keepdim=True) / completion_mask.sum(1, keepdim=True)
     ratio = log_ratio.exp()                                                      # (b, T) or (b, 1)
-    low, high = cfg.clip_eps_low or CLIP_DEFAULTS[cfg.loss][0], cfg.clip_eps_high or CLIP_DEFAULTS[cfg.loss][1]
+    default_low, default_high = CLIP_DEFAULTS[cfg.loss]
+    low, high = cfg.clip_eps_low or default_low, cfg.clip_eps_high or default_high
     unclipped = ratio * advantages[:, None]
     clipped = ratio.clamp(1 - low, 1 + high) * advantages[:, None]
     per_token = -torch.min(unclipped, clipped)
