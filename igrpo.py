@@ -911,14 +911,14 @@ def train(cfg, judge=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Long runs: one run per folder, atomic checkpoints, exact resume, Ctrl-C, and failures that name their fix
+# Long runs: one run per folder, atomic checkpoints, exact resume, Ctrl-C, failures that name a fix
 # ----------------------------------------------------------------------------------------------
 # What a resumed run may change: engineering settings, not the method
 RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
                      "gradient_checkpointing", "save_every", "keep_checkpoints"}
-MAX_SKIPPED_IN_A_ROW = 3  # updates skipped for a non-finite loss or gradient norm before the run stops
-COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or with no right answer, before a warning
-ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but deterministic
+MAX_SKIPPED_IN_A_ROW = 3  # updates skipped (non-finite loss or gradient norm) before the run stops
+COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
+ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but greedy
 
 
 def step_number(folder):
@@ -926,8 +926,8 @@ def step_number(folder):
 
 
 def prepare_output_dir(cfg):
-    """A fresh run needs a folder without a run (or --overwrite); --resume needs the run's own settings.
-    Returns the checkpoint to resume from, or None."""
+    """A fresh run needs a folder without a run (or --overwrite); --resume needs the run's own
+    settings. Returns the checkpoint to resume from, or None."""
     out = Path(cfg.output_dir)
     if cfg.resume:
         if not (out / "args.json").is_file():
@@ -937,17 +937,18 @@ def prepare_output_dir(cfg):
                    for name, value in dataclasses.asdict(cfg).items()
                    if name not in RESUMABLE_CHANGES and saved.get(name) != value]
         if changed:
-            fail(f"--resume: settings differ from the run in {out}: {', '.join(changed)}; resume with its "
-                 "settings (args.json) or start a new run in another --output-dir")
+            fail(f"--resume: settings differ from the run in {out}: {', '.join(changed)}; resume "
+                 "with its settings (args.json) or start a new run in another --output-dir")
         if (out / "final").exists():
             fail(f"--resume: the run in {out} already finished ({out / 'final'})")
-        checkpoints = sorted((f.parent for f in out.glob("step-*/trainer_state.pt")), key=step_number)
+        states = out.glob("step-*/trainer_state.pt")
+        checkpoints = sorted((state.parent for state in states), key=step_number)
         if not checkpoints:
-            fail(f"--resume: no checkpoint in {out} (written on Ctrl-C and every --save-every N steps)")
+            fail(f"--resume: no checkpoint in {out} (written on Ctrl-C, and every --save-every)")
         return checkpoints[-1]
     if ((out / "args.json").exists() or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
-        fail(f"--output-dir {out} already holds a run: add --resume to continue it, --overwrite to replace "
-             "it, or choose another --output-dir")
+        fail(f"--output-dir {out} already holds a run: add --resume to continue it, --overwrite to "
+             "replace it, or choose another --output-dir")
     try:
         if is_main_process():  # under torchrun rank 0 alone writes files
             out.mkdir(parents=True, exist_ok=True)
@@ -959,7 +960,7 @@ def prepare_output_dir(cfg):
 
 
 def start_fresh(out, cfg):
-    """Delete the run that --overwrite replaces (our files only), then record this run's settings."""
+    """Delete the run that --overwrite replaces (our files only); record this run's settings."""
     for old in [*out.glob("step-*"), *out.glob(".*.tmp"), *out.glob("final")]:
         shutil.rmtree(old)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -967,11 +968,13 @@ def start_fresh(out, cfg):
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics_file, cfg):
-    """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what an exact
-    resume needs: fp32 master weights, optimizer moments, data order, RNG states, metrics.jsonl's length."""
+    """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what
+    an exact resume needs: fp32 master weights, optimizer moments, data order, RNG states, and
+    the length of metrics.jsonl."""
     params = [p for p in model.parameters() if p.requires_grad]
-    state = dict(step=step, order=order, optimizer=optimizer.state_dict(), metrics_bytes=metrics_file.tell(),
-                 master=[m for m, p in zip(master, params) if m is not p],  # the fp32 copies of bf16 weights
+    state = dict(step=step, order=order, optimizer=optimizer.state_dict(),
+                 metrics_bytes=metrics_file.tell(),
+                 master=[m for m, p in zip(master, params) if m is not p],  # fp32 copies of bf16
                  rng=dict(python=random.getstate(), ranks=every_ranks_rng_state()))
     save(model, tokenizer, out / f"step-{step}", state)
     if cfg.keep_checkpoints and is_main_process():
@@ -981,8 +984,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metri
 
 
 def load_checkpoint(folder, model, optimizer, master, metrics_path):
-    """Restore what save_checkpoint wrote (the weights were loaded from the folder), and cut metrics.jsonl
-    back to the checkpoint, so every step is logged once. Returns (step, data order)."""
+    """Restore what save_checkpoint wrote (the weights were loaded from the folder), and cut
+    metrics.jsonl back to the checkpoint, so each step is logged once. Returns (step, order)."""
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
     if not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics_path} is missing or shorter than when {folder} was saved")
@@ -997,7 +1000,7 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
     torch.set_rng_state(own["torch"])
     if own["cuda"]:
         torch.cuda.set_rng_state_all(own["cuda"])
-    if len(ranks) != process_count():  # saved by another number of ranks: each still draws its own samples
+    if len(ranks) != process_count():  # saved by another number of ranks: each still draws its own
         torch.manual_seed(int(torch.randint(2**62, ())) + process_rank())
     if is_main_process():  # under torchrun rank 0 alone writes files
         os.truncate(metrics_path, state["metrics_bytes"])
@@ -1005,7 +1008,7 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
 
 
 def every_ranks_rng_state():
-    """[rank 0's torch RNG states, rank 1's, ...]: under torchrun each rank samples from its own stream."""
+    """[rank 0's torch RNG states, rank 1's, ...]: under torchrun each rank has its own stream."""
     own = dict(torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     if process_count() == 1:
@@ -1017,13 +1020,15 @@ def every_ranks_rng_state():
 
 def resume_command():
     args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
-    launcher = ["torchrun", f"--nproc-per-node={process_count()}"] if process_count() > 1 else ["python"]
+    launcher = ["python"]
+    if process_count() > 1:
+        launcher = ["torchrun", f"--nproc-per-node={process_count()}"]
     return shlex.join([*launcher, sys.argv[0], *args, "--resume"])
 
 
 @contextlib.contextmanager
 def ctrl_c_stops_after_the_step():
-    """The first Ctrl-C sets the event the loop checks after each step; a second one interrupts at once."""
+    """The first Ctrl-C sets the event the loop checks after each step; a second stops at once."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -1032,7 +1037,7 @@ def ctrl_c_stops_after_the_step():
     def on_interrupt(*_):
         requested.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again quits at once)")
+        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (again: quit at once)")
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield requested
@@ -1042,7 +1047,7 @@ def ctrl_c_stops_after_the_step():
 
 @contextlib.contextmanager
 def explain_failure(what, cfg):
-    """Running out of GPU memory, or sampling from inf/NaN probabilities, ends the run with the fix named."""
+    """Running out of GPU memory, or sampling inf/NaN probabilities, ends the run naming a fix."""
     try:
         yield
     except torch.OutOfMemoryError:
@@ -1052,9 +1057,9 @@ def explain_failure(what, cfg):
     except RuntimeError as error:
         if "inf" not in str(error) or "nan" not in str(error):
             raise
-        fail(f"the policy's probabilities became inf/NaN while {what}: the learning rate (--lr {cfg.lr}) is "
-             "likely too high, or the precision too low (try --dtype fp32); the newest step-N checkpoint, if "
-             "any, holds earlier weights")
+        fail(f"the policy's probabilities became inf/NaN while {what}: the learning rate "
+             f"(--lr {cfg.lr}) is likely too high, or the precision too low (try --dtype fp32); "
+             "the newest step-N checkpoint, if any, holds earlier weights")
 
 
 def collapse_warning(history):
@@ -1063,18 +1068,20 @@ def collapse_warning(history):
     if len(recent) < COLLAPSE_STEPS:
         return None
     if all(r["entropy"] is not None and r["entropy"] < ENTROPY_FLOOR for r in recent):
-        return (f"entropy below {ENTROPY_FLOOR} nats per token for {COLLAPSE_STEPS} steps: the policy writes "
-                "one fixed answer per prompt; if the reward is low, it has collapsed (lower --lr)")
+        return (f"entropy below {ENTROPY_FLOOR} nats per token for {COLLAPSE_STEPS} steps: the "
+                "policy writes one fixed answer per prompt; if the reward is low, it has collapsed "
+                "(lower --lr)")
     if all(r["accuracy"] == 0 for r in recent):
-        return (f"no completion was right for {COLLAPSE_STEPS} steps, so no group carries a learning signal: "
-                "the problems may be too hard for the model, or the policy has collapsed (lower --lr)")
+        return (f"no completion was right for {COLLAPSE_STEPS} steps, so no group carries a "
+                "learning signal: the problems may be too hard for the model, or the policy has "
+                "collapsed (lower --lr)")
     return None
 
 
 def use_local_cache_if_hub_unreachable(cfg):
-    """huggingface_hub retries an unreachable hub for about 25 s per file; one quick try decides instead."""
-    if not any(name and not Path(name).exists() for name in (cfg.model, cfg.dataset, cfg.eval_dataset,
-                                                              cfg.judge_model)):
+    """huggingface_hub retries an unreachable hub for about 25 s per file; one quick try decides."""
+    names = (cfg.model, cfg.dataset, cfg.eval_dataset, cfg.judge_model)
+    if not any(name and not Path(name).exists() for name in names):
         return
     from huggingface_hub import constants, get_session
     if constants.HF_HUB_OFFLINE:
@@ -1082,8 +1089,8 @@ def use_local_cache_if_hub_unreachable(cfg):
     try:
         get_session().head(constants.ENDPOINT, timeout=3)
     except Exception as error:  # whatever stops the connection, the answer is the same
-        tqdm.write(f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({type(error).__name__}): "
-                   "loading from the local cache only")
+        tqdm.write(f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+                   f"({type(error).__name__}): loading from the local cache only")
         os.environ["HF_HUB_OFFLINE"] = "1"  # read by datasets when it is first imported
         constants.HF_HUB_OFFLINE = True     # read by huggingface_hub and transformers at each call
         if "datasets" in sys.modules:
@@ -1094,24 +1101,27 @@ def use_local_cache_if_hub_unreachable(cfg):
 # Scaling out: LoRA adapters (past one GPU's memory) and torchrun (past one GPU)
 #
 # LoRA (Hu et al. 2021): W x + (alpha / r) B A x with the base W frozen in the model's dtype; only
-# A (r x d_in) and B (d_out x r) train, in fp32, so gradients and Adam state exist for the adapters alone.
-# B starts at zero: at step 0 the policy is the base model, which (adapters off) is also the KL reference.
+# A (r x d_in) and B (d_out x r) train, in fp32, so gradients and Adam state exist for the adapters
+# alone. B starts at zero: at step 0 the policy is the base model, which (adapters off) is also the
+# KL reference.
 #
-# torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one rank, so
-# advantages need no communication). Every normalizer of the loss counts the whole step (all ranks), so
-# each rank's loss is its share of the one-process loss and the step's gradient is the sum over ranks:
+# torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one
+# rank, so advantages need no communication). Every normalizer of the loss counts the whole step
+# (all ranks), so each rank's loss is its share of the one-process loss, and the step's gradient
+# is their sum:
 #   grad L = sum_k grad L_k,   L_k = sum over rank k's tokens of w_jt * loss_jt
-# Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (PyTorch's
-# DistributedDataParallel would reduce the bf16 model gradients on every micro-batch's backward.)
+# Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (The
+# DistributedDataParallel of PyTorch would reduce bf16 model gradients at each micro-batch.)
 # ----------------------------------------------------------------------------------------------
 def check_scaling_config(cfg):
     if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
-        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: the rank must be 0 (off) or more, "
-             "alpha positive")
+        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: the rank must be 0 (off) "
+             "or more, alpha positive")
     if cfg.save_merged and not cfg.lora_rank:
         fail("--save-merged: only with --lora-rank (a full fine-tune is saved whole anyway)")
     if cfg.lora_rank and cfg.resume:
-        fail("--resume with --lora-rank: not supported yet (a LoRA checkpoint reloads merged into its base)")
+        fail("--resume with --lora-rank: not supported yet (a LoRA checkpoint reloads merged into "
+             "its base)")
     if cfg.lora_rank:
         import_peft()
 
@@ -1125,7 +1135,7 @@ def import_peft():
 
 
 def apply_lora(model, cfg):
-    """--lora-rank > 0: the same model, its weights frozen, trainable fp32 adapters inside; else as is."""
+    """--lora-rank > 0: the same model, weights frozen, fp32 adapters inside to train."""
     if not cfg.lora_rank:
         return model
     peft = import_peft()
@@ -1137,11 +1147,11 @@ def apply_lora(model, cfg):
         wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. no module of the model has the given name
         fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
-    local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names its base, a local one absolutely
+    local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names a local base absolutely
     base = str(Path(cfg.model).resolve()) if local else cfg.model
     wrapped.peft_config["default"].base_model_name_or_path = base
-    model = wrapped.get_base_model()  # the original model object, adapters inside: the rest of igrpo as is
-    for p in model.parameters() if process_count() > 1 else []:  # A starts random: all ranks take rank 0's
+    model = wrapped.get_base_model()  # the original model object, adapters inside: the rest as is
+    for p in model.parameters() if process_count() > 1 else []:  # A starts random: take rank 0's
         if p.requires_grad:
             torch.distributed.broadcast(p.data, src=0)
     return model
@@ -1153,7 +1163,7 @@ def is_lora(model):
 
 @contextlib.contextmanager
 def reference_policy(model, ref_model):
-    """With LoRA the reference policy is the policy with its adapters off: no second copy of the weights."""
+    """With LoRA the reference is the policy with its adapters off: no second copy of weights."""
     if ref_model is not model:
         yield
         return
@@ -1169,7 +1179,7 @@ def reference_policy(model, ref_model):
 
 
 def save_adapter(model, folder):
-    """The adapter alone, in peft's format: peft.PeftModel.from_pretrained(base, folder) reads it."""
+    """The adapter alone, in peft's format: peft.PeftModel.from_pretrained(base, folder) reads."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
     folder = Path(folder)
@@ -1181,25 +1191,27 @@ def save_adapter(model, folder):
 
 
 def load_lora_checkpoint(folder, cfg, dtype, device, flag="model"):
-    """A folder saved with --lora-rank: its base (named in adapter_config.json), the adapter merged in."""
+    """A folder saved with --lora-rank: its base (from adapter_config.json), adapter merged in."""
     peft = import_peft()
-    base = json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    base = adapter_config.get("base_model_name_or_path")
     if not base:
-        fail(f"--{flag} {folder}: adapter_config.json names no base model (base_model_name_or_path)")
+        fail(f"--{flag} {folder}: adapter_config.json names no base model "
+             "(base_model_name_or_path)")
     model, tokenizer = load_model(base, cfg, dtype, device, flag)
     return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
 
 
 def save_merged(folder, merged_folder, cfg, dtype):
-    """--save-merged: the adapter folder's model, merged, as a plain checkpoint (AutoModelForCausalLM, vLLM).
-    Merged on the CPU from the saved files, so the GPU holds no second copy."""
+    """--save-merged: the adapter folder's model, merged, as a plain checkpoint (for vLLM, or
+    AutoModelForCausalLM). Merged on the CPU from the saved files: the GPU holds no second copy."""
     if cfg.save_merged and is_main_process():
         save(*load_lora_checkpoint(folder, cfg, dtype, "cpu"), merged_folder)
 
 
 def setup_distributed(cfg=None):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print nothing.
-    In one process: nothing at all."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print
+    nothing. In one process: nothing at all."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -1214,7 +1226,7 @@ def setup_distributed(cfg=None):
 
 @contextlib.contextmanager
 def main_process_first():
-    """torchrun: rank 0 runs the block (e.g. builds a cache) before the other ranks (that read it)."""
+    """torchrun: rank 0 runs the block (e.g. builds a cache) before the other ranks read it."""
     setup_distributed()
     if not is_main_process():
         barrier()
@@ -1247,17 +1259,18 @@ def shard_problems(items):
 
 
 def summed_over_ranks(*values):
-    """Each number (int, float or one-element tensor) summed over all ranks; in one process, as given."""
+    """Each number (int, float or one-element tensor) summed over all ranks (one process: as is)."""
     if process_count() == 1:
         return values
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values])
+    total = total.to(device)
     torch.distributed.all_reduce(total)
     return tuple(total.tolist())
 
 
 def sum_gradients_over_ranks(master):
-    """The step's gradient: the sum of every rank's, on the fp32 master gradients, once per optimizer step."""
+    """The step's gradient: every rank's summed, on the fp32 master gradients, once per update."""
     if process_count() == 1:
         return
     for m in master:  # a rank without completions to train on still takes part, with zeros
@@ -1273,8 +1286,8 @@ STEP_MEANS = ("reward", "accuracy", "draft_reward", "best_draft_reward", "format
 
 
 def step_record_over_ranks(record):
-    """One step's numbers over all ranks: counts summed, per-completion means averaged (every rank holds as
-    many completions), throughput from the summed tokens. The update's metrics are already global."""
+    """One step's numbers over all ranks: counts summed, per-completion means averaged (every rank
+    holds as many completions), throughput from the summed tokens. The update's are global."""
     if process_count() == 1:
         return record
     names = [name for name in STEP_SUMS + STEP_MEANS if record.get(name) is not None]
@@ -1295,29 +1308,32 @@ def check_config(cfg):
                    chat_template=("auto", "on", "off"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: "
+                 f"choose one of {', '.join(allowed)}")
     if cfg.group_size < 2:
         fail(f"--group-size {cfg.group_size}: a group needs at least 2 completions")
     if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
-        fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at least "
-             "1 draft and 2 refinements (num_drafts <= group_size - 2)")
+        fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at "
+             "least 1 draft and 2 refinements (num_drafts <= group_size - 2)")
     for name in ("steps", "prompts_per_step", "ppo_epochs", "eval_samples", "micro_batch_size",
-                 "generation_batch_size", "max_completion_tokens", "max_draft_tokens", "max_prompt_tokens"):
+                 "generation_batch_size", "max_completion_tokens", "max_draft_tokens",
+                 "max_prompt_tokens"):
         if getattr(cfg, name) < 1:
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        fail(f"--temperature {cfg.temperature} --top-p {cfg.top_p}: training samples need temperature > 0 "
-             "and 0 < top-p <= 1 (log-probs are taken under softmax(logits / temperature))")
+        fail(f"--temperature {cfg.temperature} --top-p {cfg.top_p}: training samples need "
+             "temperature > 0 and 0 < top-p <= 1 (log-probs are taken under softmax(logits / T))")
     if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
         fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
     if cfg.dataset and not cfg.model:
-        fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the offline toy world)")
+        fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     bounds = dict(lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
                   max_grad_norm=(cfg.max_grad_norm > 0, "> 0"),
                   weight_decay=(cfg.weight_decay >= 0, ">= 0"),
                   min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                   warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
-                  eval_every=(cfg.eval_every >= 0, ">= 0"), save_every=(cfg.save_every >= 0, ">= 0"),
+                  eval_every=(cfg.eval_every >= 0, ">= 0"),
+                  save_every=(cfg.save_every >= 0, ">= 0"),
                   keep_checkpoints=(cfg.keep_checkpoints >= 0, ">= 0"))
     for name, (ok, rule) in bounds.items():
         if not ok:
@@ -1328,16 +1344,19 @@ def check_config(cfg):
 
 
 def add_config_flags(parser, flags=None):
-    """Config's fields as --kebab-case flags with their defaults and help. flags: {flag name: field} for a
-    script that shares some settings under its own names (eval.py's --temperature is eval_temperature)."""
+    """Config's fields as --kebab-case flags with their defaults and help. flags: {flag name: field}
+    for a script that shares some settings under its own names (eval.py's --temperature)."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name, field_name in (flags or {name: name for name in fields}).items():
         default, help = fields[field_name].default, fields[field_name].metadata["help"]
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else dict(type=type(default))
+        kind = dict(type=type(default))
+        if isinstance(default, bool):  # --flag / --no-flag
+            kind = dict(action=argparse.BooleanOptionalAction)
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=help, **kind)
 
 
 def parse_args(argv=None):
+    """(Config, the names of the fields the command line set): the toy fills in the others."""
     parser = argparse.ArgumentParser(description="GRPO and iGRPO for math reasoning in one file.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(parser)
