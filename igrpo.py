@@ -766,8 +766,9 @@ def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
     if problems:
-        samples = sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
-                         top_p=cfg.eval_top_p, progress="held-out")
+        with explain_failure("scoring the held-out set", cfg):
+            samples = sample(model, tokenizer, prompts, cfg, per_prompt=k,
+                             temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, progress="held-out")
         golds = repeat([p["answer"] for p in problems], k)
         correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
     count = len(problems) * k
@@ -793,119 +794,157 @@ def load_judge(cfg, device, dtype):
     return judge.model_judge(reply)
 
 
-def train(cfg, judge=None):
-    """Train cfg.model on cfg.dataset. judge: a function (problems, golds, completions) -> scores for
-    --reward judge; by default load_judge builds judge.py's from --judge-model or --judge-url."""
+def start_run(cfg):
+    """Everything that can fail before a model loads: the settings, torchrun, the hub, the output
+    folder. Seeds the run. Returns the checkpoint to resume from, or None."""
     check_config(cfg)
     setup_distributed(cfg)  # torchrun only; one process creates no process group
     use_local_cache_if_hub_unreachable(cfg)
-    resume_from = prepare_output_dir(cfg)  # refusals and an unwritable folder fail now, before loading
+    resume_from = prepare_output_dir(cfg)  # refusals and an unwritable folder fail now
     barrier()  # under torchrun every rank checks the folder before rank 0 writes to it
     random.seed(cfg.seed)  # the same problem order on every rank
     torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
-    device, dtype = device_and_dtype(cfg.dtype)
+    return resume_from
+
+
+def load_data(cfg):
+    """(training problems, held-out problems or [])."""
     if not cfg.dataset:
         fail("--dataset: give a dataset to train on (`python toy.py` trains the offline toy world)")
-    problems = load_problems(cfg.dataset, cfg)
-    held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit) if cfg.eval_dataset else []
+    held_out = []
+    if cfg.eval_dataset:
+        held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit)
+    return load_problems(cfg.dataset, cfg), held_out
+
+
+def load_policy(cfg, resume_from, device, dtype):
+    """(policy, tokenizer, frozen reference policy or None: --beta 0 needs none)."""
     model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
     model = apply_lora(model, cfg)
-    fits = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
-    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
     say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
                       cfg.max_completion_tokens)
-    ref_model = None if cfg.beta <= 0 else model if cfg.lora_rank else \
-        load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)  # LoRA: adapters off
-    if judge is None and cfg.reward != "rule":
-        judge = load_judge(cfg, device, dtype)
+    ref_model = None
+    if cfg.beta > 0:  # LoRA: the policy itself, its adapters off (reference_policy)
+        ref_model = model if cfg.lora_rank else \
+            load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, ref_model
+
+
+def next_batch(problems, order, cfg):
+    """(this step's problems, the order left): epochs over the shuffled problems, in the same order
+    on every rank, of which each takes its share under torchrun."""
+    while len(order) < cfg.prompts_per_step:
+        order = order + random.sample(range(len(problems)), len(problems))
+    batch = [problems[i] for i in order[:cfg.prompts_per_step]]
+    return shard_problems(batch), order[cfg.prompts_per_step:]
+
+
+def step_record(step, samples, rewards, trained, group_size, rollout_metrics, update_metrics,
+                optimizer, seconds):
+    """One line of metrics.jsonl: the step's rewards, the update's numbers, throughput; all ranks'."""
+    generated = rollout_metrics["generated_tokens"]
+    record = dict(step=step, reward=rewards.mean().item(), accuracy=rollout_metrics["accuracy"],
+                  draft_reward=rollout_metrics["draft_reward"],
+                  best_draft_reward=rollout_metrics["best_draft_reward"], **update_metrics,
+                  format_reward=rollout_metrics["format_reward"], completion_tokens=generated,
+                  mean_completion_length=samples.lengths.float().mean().item(),
+                  dropped_groups=int((~trained).sum()) // group_size,
+                  judge_unparsed=rollout_metrics["judge_unparsed"],
+                  lr=optimizer.param_groups[0]["lr"], step_seconds=seconds,
+                  tokens_per_second=generated / seconds)
+    return step_record_over_ranks(record)
+
+
+def write_metrics(file, record):
+    """One JSON object per line, flushed, so a plot can follow a live run; NaN and inf become null."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    file.write(json.dumps(record, allow_nan=False) + "\n")
+    file.flush()
+
+
+def train(cfg, judge=None):
+    """Train cfg.model on cfg.dataset; returns held-out accuracy {"eval_before", "eval_after"}.
+    judge: a function (problems, golds, completions) -> scores for --reward judge; by default
+    load_judge builds judge.py's from --judge-model or --judge-url."""
+    resume_from = start_run(cfg)
+    device, dtype = device_and_dtype(cfg.dtype)
+    problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds, not minutes
+    model, tokenizer, ref_model = load_policy(cfg, resume_from, device, dtype)
+    problems = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
+    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
+    if judge is None and cfg.reward != "rule":
+        judge = load_judge(cfg, device, dtype)
     master = master_weights(model)
     optimizer = torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out, start, order, results = Path(cfg.output_dir), 0, [], {}
+    out, start, order = Path(cfg.output_dir), 0, []  # order: indices into problems, still to visit
     if resume_from:
         start, order = load_checkpoint(resume_from, model, optimizer, master, out / "metrics.jsonl")
-        results = {"eval_before": row["eval_accuracy"] for row in map(json.loads, open(out / "metrics.jsonl"))
-                   if row["step"] == 0}
         tqdm.write(f"resuming from {resume_from}: step {start} of {cfg.steps}")
     elif is_main_process():  # under torchrun rank 0 alone writes files
         start_fresh(out, cfg)
-    metrics_file = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
-
-    def log(record):  # one JSON object per line, flushed, so a plot can follow a live run; NaN/inf -> null
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-        metrics_file.flush()
-
+    metrics = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
+    results = logged_eval_before(out) if resume_from else {}  # held-out accuracy before and after
     if held_out and not start:
-        with explain_failure("scoring the held-out set", cfg):
-            results["eval_before"] = held_out_accuracy(model, tokenizer, held_out, cfg)
-        tqdm.write(f"held-out accuracy before training: {results['eval_before']:.3f} ({len(held_out)} problems)")
-        log(dict(step=0, eval_accuracy=results["eval_before"]))
+        results["eval_before"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+        tqdm.write(f"held-out accuracy before training: {results['eval_before']:.3f} "
+                   f"({len(held_out)} problems)")
+        write_metrics(metrics, dict(step=0, eval_accuracy=results["eval_before"]))
+
     history, skipped_in_a_row = [], 0
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
                dynamic_ncols=True, disable=not is_main_process())
     with ctrl_c_stops_after_the_step() as interrupted:
         for step in bar:
             started = time.time()
-            while len(order) < cfg.prompts_per_step:  # epochs over the shuffled problems (indices into fits)
-                order += random.sample(range(len(fits)), len(fits))
-            batch, order = [fits[i] for i in order[:cfg.prompts_per_step]], order[cfg.prompts_per_step:]
-            batch = shard_problems(batch)  # torchrun: this rank's share of the step
+            batch, order = next_batch(problems, order, cfg)
             with explain_failure("sampling", cfg):
-                samples, rewards, group, info = rollout(model, tokenizer, batch, cfg, judge)
-            advantages = group_advantages(rewards, group, scale_by_std=cfg.loss != "dr_grpo")
+                samples, rewards, group_size, rollout_metrics = rollout(model, tokenizer, batch, cfg,
+                                                                        judge)
+            advantages = group_advantages(rewards, group_size, scale_by_std=cfg.loss != "dr_grpo")
             # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
-            keep = (informative_groups(rewards, group) if cfg.loss == "dapo"
-                    else torch.ones_like(rewards, dtype=torch.bool))
+            trained = torch.ones_like(rewards, dtype=torch.bool)                 # (B*G,)
+            if cfg.loss == "dapo":
+                trained = informative_groups(rewards, group_size)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = learning_rate(step - 1, cfg)
             with explain_failure("updating the policy", cfg):
-                stats = policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model)
-            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped_updates"] else 0
-            seconds = time.time() - started
-            record = dict(step=step, reward=rewards.mean().item(), accuracy=info["accuracy"],
-                          draft_reward=info["draft_reward"], best_draft_reward=info["best_draft_reward"],
-                          **stats,
-                          format_reward=info["format_reward"], completion_tokens=info["generated_tokens"],
-                          mean_completion_length=samples.lengths.float().mean().item(),
-                          dropped_groups=int((~keep).sum()) // group, judge_unparsed=info["judge_unparsed"],
-                          lr=optimizer.param_groups[0]["lr"], step_seconds=seconds,
-                          tokens_per_second=info["generated_tokens"] / seconds)
-            record = step_record_over_ranks(record)
+                update_metrics = policy_update(model, optimizer, master, samples, advantages, trained,
+                                               cfg, ref_model)
+            record = step_record(step, samples, rewards, trained, group_size, rollout_metrics,
+                                 update_metrics, optimizer, seconds=time.time() - started)
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                with explain_failure("scoring the held-out set", cfg):
-                    record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
-            log(record)
+                record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+            write_metrics(metrics, record)
             history.append(record)
-            warning = collapse_warning(history)
-            if warning and warning != collapse_warning(history[:-1]):  # once, when it starts
-                tqdm.write(f"step {step}: warning: {warning}")
-            bar.set_postfix(reward=f"{record['reward']:.2f}", **({} if info["draft_reward"] is None else
-                                                                  {"draft": f"{info['draft_reward']:.2f}"}))
+            warn_once_on_collapse(history, step)
+            shown = dict(reward=record["reward"], draft=record["draft_reward"])
+            bar.set_postfix({name: f"{value:.2f}" for name, value in shown.items() if value is not None})
+            skipped_in_a_row = skipped_in_a_row + 1 if update_metrics["skipped_updates"] else 0
             diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
-            stop = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops at the same step
+            stop = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops alike
             if stop or diverged or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
-                                             metrics_file, cfg)
+                                             metrics, cfg)
             if stop:
                 how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
                        f"continue with:\n  {resume_command()}")
                 tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; {how}")
                 raise SystemExit(130)
             if diverged:
-                fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm and "
-                     f"were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the precision "
-                     f"too low (try --dtype fp32); the last good weights are in {checkpoint}")
+                fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm "
+                     f"and were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the "
+                     f"precision too low (try --dtype fp32); the last good weights are in {checkpoint}")
+
     if held_out:
-        with explain_failure("scoring the held-out set", cfg):
-            results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
+        results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         tqdm.write(f"held-out accuracy after {cfg.steps} steps: {results['eval_after']:.3f} "
                    f"(before: {results['eval_before']:.3f})")
-        log(dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
+        write_metrics(metrics, dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
     save(model, tokenizer, out / "final")
     save_merged(out / "final", out / "final-merged", cfg, dtype)
-    metrics_file.close()
+    metrics.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  checkpoint: {out / 'final'}")
     return results
 
@@ -1007,6 +1046,12 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
     return state["step"], state["order"]
 
 
+def logged_eval_before(out):
+    """{"eval_before": accuracy} as a resumed run's metrics.jsonl logged it at step 0 (or {})."""
+    rows = map(json.loads, open(out / "metrics.jsonl"))
+    return {"eval_before": row["eval_accuracy"] for row in rows if row["step"] == 0}
+
+
 def every_ranks_rng_state():
     """[rank 0's torch RNG states, rank 1's, ...]: under torchrun each rank has its own stream."""
     own = dict(torch=torch.get_rng_state(),
@@ -1060,6 +1105,12 @@ def explain_failure(what, cfg):
         fail(f"the policy's probabilities became inf/NaN while {what}: the learning rate "
              f"(--lr {cfg.lr}) is likely too high, or the precision too low (try --dtype fp32); "
              "the newest step-N checkpoint, if any, holds earlier weights")
+
+
+def warn_once_on_collapse(history, step):
+    warning = collapse_warning(history)
+    if warning and warning != collapse_warning(history[:-1]):  # once, when it starts
+        tqdm.write(f"step {step}: warning: {warning}")
 
 
 def collapse_warning(history):
