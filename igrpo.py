@@ -922,20 +922,12 @@ def train(cfg, judge=None):
             shown = dict(reward=record["reward"], draft=record["draft_reward"])
             bar.set_postfix({name: f"{value:.2f}" for name, value in shown.items() if value is not None})
             skipped_in_a_row = skipped_in_a_row + 1 if update_metrics["skipped_updates"] else 0
+            stopped = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops alike
             diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
-            stop = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops alike
-            if stop or diverged or (cfg.save_every and step % cfg.save_every == 0):
+            if stopped or diverged or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
                                              metrics, cfg)
-            if stop:
-                how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
-                       f"continue with:\n  {resume_command()}")
-                tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; {how}")
-                raise SystemExit(130)
-            if diverged:
-                fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm "
-                     f"and were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the "
-                     f"precision too low (try --dtype fp32); the last good weights are in {checkpoint}")
+                end_if_stopped_or_diverged(step, checkpoint, stopped, diverged, cfg)
 
     if held_out:
         results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
@@ -1105,6 +1097,20 @@ def explain_failure(what, cfg):
         fail(f"the policy's probabilities became inf/NaN while {what}: the learning rate "
              f"(--lr {cfg.lr}) is likely too high, or the precision too low (try --dtype fp32); "
              "the newest step-N checkpoint, if any, holds earlier weights")
+
+
+def end_if_stopped_or_diverged(step, checkpoint, stopped, diverged, cfg):
+    """After a Ctrl-C: exit 130 with the command that resumes. After MAX_SKIPPED_IN_A_ROW non-finite
+    updates in a row: stop, naming the likely causes."""
+    if stopped:
+        how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
+               f"continue with:\n  {resume_command()}")
+        tqdm.write(f"interrupted after step {step}, checkpoint {checkpoint}; {how}")
+        raise SystemExit(130)
+    if diverged:
+        fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm and "
+             f"were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the precision "
+             f"too low (try --dtype fp32); the last good weights are in {checkpoint}")
 
 
 def warn_once_on_collapse(history, step):
