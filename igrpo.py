@@ -1109,8 +1109,8 @@ def end_if_stopped_or_diverged(step, checkpoint, stopped, diverged, cfg):
         raise SystemExit(130)
     if diverged:
         fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm and "
-             f"were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the precision "
-             f"too low (try --dtype fp32); the last good weights are in {checkpoint}")
+             f"were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the "
+             f"precision too low (try --dtype fp32); the last good weights are in {checkpoint}")
 
 
 def warn_once_on_collapse(history, step):
