@@ -717,18 +717,21 @@ def device_and_dtype(choice):
 
 
 def load_model(name, cfg, dtype, device, flag="model"):
-    if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter, merged
+    """(model on device, tokenizer) from a hub name or folder, ready to sample and score."""
+    if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter
         return load_lora_checkpoint(name, cfg, dtype, device, flag)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
-        fail(f"--{flag} {name!r}: not a local model folder, and loading it from the Hugging Face hub failed "
-             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        fail(f"--{flag} {name!r}: not a local model folder, and the Hugging Face hub failed to "
+             f"load it ({reason})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    for module in model.modules():  # a training forward must score tokens under the policy that sampled them
+    for module in model.modules():  # a training forward scores tokens under the policy that sampled
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
@@ -739,8 +742,8 @@ def load_model(name, cfg, dtype, device, flag="model"):
 
 
 def save(model, tokenizer, folder, trainer_state=None):
-    """Written into a hidden temporary folder, renamed once complete: a kill mid-save never leaves a folder
-    that looks like a checkpoint and is not. Files get the usual umask modes (safetensors writes 0600)."""
+    """Written into a hidden temporary folder, renamed once complete: a kill mid-save never leaves a
+    folder that looks like a checkpoint and is not. Files get umask modes (safetensors: 0600)."""
     if not is_main_process():  # under torchrun rank 0 alone writes files
         return
     folder = Path(folder)
@@ -760,15 +763,15 @@ def save(model, tokenizer, folder, trainer_state=None):
 
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
-    """Single-pass accuracy from q alone (no drafts at test time), averaged over eval_samples samples.
-    Under torchrun each rank scores its share; over_ranks=False: this process alone scores them all."""
+    """Single-pass accuracy from q alone (no drafts at test time), over eval_samples samples each.
+    Under torchrun each rank scores its share; over_ranks=False: this process scores them all."""
     problems, correct = shard_problems(problems) if over_ranks else problems, 0.0
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     k = cfg.eval_samples
     if problems:
         with explain_failure("scoring the held-out set", cfg):
-            samples = sample(model, tokenizer, prompts, cfg, per_prompt=k,
-                             temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, progress="held-out")
+            samples = sample(model, tokenizer, prompts, cfg, per_prompt=k, progress="held-out",
+                             temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
         golds = repeat([p["answer"] for p in problems], k)
         correct = sum(math_reward(text, gold) for text, gold in zip(samples.texts, golds))
     count = len(problems) * k
@@ -778,19 +781,20 @@ def held_out_accuracy(model, tokenizer, problems, cfg, over_ranks=True):
 
 
 def load_judge(cfg, device, dtype):
-    """--reward judge: judge.py's generative judge, behind --judge-url or as a local model that replies
-    greedily, without gradients, on the training device."""
-    import judge  # the ablation's grading prompt and score parsing; judge.py imports nothing from here
+    """--reward judge: judge.py's generative judge, behind --judge-url or as a local model that
+    replies greedily, without gradients, on the training device."""
+    import judge  # the grading prompt and score parsing; judge.py imports nothing from this file
     if cfg.judge_url:
         return judge.url_judge(cfg.judge_url, cfg.judge_model)
     model, tokenizer = load_model(cfg.judge_model, cfg, dtype, device, flag="judge-model")
     model.requires_grad_(False)
 
     def reply(texts):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
                    if tokenizer.chat_template else text + "\n" for text in texts]
-        return sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32, temperature=0.0).texts
+        return sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32,
+                      temperature=0.0).texts  # greedy
     return judge.model_judge(reply)
 
 
