@@ -7,9 +7,10 @@ iGRPO adds one idea: first sample a few drafts, keep the best one, and let the m
 of answers *after reading that draft*. Only those refinements are trained on; at test time the
 model answers in one pass, no drafts.
 
-Read top to bottom: settings, data, prompts, answer checking and rewards, sampling, log-probs,
-group-relative advantages, the clipped surrogate with KL penalty, the two-stage step, the loop,
-what a long run needs (checkpoints, resume, Ctrl-C), main.
+Read top to bottom: settings, data, prompts, rewards, sampling, the two-stage step (iGRPO's
+idea), log-probs, group-relative advantages, the clipped surrogate with KL penalty, the update,
+the loop. Then what a long run needs (checkpoints, resume, Ctrl-C), scaling out (LoRA, torchrun),
+the command line, and an appendix: how the answer checker grades a completion.
 
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval
     python toy.py                    # the offline toy world: a tiny model trained on the CPU
@@ -847,7 +848,7 @@ def next_batch(problems, order, cfg):
 
 def step_record(step, samples, rewards, trained, group_size, rollout_metrics, update_metrics,
                 optimizer, seconds):
-    """One line of metrics.jsonl: the step's rewards, the update's numbers, throughput; all ranks'."""
+    """A line of metrics.jsonl: the step's rewards, the update's numbers, throughput (all ranks)."""
     generated = rollout_metrics["generated_tokens"]
     record = dict(step=step, reward=rewards.mean().item(), accuracy=rollout_metrics["accuracy"],
                   draft_reward=rollout_metrics["draft_reward"],
@@ -862,8 +863,9 @@ def step_record(step, samples, rewards, trained, group_size, rollout_metrics, up
 
 
 def write_metrics(file, record):
-    """One JSON object per line, flushed, so a plot can follow a live run; NaN and inf become null."""
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    """One JSON object per line, flushed, so a plot can follow a live run; NaN and inf are null."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
     file.write(json.dumps(record, allow_nan=False) + "\n")
     file.flush()
 
@@ -874,10 +876,11 @@ def train(cfg, judge=None):
     load_judge builds judge.py's from --judge-model or --judge-url."""
     resume_from = start_run(cfg)
     device, dtype = device_and_dtype(cfg.dtype)
-    problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds, not minutes
+    problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
     model, tokenizer, ref_model = load_policy(cfg, resume_from, device, dtype)
     problems = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
-    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model), "eval-dataset")
+    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model),
+                                         "eval-dataset")
     if judge is None and cfg.reward != "rule":
         judge = load_judge(cfg, device, dtype)
     master = master_weights(model)
@@ -1413,7 +1416,8 @@ def add_config_flags(parser, flags=None):
         kind = dict(type=type(default))
         if isinstance(default, bool):  # --flag / --no-flag
             kind = dict(action=argparse.BooleanOptionalAction)
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=help, **kind)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=default, help=help, **kind)
 
 
 def parse_args(argv=None):
