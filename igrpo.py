@@ -1452,29 +1452,32 @@ def main(argv=None):
 # every call has a 1-second wall-clock limit.
 #
 # Grading policy.
-# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when only
-#   list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the last
-#   explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>); else
-#   none, which scores 0. A gold that is a full solution is read by the same rules.
+# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when
+#   only list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the
+#   last explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>);
+#   else none, which scores 0. A gold that is a full solution is read by the same rules.
 # - Cosmetics never matter: units (spaced, or in \text/\mbox), \text, spacing, \left/\right, \dfrac,
 #   \cfrac, math delimiters, degrees, percent, case, Unicode forms. Digit groups join (12,345,
-#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas. 0.\overline{3} is
-#   1/3; a number word (zero to ninety-nine) is its number.
+#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas.
+#   0.\overline{3} is 1/3; a number word (zero to ninety-nine) is its number.
 # - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits, so
 #   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
 #   variables required).
-# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval ends'
-#   brackets must agree). An inequality in one unknown is that unknown labelled with its interval:
-#   a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
-# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value on
-#   either side; labels on both sides must agree. Other equations match side by side, or as the same
-#   equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is compared as text.
+# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval
+#   ends' brackets must agree). An inequality in one unknown is that unknown labelled with its
+#   interval: a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare
+#   value on either side; labels on both sides must agree. Other equations match side by side, or
+#   as the same equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects
+#   is compared as text.
 # Ambiguous readings, decided (each one is a row of the case table):
-# - A comma between digit groups is a thousands separator only outside brackets: (1,234) and (12,102)
-#   are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join digits anywhere.
-# - Bare values against values under different labels are in the labels' order (4, 5 for AB=4, CD=5;
-#   5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
-# - A single name on the left is a label even before an expression: 2x+3 matches the gold y = 2x + 3.
+# - A comma between digit groups is a thousands separator only outside brackets: (1,234) and
+#   (12,102) are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join
+#   digits anywhere.
+# - Bare values against values under different labels are in the labels' order (4, 5 for AB=4,
+#   CD=5; 5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
+# - A single name on the left is a label even before an expression: 2x+3 matches the gold
+#   y = 2x + 3.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
 # - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
 #   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
@@ -1483,43 +1486,91 @@ def main(argv=None):
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
 MAX_DIGITS = 60             # longest number literal the parser accepts
 MAX_RESULT_DIGITS = 400     # a power whose value would need more digits is not built
-MAX_DEGREE = 10_000         # most total exponent on unknowns: their values at sample points stay small
+MAX_DEGREE = 10_000         # most total exponent on unknowns: values at sample points stay small
 
+
+def answers_match(pred, gold):
+    """True when a careful grader would accept `pred` for `gold`. Never raises; returns within ~1 s.
+    Either side may be a full solution: its final answer is read as `extract_answer` reads it."""
+    if pred is None or gold is None:
+        return False
+    try:
+        with time_limit(1.0):
+            # gold_answer (with the data): a full solution's final answer, else the text itself
+            pred, gold = normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold)))
+            return match_normalized(pred, gold)
+    except Exception:  # timeout, deep recursion, any sympy error: what we cannot grade is wrong
+        return False
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """A hard wall-clock bound on one grading call. Signals reach the main thread only; elsewhere
+    the input bounds suffice."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if not on_main_thread or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(*_):
+        raise TimeoutError("grading took too long")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# Which answer: the last box (with the boxes of the same list before it), else the last marker.
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-BOX_CONNECTOR = re.compile(r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or"
-                           r"|[a-zA-Z] *=)*", re.IGNORECASE)  # what may lie between boxes of one list answer
-CHOICE = re.compile(r"\(?([A-E])\)?")
-MARKER = re.compile(
-    r"<answer>(?P<tag>[^<]{1,400})</answer>|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is"
-    r" correct|\n|$)|the answer is:?\s*(?P<answer_is>[^\n]{1,400})|answer:\s*(?P<colon>[^\n]{1,400})"
-    r"|####\s*(?P<hash>[^\n]{1,400})|\\boxed\s+(?P<bare>[^\s$]{1,100})", re.IGNORECASE)
+BOX_CONNECTOR = re.compile(  # what may lie between the boxes of one list answer
+    r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or|[a-zA-Z] *=)*",
+    re.IGNORECASE)
+MARKER = re.compile(  # without a box: the last of these
+    r"<answer>(?P<tag>[^<]{1,400})</answer>"
+    r"|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is correct|\n|$)"
+    r"|the answer is:?\s*(?P<answer_is>[^\n]{1,400})"
+    r"|answer:\s*(?P<colon>[^\n]{1,400})"
+    r"|####\s*(?P<hash>[^\n]{1,400})"
+    r"|\\boxed\s+(?P<bare>[^\s$]{1,100})",
+    re.IGNORECASE)
 
 
 def extract_answer(text):
     """The final answer of a completion (or of a gold solution), or None."""
     if not text:
         return None
-    closing, stack = {}, []
-    for match in re.finditer(r"[{}]", text):  # one pass pairs every brace: linear even for 20,000 "\boxed{"
-        if match.group() == "{":
-            stack.append(match.start())
-        elif stack:
-            closing[stack.pop()] = match.start()
-    boxes = [(m.start(), m.end(), closing[m.end() - 1]) for m in BOX.finditer(text) if m.end() - 1 in closing]
+    closing_brace = closing_braces(text)
+    boxes = [(box.start(), box.end(), closing_brace[box.end() - 1])  # (start, content start, end)
+             for box in BOX.finditer(text) if box.end() - 1 in closing_brace]
     if boxes:
         return final_boxes(text, boxes)
     markers = list(MARKER.finditer(text))
     if not markers:
         return None
-    answer = next(v for v in markers[-1].groupdict().values() if v is not None)
+    answer = next(found for found in markers[-1].groupdict().values() if found is not None)
     answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
     answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
+    # a marker inside the marked text points further: "Answer: The final answer is 5" -> "5"
     return (extract_answer(answer) if MARKER.search(answer) else None) or answer or None
 
 
+def closing_braces(text):
+    """{position of each '{': position of its '}'}; one pass, linear even for 20,000 "\\boxed{"."""
+    closing, open_braces = {}, []
+    for brace in re.finditer(r"[{}]", text):
+        if brace.group() == "{":
+            open_braces.append(brace.start())
+        elif open_braces:
+            closing[open_braces.pop()] = brace.start()
+    return closing
+
+
 def final_boxes(text, boxes):
-    """The last box's content; with the boxes before it that only list connectors separate, a list."""
-    start, content_start, content_end = boxes[-1]
+    """The last box's content, with the boxes before it that only list connectors separate."""
+    start, content_start, content_end = boxes[-1]  # start: where the answer found so far begins
     answers = [text[content_start:content_end].strip()]  # last first
     for previous_start, previous_content_start, previous_end in reversed(boxes[:-1]):
         if previous_end > start:  # a box around the answer: \boxed{\boxed{3}}
@@ -1532,34 +1583,28 @@ def final_boxes(text, boxes):
     return ", ".join(reversed(answers))
 
 
-GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho "
-         "sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega").split()
-FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc,
-             "cot": sympy.cot, "ln": sympy.log, "log": sympy.log, "exp": sympy.exp, "arcsin": sympy.asin,
-             "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh}
-UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ", "∞": "\\infty ",
-           "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
-DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  12,\!345  1\,000
-THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
+# One spelling per answer, so that cosmetics never decide a grade.
+UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ",
+           "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
 COSMETIC = [  # (pattern, replacement), in order
-    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox|operatorname)"
-     r"\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
-    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""), (r"(?<!\\)\\[()\[\]]", ""),
+    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox"
+     r"|operatorname)\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
+    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""),
+    (r"(?<!\\)\\[()\[\]]", ""),
     (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
     (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
-    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"), (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
+    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"),
+    (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
     (r"\s+", " ")]
 LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
 REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen sixteen seventeen eighteen nineteen").split()
-TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def normalize(answer):
-    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating decimals."""
+    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating
+    decimals, number words."""
     answer = unicodedata.normalize("NFKC", answer)
     for symbol, latex in UNICODE.items():
         answer = answer.replace(symbol, latex)
@@ -1571,18 +1616,28 @@ def normalize(answer):
     return number_word_as_digits(answer.strip().rstrip(".").strip())
 
 
+DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  1\,000
+THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
+
+
 def join_digit_groups(answer):
-    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets, where a comma separates items."""
+    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets (inside them a comma separates
+    items)."""
     answer = DIGIT_GROUP_MARK.sub("", answer)
-    join = lambda found: found.group().replace(",", "")
+    without_commas = lambda found: found.group().replace(",", "")
     if not THOUSANDS.search(answer) or not re.search(r"[()\[\]]|\\[{}]", answer):
-        return THOUSANDS.sub(join, answer)  # nothing to join, or no brackets to keep out of
-    depth, depths = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
+        return THOUSANDS.sub(without_commas, answer)  # nothing to join, or no brackets in the way
+    depth, depth_at = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
     for index, char in enumerate(answer):
         escaped = index > 0 and answer[index - 1] == "\\"
-        depth += (char in "([" or (char == "{" and escaped)) - (char in ")]" or (char == "}" and escaped))
-        depths.append(depth)
-    return THOUSANDS.sub(lambda found: join(found) if depths[found.start()] == 0 else found.group(), answer)
+        opens = char in "([" or (char == "{" and escaped)
+        closes = char in ")]" or (char == "}" and escaped)
+        depth += opens - closes
+        depth_at.append(depth)
+
+    def join_outside_brackets(found):
+        return without_commas(found) if depth_at[found.start()] == 0 else found.group()
+    return THOUSANDS.sub(join_outside_brackets, answer)
 
 
 def repeating_decimal_as_fraction(found):
@@ -1591,6 +1646,11 @@ def repeating_decimal_as_fraction(found):
     denominator = 10 ** len(fixed) * (10 ** len(repeating) - 1)
     numerator = int(whole or 0) * denominator + int(fixed + repeating) - int(fixed or 0)
     return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def number_word_as_digits(answer):
@@ -1606,56 +1666,20 @@ def number_word_as_digits(answer):
     return answer
 
 
-def split_top_level(text, separator):
-    parts, depth, start = [], 0, 0
-    for index, char in enumerate(text):
-        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
-        if depth == 0 and text.startswith(separator, index):
-            parts.append(text[start:index])
-            start = index + len(separator)
-    return [part.strip() for part in parts + [text[start:]]]
-
-
-def answers_match(pred, gold):
-    """True when a careful grader would accept `pred` for `gold`. Never raises, returns in about 1 s.
-    Either side may be a full solution: its final answer is read by the rules of `extract_answer`."""
-    if pred is None or gold is None:
-        return False
-    try:
-        with time_limit(1.0):
-            return match_normalized(normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold))))
-    except Exception:  # TimeoutError, RecursionError, anything sympy throws: an answer we cannot grade is wrong
-        return False
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    """A hard wall-clock bound on one grading call (main thread only; elsewhere the input bounds suffice)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def on_alarm(*_):
-        raise TimeoutError("grading took too long")
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# Comparing two normalized answers: the rules of the grading policy, in the order they apply.
+CHOICE = re.compile(r"\(?([A-E])\)?")
 
 
 def match_normalized(pred, gold):
-    compact = lambda s: s.replace(" ", "").lower()
+    compact = lambda answer: answer.replace(" ", "").lower()
     if compact(pred) == compact(gold):
         return True
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
     gold_choice = CHOICE.fullmatch(gold.replace(" ", ""))  # multiple choice: (C), C, \text{(C)}
     if gold_choice:
-        found = CHOICE.fullmatch(pred.replace(" ", ""))
-        return bool(found) and found.group(1) == gold_choice.group(1)
+        pred_choice = CHOICE.fullmatch(pred.replace(" ", ""))
+        return bool(pred_choice) and pred_choice.group(1) == gold_choice.group(1)
     pred, gold = inequality_as_interval(pred), inequality_as_interval(gold)
     pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
     if len(pred_sides) == 2 and len(gold_sides) == 2:
@@ -1672,42 +1696,13 @@ def match_normalized(pred, gold):
         return bool(pred_cells and gold_cells) and same_shape_cells_match(pred_cells, gold_cells)
     gold_items, pred_items = answer_items(gold), answer_items(pred)
     if gold_items or pred_items:
-        return gold_items is not None and pred_items is not None and items_match(pred_items, gold_items)
+        both_lists = gold_items is not None and pred_items is not None
+        return both_lists and items_match(pred_items, gold_items)
     gold_value = parse_math(strip_units(gold, pred))
     pred_value = parse_math(strip_units(pred, gold))
-    return gold_value is not None and pred_value is not None and values_equal(pred_value, gold_value)
-
-
-NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
-LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?|\({NAME}(?:,{NAME})+\)|{NAME}(?::{NAME})+"  # k  f(x)  (p,q)  a:b
-                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")                                  # \frac{AB}{CD}
-
-
-def split_label(answer):
-    """'k = 1' -> ['k', '1']: a value under the name of what it is. None for anything else."""
-    sides = split_top_level(answer, "=")
-    if len(sides) != 2 or not LABEL.fullmatch(sides[0].replace(" ", "")):
-        return None
-    statement = re.fullmatch(r"[A-Z]{2,}", sides[0]) and re.fullmatch(r"[A-Z]{2,}", sides[1])  # MR=SRMC
-    return None if statement else sides
-
-
-def equations_match(pred_sides, gold_sides):
-    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
-    if any(all(map(match_normalized, sides, gold_sides)) for sides in (pred_sides, pred_sides[::-1])):
-        return True
-    sides = [parse_math(side) for side in pred_sides + gold_sides]
-    return None not in sides and proportional(sides[0] - sides[1], sides[2] - sides[3])
-
-
-def proportional(a, b):
-    """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
-    if not b.free_symbols or a.free_symbols != b.free_symbols:
+    if gold_value is None or pred_value is None:
         return False
-    points = [sample_point(sorted(b.free_symbols, key=str), shift) for shift in range(len(SAMPLE_POINTS))]
-    point = next((p for p in points if b.xreplace(p) != 0), None)  # x - 3/7 vanishes at the first point
-    scale = a.xreplace(point) / b.xreplace(point) if point else sympy.zoo
-    return bool(scale.is_finite) and scale != 0 and values_equal(a, scale * b, points=len(SAMPLE_POINTS))
+    return values_equal(pred_value, gold_value)
 
 
 INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
@@ -1716,7 +1711,8 @@ FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 
 @functools.lru_cache(maxsize=4096)  # list items are compared pairwise: convert each once
 def inequality_as_interval(answer):
-    """An inequality in one unknown -> the unknown labelled with its interval: a < x \\leq b -> x = (a, b]."""
+    """An inequality in one unknown -> the unknown labelled with its interval:
+    a < x \\leq b -> x = (a, b]."""
     parts = [part.strip() for part in INEQUALITY.split(answer)]
     if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
         parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
@@ -1738,11 +1734,14 @@ def is_unknown(text):
 
 def interval(low, low_relation, high, high_relation):
     """low < x <= high -> '(low, high]'."""
-    return f"{'(' if low_relation == '<' else '['}{low}, {high}{')' if high_relation == '<' else ']'}"
+    opening = "(" if low_relation == "<" else "["
+    closing = ")" if high_relation == "<" else "]"
+    return f"{opening}{low}, {high}{closing}"
 
 
 def unknown_on_the_left(left, relation, right):
-    """'x < 3' -> ('x', '<', '3'); '5 \\geq x' -> ('x', '\\leq', '5'); solved: '-x > -1' -> ('x', '<', '1')"""
+    """'x < 3' -> ('x', '<', '3'); '5 \\geq x' -> ('x', '\\leq', '5');
+    solved for the unknown: '-x > -1' -> ('x', '<', '1')."""
     if is_unknown(left):
         return left, relation, right
     if is_unknown(right):
@@ -1756,17 +1755,77 @@ def unknown_on_the_left(left, relation, right):
     unknown = next(iter(difference.free_symbols))
     offset = difference.xreplace({unknown: 0})
     slope = difference.xreplace({unknown: 1}) - offset
-    if not (slope.is_positive or slope.is_negative) or not values_equal(difference, slope * unknown + offset):
+    if not (slope.is_positive or slope.is_negative):
+        return None
+    if not values_equal(difference, slope * unknown + offset):  # not linear after all: x^2 < 4
         return None
     relation = relation if slope.is_positive else FLIPPED[relation]
     return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
 
 
-def strip_units(answer, other):
-    """'10 cm' -> '10' when the other side has no letters outside commands (a spaced unit word, not '2k')."""
-    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
-    other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
-    return found.group(1) if found and not other_has_words else answer
+def split_top_level(text, separator):
+    """'(1, 2), 3' split on ',' -> ['(1, 2)', '3']: a separator inside brackets does not split."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        depth += 1 if char in "([{" else -1 if char in ")]}" else 0
+        if depth == 0 and text.startswith(separator, index):
+            parts.append(text[start:index])
+            start = index + len(separator)
+    return [part.strip() for part in parts + [text[start:]]]
+
+
+def equations_match(pred_sides, gold_sides):
+    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
+    for sides in (pred_sides, pred_sides[::-1]):
+        if all(map(match_normalized, sides, gold_sides)):
+            return True
+    sides = [parse_math(side) for side in pred_sides + gold_sides]
+    return None not in sides and proportional(sides[0] - sides[1], sides[2] - sides[3])
+
+
+def proportional(a, b):
+    """a = c * b for one nonzero constant c: 2x+4y-3 and y+x/2-3/4 (c = 4). Unknowns required."""
+    if not b.free_symbols or a.free_symbols != b.free_symbols:
+        return False
+    symbols = sorted(b.free_symbols, key=str)
+    points = [sample_point(symbols, shift) for shift in range(len(SAMPLE_POINTS))]
+    point = next((p for p in points if b.xreplace(p) != 0), None)  # x - 3/7 is 0 at the first point
+    scale = a.xreplace(point) / b.xreplace(point) if point else sympy.zoo
+    nonzero_constant = bool(scale.is_finite) and scale != 0
+    return nonzero_constant and values_equal(a, scale * b, points=len(SAMPLE_POINTS))
+
+
+NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
+LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?"            # k  f(x)
+                   rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
+                   rf"|{NAME}(?::{NAME})+"               # a:b
+                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")  # \frac{AB}{CD}
+
+
+def split_label(answer):
+    """'k = 1' -> ['k', '1']: a value under the name of what it is. None for anything else."""
+    sides = split_top_level(answer, "=")
+    if len(sides) != 2 or not LABEL.fullmatch(sides[0].replace(" ", "")):
+        return None
+    # MR=SRMC: an equation between two upper-case names is a statement, not a labelled value
+    statement = re.fullmatch(r"[A-Z]{2,}", sides[0]) and re.fullmatch(r"[A-Z]{2,}", sides[1])
+    return None if statement else sides
+
+
+def matrix_cells(answer):
+    """'\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}' -> [['1', '2'], ['3', '4']]; else None."""
+    found = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", answer.strip(), re.S)
+    if not found:
+        return None
+    rows = [row for row in found.group(1).split("\\\\") if row.strip()]
+    return [[cell.strip() for cell in row.split("&")] for row in rows]
+
+
+def same_shape_cells_match(pred_cells, gold_cells):
+    if [len(row) for row in pred_cells] != [len(row) for row in gold_cells]:
+        return False
+    return all(match_normalized(pred, gold) for pred_row, gold_row in zip(pred_cells, gold_cells)
+               for pred, gold in zip(pred_row, gold_row))
 
 
 def answer_items(answer):
@@ -1778,10 +1837,10 @@ def answer_items(answer):
     if answer.startswith("\\{") and answer.endswith("\\}"):
         return ("set", "", split_top_level(answer[2:-2], ","))
     parts = split_top_level(answer, ",")
-    wrapped = len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]" and \
-        len(split_top_level(answer[1:-1], ",")) > 1 and split_top_level(answer, ",") == [answer]
-    if wrapped:
-        return ("tuple", answer[0] + answer[-1], split_top_level(answer[1:-1], ","))
+    bracketed = len(answer) > 1 and answer[0] in "([" and answer[-1] in ")]" and parts == [answer]
+    inside = split_top_level(answer[1:-1], ",") if bracketed else []
+    if len(inside) > 1:  # one bracket pair around several items: (1, 2), [0, 1)
+        return ("tuple", answer[0] + answer[-1], inside)
     return ("set", "", parts) if len(parts) > 1 else None
 
 
@@ -1789,10 +1848,11 @@ def items_match(pred, gold):
     (pred_kind, pred_brackets, pred_list), (gold_kind, gold_brackets, gold_list) = pred, gold
     if pred_kind != gold_kind or pred_brackets != gold_brackets or len(pred_list) != len(gold_list):
         return False
-    if len(gold_list) > 30:
+    if len(gold_list) > 30:  # items are compared pairwise: bound the work
         return False
     gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
-    named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)  # AB=4, CD=5
+    # values under different labels (AB=4, CD=5) are in the labels' order
+    named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)
     if gold_kind == "tuple" or (named_values and not any(map(split_label, pred_list))):
         return all(map(match_normalized, pred_list, gold_list))
     unmatched = list(gold_list)  # unordered: each predicted item must use up one gold item
@@ -1804,35 +1864,27 @@ def items_match(pred, gold):
     return True
 
 
-def matrix_cells(answer):
-    found = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", answer.strip(), re.S)
-    if not found:
-        return None
-    return [[cell.strip() for cell in row.split("&")] for row in found.group(1).split("\\\\") if row.strip()]
+def strip_units(answer, other):
+    """'10 cm' -> '10': a spaced unit word (not the k of 2k) goes when the other side has no
+    letters outside commands."""
+    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
+    other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
+    return found.group(1) if found and not other_has_words else answer
 
 
-def same_shape_cells_match(pred_cells, gold_cells):
-    return [len(r) for r in pred_cells] == [len(r) for r in gold_cells] and all(
-        match_normalized(p, g) for pr, gr in zip(pred_cells, gold_cells) for p, g in zip(pr, gr))
-
-
-TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|\\([a-zA-Z]+)|([a-zA-Z])"
-                   r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")
+# Reading an answer as a sympy value, with our own parser: model text is never evaluated.
+TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"  # 1.5 .5 3e-5
+                   r"|\\([a-zA-Z]+)"                                             # \frac \pi
+                   r"|([a-zA-Z])"                                                # x y
+                   r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")                             # symbols
 
 
 @functools.lru_cache(maxsize=4096)  # list items are compared pairwise: parse each once
 def parse_math(text):
-    """Our own recursive-descent parser for the answers we accept, building sympy objects; else None."""
-    tokens, position = [], 0
-    text = text.strip()
-    while position < len(text):
-        found = TOKEN.match(text, position)
-        if not found or found.end() == position:
-            return None
-        number, command, letter, symbol = found.groups()
-        tokens.append(("num", number) if number else ("cmd", command) if command else
-                      ("var", letter) if letter else ("sym", symbol))
-        position = found.end()
+    """An answer as a sympy value, built by our own recursive-descent parser; None if unreadable."""
+    tokens = math_tokens(text.strip())
+    if tokens is None:
+        return None
     parser = MathParser(tokens)
     try:
         value = parser.expression()
@@ -1841,15 +1893,43 @@ def parse_math(text):
     return value if parser.index == len(tokens) and unknowns_degree(value) <= MAX_DEGREE else None
 
 
+def math_tokens(text):
+    """'2\\pi r' -> [('num', '2'), ('cmd', 'pi'), ('var', 'r')]; None if one is unreadable."""
+    tokens, position = [], 0
+    while position < len(text):
+        found = TOKEN.match(text, position)
+        if not found or found.end() == position:
+            return None
+        number, command, letter, symbol = found.groups()
+        tokens.append(("num", number) if number else ("cmd", command) if command else
+                      ("var", letter) if letter else ("sym", symbol))
+        position = found.end()
+    return tokens
+
+
 def unknowns_degree(value):
-    """Sum of the exponents on unknowns: (x+1)^{9999} repeated 20 times is 199,980, too big to evaluate."""
-    powers = [power for power in value.atoms(sympy.Pow) if power.exp.is_Number and power.free_symbols]
-    return sum(abs(power.exp) for power in powers)
+    """Sum of the exponents on unknowns. (x+1)^{9999} twenty times: 199,980, too big to evaluate."""
+    return sum(abs(power.exp) for power in value.atoms(sympy.Pow)
+               if power.exp.is_Number and power.free_symbols)
+
+
+GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu "
+         "nu xi rho sigma tau upsilon phi varphi chi psi omega "
+         "Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega").split()
+FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan,
+             "sec": sympy.sec, "csc": sympy.csc, "cot": sympy.cot,
+             "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
+             "sinh": sympy.sinh, "cosh": sympy.cosh,
+             "ln": sympy.log, "log": sympy.log, "exp": sympy.exp}
 
 
 class MathParser:
-    """expression := term (+|- term)*; term := unary ((*|/|implicit) unary)*; unary := -unary | power;
-    power := factor (^ unary)?; factor := number | variable | (expression) | {expression} | \\frac | \\sqrt | ..."""
+    """Recursive descent over the tokens of one answer:
+        expression := term (+|- term)*
+        term       := unary ((*|/|implicit) unary)*
+        unary      := -unary | power
+        power      := factor (!)* (^ unary)?
+        factor     := number | variable | (expression) | {expression} | \\frac | \\sqrt | ..."""
 
     def __init__(self, tokens):
         self.tokens, self.index, self.depth = tokens, 0, 0
@@ -1866,7 +1946,7 @@ class MathParser:
 
     def expression(self):
         self.depth += 1
-        if self.depth > 40:
+        if self.depth > 40:  # far below Python's recursion limit
             raise ValueError("nested too deeply")
         value = self.term()
         while self.peek() in (("sym", "+"), ("sym", "-")):
@@ -1884,11 +1964,13 @@ class MathParser:
             elif (kind, token) in (("sym", "/"), ("cmd", "div")):
                 self.take()
                 value = value / self.unary()
-            elif kind in ("num", "var") or (kind == "sym" and token in "({") or \
-                    (kind == "cmd" and token not in ("cdot", "times", "div")):
-                mixed = isinstance(value, sympy.Integer) and token == "frac" and self.tokens[self.index - 1][0] == "num"
+            elif (kind in ("num", "var") or (kind == "sym" and token in "({")
+                    or (kind == "cmd" and token not in ("cdot", "times", "div"))):  # 2x, 3\pi
+                # a whole number right before \frac is a mixed number: 1\frac14 = 5/4
+                mixed = (isinstance(value, sympy.Integer) and token == "frac"
+                         and self.tokens[self.index - 1][0] == "num")
                 right = self.unary()
-                value = value + right if mixed and right.is_Rational else value * right  # 1\frac14 = 5/4
+                value = value + right if mixed and right.is_Rational else value * right
             else:
                 return value
 
@@ -1924,50 +2006,60 @@ class MathParser:
     def factor(self):
         kind, token = self.take()
         if kind == "num":
-            if len(token) > MAX_DIGITS:
-                raise ValueError("number too long")
-            mantissa, _, exponent = token.lower().partition("e")  # 3.2e-5, exactly
-            if abs(int(exponent or 0)) > MAX_RESULT_DIGITS:
-                raise ValueError("exponent too large")
-            return sympy.Rational(mantissa) * sympy.Integer(10) ** int(exponent or 0)
+            return exact_number(token)
         if kind == "var":
-            name = token
-            if self.peek() == ("sym", "_"):
-                self.take()
-                name += "_" + str(self.group())
+            name = self.subscripted(token)
             return {"i": sympy.I, "e": sympy.E}.get(name, sympy.Symbol(name))
         if kind == "sym" and token in "([{|":
             value = self.expression()
             self.take("sym", {"(": ")", "[": "]", "{": "}", "|": "|"}[token])
             return sympy.Abs(value) if token == "|" else value
         if kind == "cmd":
-            if token == "frac":
-                return self.group() / self.group()
-            if token == "sqrt":
-                degree = sympy.Integer(2)
-                if self.peek() == ("sym", "["):
-                    self.take()
-                    degree = self.expression()
-                    self.take("sym", "]")
-                return safe_power(self.group(), 1 / degree)
-            if token == "pi":
-                return sympy.pi
-            if token == "infty":
-                return sympy.oo
-            if token in GREEK:
-                name = token
-                if self.peek() == ("sym", "_"):
-                    self.take()
-                    name += "_" + str(self.group())
-                return sympy.Symbol(name)
-            if token in FUNCTIONS:
-                exponent = None
-                if self.peek() == ("sym", "^"):
-                    self.take()
-                    exponent = self.group()
-                value = FUNCTIONS[token](self.power())
-                return safe_power(value, exponent) if exponent is not None else value
+            return self.command(token)
         raise ValueError(f"unsupported {token!r}")
+
+    def command(self, name):
+        """\\frac, \\sqrt, \\pi, \\infty, a Greek letter or one of FUNCTIONS."""
+        if name == "frac":
+            return self.group() / self.group()
+        if name == "sqrt":
+            degree = sympy.Integer(2)
+            if self.peek() == ("sym", "["):
+                self.take()
+                degree = self.expression()
+                self.take("sym", "]")
+            return safe_power(self.group(), 1 / degree)
+        if name == "pi":
+            return sympy.pi
+        if name == "infty":
+            return sympy.oo
+        if name in GREEK:
+            return sympy.Symbol(self.subscripted(name))
+        if name in FUNCTIONS:
+            exponent = None
+            if self.peek() == ("sym", "^"):  # \sin^2 x
+                self.take()
+                exponent = self.group()
+            value = FUNCTIONS[name](self.power())
+            return safe_power(value, exponent) if exponent is not None else value
+        raise ValueError(f"unsupported {name!r}")
+
+    def subscripted(self, name):
+        """x_1, a_{10}, \\theta_0: the subscript is part of the unknown's name."""
+        if self.peek() == ("sym", "_"):
+            self.take()
+            name += "_" + str(self.group())
+        return name
+
+
+def exact_number(token):
+    """'3.2e-5' -> 1/31250, exactly; bounded in digits and exponent."""
+    if len(token) > MAX_DIGITS:
+        raise ValueError("number too long")
+    mantissa, _, exponent = token.lower().partition("e")
+    if abs(int(exponent or 0)) > MAX_RESULT_DIGITS:
+        raise ValueError("exponent too large")
+    return sympy.Rational(mantissa) * sympy.Integer(10) ** int(exponent or 0)
 
 
 def safe_power(base, exponent):
@@ -1975,18 +2067,22 @@ def safe_power(base, exponent):
     if exponent.is_Number:
         if abs(exponent) > 10_000:
             raise ValueError("exponent too large")
-        if base.is_Number and base != 0 and abs(exponent) * abs(math.log10(abs(complex(base))) + 1) > MAX_RESULT_DIGITS:
-            raise ValueError("power too large")
+        if base.is_Number and base != 0:
+            digits = abs(exponent) * abs(math.log10(abs(complex(base))) + 1)
+            if digits > MAX_RESULT_DIGITS:
+                raise ValueError("power too large")
     elif exponent.has(sympy.Pow) and base.is_Number:
         raise ValueError("power tower")
     return sympy.Pow(base, exponent)
 
 
-SAMPLE_POINTS = [sympy.Rational(p, q) for p, q in ((3, 7), (11, 13), (-5, 17), (19, 23), (2, 29), (-31, 37))]
+# Equal values: exactly for rationals, to 35 digits otherwise, at sample points for expressions.
+SAMPLE_POINTS = [sympy.Rational(p, q)
+                 for p, q in ((3, 7), (11, 13), (-5, 17), (19, 23), (2, 29), (-31, 37))]
 
 
 def values_equal(pred, gold, points=3):
-    """Exact rationals compare exactly; others to 35 digits, at `points` rational points if symbolic."""
+    """Rationals compare exactly; others to 35 digits, at `points` rational points if symbolic."""
     if pred.free_symbols != gold.free_symbols:  # a renamed variable is a different answer
         return False
     if not gold.free_symbols:
@@ -2000,7 +2096,9 @@ def values_equal(pred, gold, points=3):
 
 
 def sample_point(symbols, shift):
-    return {s: SAMPLE_POINTS[(i + shift) % len(SAMPLE_POINTS)] + shift for i, s in enumerate(symbols)}
+    """A different value for each unknown (so x - y is not 0), moved along by `shift`."""
+    count = len(SAMPLE_POINTS)
+    return {symbol: SAMPLE_POINTS[(i + shift) % count] + shift for i, symbol in enumerate(symbols)}
 
 
 def numbers_equal(a, b):
