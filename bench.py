@@ -3,12 +3,15 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
 
     python bench.py checker             # the answer checker's median and worst time per call
     python bench.py step                # one training step's time and peak memory, per phase
-    python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024   # ~0.5B, Qwen2-like, on a GPU
-    python bench.py logprobs            # peak memory: chunked log-probs vs a full float32 log-softmax
-    python bench.py step --lora-rank 32 # the same step training LoRA adapters only (peak RSS on a CPU)
+    python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024
+                                        # ~0.5B, Qwen2-like, on a GPU
+    python bench.py logprobs            # peak memory: chunked log-probs vs a full float32
+                                        # log-softmax
+    python bench.py step --lora-rank 32 # the same step training LoRA adapters only (peak RSS on
+                                        # a CPU)
 
-The step benchmark builds a randomly initialized Llama-style model from a config (no download), so a
-random model writes to the full --completion budget: the worst case for time and memory.
+The step benchmark builds a randomly initialized Llama-style model from a config (no download), so
+a random model writes to the full --completion budget: the worst case for time and memory.
 """
 import argparse
 import json
@@ -26,14 +29,17 @@ HERE = Path(__file__).resolve().parent
 
 def bench_checker(args):
     from checker_cases import CHECKER_CASES, DATA, rewrites
-    suites = {"case table": [(completion, gold, verdict) for completion, gold, verdict, _ in CHECKER_CASES],
+    suites = {"case table": [(completion, gold, verdict)
+                             for completion, gold, verdict, _ in CHECKER_CASES],
               "shipped golds": []}
     for name in ("math500", "minerva_math", "aime24", "aime25", "amc23", "gsm8k_test"):
         if (DATA / f"{name}.jsonl").exists():
             golds = [json.loads(line)["answer"] for line in open(DATA / f"{name}.jsonl")]
             suites["shipped golds"] += [(f"\\boxed{{{g}}}", g, True) for g in golds]
-            suites["shipped golds"] += [(f"\\boxed{{{r}}}", g, True) for g in golds for r in rewrites(g)]
-    for completion, gold, _ in suites["case table"]:  # untimed: sympy imports parts of itself on first use
+            suites["shipped golds"] += [(f"\\boxed{{{r}}}", g, True)
+                                        for g in golds for r in rewrites(g)]
+    # untimed: sympy imports parts of itself on first use
+    for completion, gold, _ in suites["case table"]:
         igrpo.math_reward(completion, gold)
     for suite, calls in suites.items():
         if not calls:
@@ -47,20 +53,25 @@ def bench_checker(args):
             right += (reward == 1.0) is verdict
         seconds = sorted(t for t, _ in times)
         worst = max(times)
+        p99 = seconds[int(0.99 * len(seconds))]
         print(f"checker, {suite}: {len(calls)} calls, {right} graded right, "
-              f"median {statistics.median(seconds) * 1e3:.2f} ms, p99 {seconds[int(0.99 * len(seconds))] * 1e3:.1f} ms, "
+              f"median {statistics.median(seconds) * 1e3:.2f} ms, p99 {p99 * 1e3:.1f} ms, "
               f"worst {worst[0] * 1e3:.1f} ms ({worst[1]!r})")
 
 
 def random_model(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
     import toy
-    texts = [igrpo.build_prompt(None, f"What is {a} + {a}?", igrpo.Config(chat_template="off")) for a in range(50)]
+    texts = [igrpo.build_prompt(None, f"What is {a} + {a}?", igrpo.Config(chat_template="off"))
+             for a in range(50)]
     tokenizer = toy.build_tokenizer(texts)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64),
-                         intermediate_size=args.hidden * 4, max_position_embeddings=8192, tie_word_embeddings=True,
+    heads = max(1, args.hidden // 64)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=heads,
+                         num_key_value_heads=heads,
+                         intermediate_size=args.hidden * 4, max_position_embeddings=8192,
+                         tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     return model, tokenizer
@@ -72,21 +83,24 @@ def bench_step(args):
     cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
                        prompts_per_step=args.prompts, max_completion_tokens=args.completion,
                        max_draft_tokens=args.completion, micro_batch_size=args.micro_batch_size,
-                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off", lr=1e-6,
-                       lora_rank=args.lora_rank)
+                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off",
+                       lr=1e-6, lora_rank=args.lora_rank)
     model = igrpo.apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     master = igrpo.master_weights(model)
     optimizer = torch.optim.AdamW(master, lr=cfg.lr)
     params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
-    batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(cfg.prompts_per_step)]
+    batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)}
+             for a in range(cfg.prompts_per_step)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), dtype {dtype}, "
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device {device} ({device_name}), dtype {dtype}, "
           f"{params / 1e6:.0f}M parameters ({trained / 1e6:.1f}M trained), algo {cfg.algo}, "
           f"{cfg.prompts_per_step} prompts x {cfg.group_size}, "
           f"completion budget {cfg.max_completion_tokens}, "
-          f"micro-batch {cfg.micro_batch_size}, gradient checkpointing {cfg.gradient_checkpointing}")
+          f"micro-batch {cfg.micro_batch_size}, "
+          f"gradient checkpointing {cfg.gradient_checkpointing}")
     for step in range(args.steps):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -95,7 +109,8 @@ def bench_step(args):
         samples, rewards, group, info = igrpo.rollout(model, tokenizer, batch, cfg)
         sync()
         sampled = time.time()
-        sample_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        sample_memory = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+                         else float("nan"))
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # random rewards so that every group carries gradient, as in real training
@@ -104,17 +119,22 @@ def bench_step(args):
         igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg)
         sync()
         done = time.time()
-        update_memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; the process's peak
-        print(f"step {step}: sampling {sampled - started:.1f}s ({info['generated_tokens']} tokens, "
-              f"{info['generated_tokens'] / (sampled - started):.0f} tok/s, peak {sample_memory:.1f} GiB), "
-              f"update {done - sampled:.1f}s ({int(samples.lengths.sum())} tokens, "
-              f"{int(samples.lengths.sum()) / (done - sampled):.0f} tok/s, peak {update_memory:.1f} GiB), "
+        update_memory = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
+                         else float("nan"))
+        # KiB on Linux; the process's peak
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        sample_seconds, update_seconds = sampled - started, done - sampled
+        generated_tokens, update_tokens = info["generated_tokens"], int(samples.lengths.sum())
+        print(f"step {step}: sampling {sample_seconds:.1f}s ({generated_tokens} tokens, "
+              f"{generated_tokens / sample_seconds:.0f} tok/s, peak {sample_memory:.1f} GiB), "
+              f"update {update_seconds:.1f}s ({update_tokens} tokens, "
+              f"{update_tokens / update_seconds:.0f} tok/s, peak {update_memory:.1f} GiB), "
               f"peak CPU RSS so far {rss:.2f} GiB")
 
 
 def bench_logprobs(args):
-    """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full log-softmax."""
+    """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full
+    log-softmax."""
     device, dtype = igrpo.device_and_dtype("auto")
     model, _ = random_model(args, device, dtype)
     if args.gradient_checkpointing:  # as in training, so the output layer's share of memory shows
@@ -131,7 +151,8 @@ def bench_logprobs(args):
     def naive():
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, 15:-1].float() / 0.7
         return logits.log_softmax(-1).gather(-1, input_ids[:, 16:, None]).sum()
-    for name, fn in (("warm-up", ours), ("warm-up", naive), ("chunked (igrpo)", ours), ("full log-softmax", naive)):
+    for name, fn in (("warm-up", ours), ("warm-up", naive),
+                     ("chunked (igrpo)", ours), ("full log-softmax", naive)):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -141,14 +162,16 @@ def bench_logprobs(args):
         fn().backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+        peak = ((torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda"
+                else float("nan"))
         if name != "warm-up":
-            print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}: peak above weights {peak:.2f} GiB, "
-                  f"{time.time() - started:.2f}s")
+            print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}: "
+                  f"peak above weights {peak:.2f} GiB, {time.time() - started:.2f}s")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["checker", "step", "logprobs"])
     parser.add_argument("--algo", default="igrpo", choices=["igrpo", "grpo"])
     parser.add_argument("--hidden", type=int, default=128)
@@ -158,8 +181,10 @@ if __name__ == "__main__":
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--completion", type=int, default=64)
     parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=True)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="train LoRA adapters of this rank (0: all)")
     args = parser.parse_args()
     {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)

@@ -1,18 +1,22 @@
 """
 eval.py: the iGRPO paper's evaluation protocol, for a checkpoint of igrpo.py or any causal LM.
 
-Single pass from the original prompt (no drafts at test time), temperature 0.6, top-p 0.95, k samples per
-problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
+Single pass from the original prompt (no drafts at test time), temperature 0.6, top-p 0.95, k
+samples per problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
   avg@k   mean accuracy over all k samples: the paper's "pass@1 averaged over k"
-  pass@k  the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), n samples of which c correct
+  pass@k  the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), n samples of which
+          c correct
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
-and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's own.
+and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's
+own.
 
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks gsm8k,math500 --limit 20 --k 2
-    python eval.py --model runs/toy-igrpo-seed0/final --benchmarks my_problems.jsonl --refine-rounds 1
+    python eval.py --model runs/toy-igrpo-seed0/final --benchmarks my_problems.jsonl \
+        --refine-rounds 1
 
-A rerun with the same --output-dir and settings resumes: problems already in OUTPUT_DIR/<benchmark>.jsonl are
-skipped; other settings (model, k, temperature, budget, ...) are refused.
+A rerun with the same --output-dir and settings resumes: problems already in
+OUTPUT_DIR/<benchmark>.jsonl are skipped; other settings (model, k, temperature, budget, ...) are
+refused.
 """
 import argparse
 import json
@@ -37,14 +41,16 @@ BENCHMARKS = {
 
 
 def pass_at_k(n, c, k):
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is
+    correct."""
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
 def majority_correct(extracted, gold):
-    """Vote over extracted answers, equivalent spellings pooled; the first-seen answer wins a tie."""
+    """Vote over extracted answers, equivalent spellings pooled; the first-seen answer wins a
+    tie."""
     clusters = []  # [representative, votes]
     for answer in extracted:
         if answer is None:
@@ -70,7 +76,8 @@ def resolve(name, data_dir):
         if not Path(name).is_file():
             igrpo.fail(f"--benchmarks: no such file: {name}")
         return name, "", "test", 8
-    igrpo.fail(f"--benchmarks: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl file")
+    igrpo.fail(f"--benchmarks: unknown benchmark {name!r}; "
+               f"use one of {', '.join(BENCHMARKS)} or a .jsonl file")
 
 
 def label(name):
@@ -79,36 +86,40 @@ def label(name):
 
 def grade(completion, gold, tokens):
     extracted = igrpo.extract_answer(completion)
-    return dict(completion=completion, extracted=extracted, correct=igrpo.answers_match(extracted, gold),
-                tokens=tokens)
+    return dict(completion=completion, extracted=extracted,
+                correct=igrpo.answers_match(extracted, gold), tokens=tokens)
 
 
 def generate(model, tokenizer, prompts, k, cfg):
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k, temperature=cfg.eval_temperature,
-                           top_p=cfg.eval_top_p)
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k,
+                           temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
     return samples.texts, samples.lengths.tolist()
 
 
 def finished_rows(path):
-    """Problems a previous run already wrote; a last line cut short by a kill mid-write is redone."""
+    """Problems a previous run already wrote; a last line cut short by a kill mid-write is
+    redone."""
     rows, lines = {}, path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
-                igrpo.fail(f"{path}: line {number} is not valid JSON; delete the file to redo this benchmark")
-            print(f"{path}: the last line is cut short (a run killed mid-write?); its problem is redone")
+                igrpo.fail(f"{path}: line {number} is not valid JSON; "
+                           "delete the file to redo this benchmark")
+            print(f"{path}: the last line is cut short (a run killed mid-write?); "
+                  "its problem is redone")
             continue
         rows[row["index"]] = row
     return rows
 
 
 def unanswered(problem, k, args):
-    """A problem whose prompt fills the model's context: k empty completions, scored as no answer."""
+    """A problem whose prompt fills the model's context: k empty completions, scored as no
+    answer."""
     empty = [grade("", problem["answer"], 0) for _ in range(k)]
-    return dict(index=problem["index"], problem=problem["problem"], answer=problem["answer"], samples=empty,
-                refined=[empty] * args.refine_rounds, prompt_too_long=True)
+    return dict(index=problem["index"], problem=problem["problem"], answer=problem["answer"],
+                samples=empty, refined=[empty] * args.refine_rounds, prompt_too_long=True)
 
 
 def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
@@ -120,10 +131,11 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
     done = finished_rows(path) if path.exists() else {}  # resume: settings.json vouches they match
     todo = [problems[i] | {"index": i} for i in range(len(problems)) if i not in done]
     context = igrpo.max_positions(model)
-    too_long = [p for p in todo if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
+    too_long = [p for p in todo
+                if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
     if too_long:
-        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context ({context} "
-              "positions): scored as unanswered")
+        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context "
+              f"({context} positions): scored as unanswered")
     todo = [p for p in todo if p not in too_long]
     per_call = max(1, cfg.generation_batch_size // k)
     bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
@@ -135,19 +147,26 @@ def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
             chunk = todo[start:start + per_call]
             prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
             texts, lengths = generate(model, tokenizer, prompts, k, cfg)
-            rows = [dict(index=p["index"], problem=p["problem"], answer=p["answer"], refined=[],
-                         samples=[grade(t, p["answer"], n) for t, n in zip(texts[j * k:(j + 1) * k],
-                                                                           lengths[j * k:(j + 1) * k])])
-                    for j, p in enumerate(chunk)]
+            rows = []
+            for j, p in enumerate(chunk):
+                row_span = slice(j * k, (j + 1) * k)  # problem j's k samples in texts and lengths
+                samples = [grade(t, p["answer"], n)
+                           for t, n in zip(texts[row_span], lengths[row_span])]
+                rows.append(dict(index=p["index"], problem=p["problem"], answer=p["answer"],
+                                 refined=[], samples=samples))
             previous = [s["completion"] for row in rows for s in row["samples"]]
-            for _ in range(args.refine_rounds):  # beyond the paper: refine each sample with igrpo's template
-                refine = [igrpo.build_prompt(tokenizer, igrpo.refine_message(
-                    rows[i // k]["problem"], igrpo.cut_draft(tokenizer, draft, cfg.max_draft_tokens)), cfg)
-                    for i, draft in enumerate(previous)]
+            # beyond the paper: refine each sample with igrpo's template
+            for _ in range(args.refine_rounds):
+                drafts = [igrpo.cut_draft(tokenizer, text, cfg.max_draft_tokens)
+                          for text in previous]
+                messages = [igrpo.refine_message(rows[i // k]["problem"], draft)
+                            for i, draft in enumerate(drafts)]
+                refine = [igrpo.build_prompt(tokenizer, message, cfg) for message in messages]
                 previous, lengths = generate(model, tokenizer, refine, 1, cfg)
                 for j, row in enumerate(rows):
-                    row["refined"].append([grade(t, row["answer"], n) for t, n in
-                                           zip(previous[j * k:(j + 1) * k], lengths[j * k:(j + 1) * k])])
+                    row_span = slice(j * k, (j + 1) * k)
+                    row["refined"].append([grade(t, row["answer"], n)
+                                           for t, n in zip(previous[row_span], lengths[row_span])])
             for row in rows:
                 done[row["index"]] = row
                 file.write(json.dumps(row) + "\n")
@@ -162,7 +181,8 @@ RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens"
 
 
 def check_resume(out, args):
-    """A rerun into the same --output-dir resumes only with the settings that wrote the completions there."""
+    """A rerun into the same --output-dir resumes only with the settings that wrote the completions
+    there."""
     settings = {name: getattr(args, name) for name in RESUME_SETTINGS}
     if Path(args.model).exists():
         settings["model"] = str(Path(args.model).resolve())
@@ -173,30 +193,36 @@ def check_resume(out, args):
                   for name, value in settings.items() if saved.get(name) != value]
         if differ:
             igrpo.fail(f"--output-dir {out} holds completions made with other settings "
-                       f"({'; '.join(differ)}): use another --output-dir, or the same settings to resume")
+                       f"({'; '.join(differ)}): use another --output-dir, "
+                       "or the same settings to resume")
     elif any(out.glob("*.jsonl")):
-        igrpo.fail(f"--output-dir {out} holds completions without a settings.json: use another --output-dir")
+        igrpo.fail(f"--output-dir {out} holds completions without a settings.json: "
+                   "use another --output-dir")
     saved_path.write_text(json.dumps(settings, indent=2))
 
 
 def summarize(rows, k):
     samples = [s for row in rows for s in row["samples"]]
+    pass_per_problem = [pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k)
+                        for r in rows]
+    majority_per_problem = [majority_correct([s["extracted"] for s in r["samples"]], r["answer"])
+                            for r in rows]
     summary = dict(problems=len(rows), k=k,
                    avg_at_k=sum(s["correct"] for s in samples) / len(samples),
-                   pass_at_k=sum(pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), k)
-                                 for r in rows) / len(rows),
-                   maj_at_k=sum(majority_correct([s["extracted"] for s in r["samples"]], r["answer"])
-                                for r in rows) / len(rows),
+                   pass_at_k=sum(pass_per_problem) / len(rows),
+                   maj_at_k=sum(majority_per_problem) / len(rows),
                    no_answer_rate=sum(s["extracted"] is None for s in samples) / len(samples),
                    mean_completion_tokens=sum(s["tokens"] for s in samples) / len(samples))
     for round_index in range(len(rows[0]["refined"]) if rows else 0):
         refined = [s for row in rows for s in row["refined"][round_index]]
-        summary[f"refined_{round_index + 1}_avg_at_k"] = sum(s["correct"] for s in refined) / len(refined)
+        accuracy = sum(s["correct"] for s in refined) / len(refined)
+        summary[f"refined_{round_index + 1}_avg_at_k"] = accuracy
     return summary
 
 
 def print_table(results):
-    columns = ["problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate", "mean_completion_tokens"]
+    columns = ["problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate",
+               "mean_completion_tokens"]
     columns += sorted({c for r in results.values() for c in r if c.startswith("refined_")})
     print(f"{'benchmark':<12}" + "".join(f"{c:>{len(c) + 2}}" for c in columns))
     for name, row in results.items():
@@ -206,19 +232,25 @@ def print_table(results):
 
 def parse_args(argv=None):
     default_data = HERE.parent / "shared" / "data"
-    parser = argparse.ArgumentParser(description="Evaluate a causal LM with the iGRPO paper's protocol.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Evaluate a causal LM with the iGRPO paper's protocol.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
     parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",
-                        help="folder with the local benchmark copies; names not found there load from the hub")
-    parser.add_argument("--k", type=int, default=None, help="samples per problem (default: the paper's, 64 AIME, 8 others)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each")
+                        help="folder with the local benchmark copies; "
+                             "names not found there load from the hub")
+    parser.add_argument("--k", type=int, default=None,
+                        help="samples per problem (default: the paper's, 64 AIME, 8 others)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N problems of each")
     parser.add_argument("--refine-rounds", type=int, default=0,
-                        help="beyond the paper: refine each sample this many times through iGRPO's template")
-    parser.add_argument("--output-dir", default="runs/eval", help="summary.json and one JSONL per benchmark")
+                        help="beyond the paper: refine each sample this many times "
+                             "through iGRPO's template")
+    parser.add_argument("--output-dir", default="runs/eval",
+                        help="summary.json and one JSONL per benchmark")
     igrpo.add_config_flags(parser, CONFIG_FLAGS)
     args = parser.parse_args(argv)
     igrpo.check_config(config(args))
@@ -231,8 +263,10 @@ def parse_args(argv=None):
     return args
 
 
-# igrpo.py's settings that eval.py shares, by eval.py's flag name: defaults and help come from igrpo.Config
-CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p", max_completion_tokens="max_completion_tokens",
+# igrpo.py's settings that eval.py shares, by eval.py's flag name: defaults and help come from
+# igrpo.Config
+CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p",
+                    max_completion_tokens="max_completion_tokens",
                     max_draft_tokens="max_draft_tokens", chat_template="chat_template",
                     generation_batch_size="generation_batch_size", dtype="dtype",
                     trust_remote_code="trust_remote_code", seed="seed")
@@ -255,8 +289,10 @@ def main(argv=None):
     device, dtype = igrpo.device_and_dtype(cfg.dtype)
     model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
     igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
-    results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out) for name in names}
-    (out / "summary.json").write_text(json.dumps(dict(model=args.model, settings=vars(args), results=results), indent=2))
+    results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out)
+               for name in names}
+    summary = dict(model=args.model, settings=vars(args), results=results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(results)
     return results
 

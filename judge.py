@@ -4,8 +4,8 @@ reads the problem, the reference answer and a solution, and replies with a score
 
 Kept out of igrpo.py because the method does not need it; it imports nothing from igrpo.py, whose
 load_judge builds a judge from these parts. Two ways to run the judge:
-  --judge-model NAME_OR_PATH   a Hugging Face causal LM on the training device, no gradients, greedy,
-                               one batched generate call per scoring
+  --judge-model NAME_OR_PATH   a Hugging Face causal LM on the training device, no gradients,
+                               greedy, one batched generate call per scoring
   --judge-url URL              an OpenAI-compatible chat-completions endpoint (what vLLM and SGLang
                                serve), through the standard library's HTTP client, with retries
 A reply with no parsable score counts as 0 and is counted in metrics.jsonl (judge_unparsed).
@@ -35,8 +35,9 @@ NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?(?![\w
 
 
 def parse_score(reply):
-    """The last "Score: X" (or, failing that, the last number) as a value in [0, 1]; None if there is none.
-    X may be a fraction of a scale ("8/10"). Out-of-range values are unparsable, not clipped."""
+    """The last "Score: X" (or, failing that, the last number) as a value in [0, 1]; None if there
+    is none. X may be a fraction of a scale ("8/10"). Out-of-range values are unparsable, not
+    clipped."""
     found = SCORE.findall(reply or "") or NUMBER.findall(reply or "")
     if not found:
         return None
@@ -46,20 +47,25 @@ def parse_score(reply):
 
 
 def grading_prompts(problems, golds, completions):
-    return [JUDGE_PROMPT.format(problem=p, answer=g, solution=c) for p, g, c in zip(problems, golds, completions)]
+    return [JUDGE_PROMPT.format(problem=p, answer=g, solution=c)
+            for p, g, c in zip(problems, golds, completions)]
 
 
-# A judge is a function (problems, golds, completions) -> list of scores in [0, 1], or None where unparsed.
+# A judge is a function (problems, golds, completions) -> list of scores in [0, 1], or None where
+# unparsed.
 def model_judge(reply):
-    """A judge around a local model: reply(grading prompts) -> its replies (igrpo.load_judge supplies it)."""
+    """A judge around a local model: reply(grading prompts) -> its replies (igrpo.load_judge
+    supplies it)."""
     def judge(problems, golds, completions):
-        return [parse_score(text) for text in reply(grading_prompts(problems, golds, completions))]
+        replies = reply(grading_prompts(problems, golds, completions))
+        return [parse_score(text) for text in replies]
     return judge
 
 
 def url_judge(url, model_name, timeout=120, tries=3):
-    endpoint = url if url.rstrip("/").endswith("chat/completions") else \
-        url.rstrip("/") + ("/chat/completions" if url.rstrip("/").endswith("/v1") else "/v1/chat/completions")
+    base = url.rstrip("/")
+    endpoint = url if base.endswith("chat/completions") else \
+        base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
 
     def ask(prompt):
         body = json.dumps({"model": model_name or "judge", "temperature": 0, "max_tokens": 64,
@@ -67,17 +73,21 @@ def url_judge(url, model_name, timeout=120, tries=3):
         error = None
         for attempt in range(tries):
             try:
-                request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(endpoint, data=body,
+                                                 headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return json.load(response)["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, ValueError) as caught:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError,
+                    ValueError) as caught:
                 error = caught
                 time.sleep(0.5 * 2 ** attempt)
-        raise SystemExit(f"igrpo: error: --judge-url {url}: no usable answer from {endpoint} after {tries} tries "
-                         f"({type(error).__name__}: {error})")
+        raise SystemExit(f"igrpo: error: --judge-url {url}: no usable answer from {endpoint} "
+                         f"after {tries} tries ({type(error).__name__}: {error})")
 
     def judge(problems, golds, completions):
         with ThreadPoolExecutor(max_workers=16) as pool:
-            return [parse_score(reply) for reply in pool.map(ask, grading_prompts(problems, golds, completions))]
-    ask("Reply with: Score: 1")  # fail before training, not in the middle of it, if the judge is unreachable
+            replies = pool.map(ask, grading_prompts(problems, golds, completions))
+            return [parse_score(reply) for reply in replies]
+    # fail before training, not in the middle of it, if the judge is unreachable
+    ask("Reply with: Score: 1")
     return judge

@@ -1,15 +1,19 @@
 """
-plot.py: what training did, as one figure, from the files runs leave behind (metrics.jsonl, args.json);
-and eval.py's avg@k per benchmark as a bar chart (from summary.json). Needs matplotlib (optional: only
-this file uses it).
+plot.py: what training did, as one figure, from the files runs leave behind (metrics.jsonl,
+args.json); and eval.py's avg@k per benchmark as a bar chart (from summary.json). Needs matplotlib
+(optional: only this file uses it).
 
-    python plot.py runs/toy-igrpo-seed0                           # one run -> runs/toy-igrpo-seed0/plot.png
-    python plot.py runs/toy-compare/*-seed* --out compare.png      # seeds of a setting: mean, min-max band
-    python plot.py runs/eval-grpo runs/eval-igrpo --out evals.png  # folders holding eval.py's summary.json
+    # one run -> runs/toy-igrpo-seed0/plot.png
+    python plot.py runs/toy-igrpo-seed0
+    # seeds of a setting: mean, min-max band
+    python plot.py runs/toy-compare/*-seed* --out compare.png
+    # folders holding eval.py's summary.json
+    python plot.py runs/eval-grpo runs/eval-igrpo --out evals.png
 
-Runs are labelled by their args.json (algo, loss, and any other setting that tells them apart). Runs that
-differ only in --seed are drawn as one line, the mean over seeds, with a band from the lowest to the
-highest seed, over the steps every seed has reached. A run still being written is read as far as it goes.
+Runs are labelled by their args.json (algo, loss, and any other setting that tells them apart).
+Runs that differ only in --seed are drawn as one line, the mean over seeds, with a band from the
+lowest to the highest seed, over the steps every seed has reached. A run still being written is read
+as far as it goes.
 """
 import argparse
 import json
@@ -19,10 +23,14 @@ from pathlib import Path
 import igrpo
 
 # (metric, panel title); "drafts" is iGRPO's Stage 1 next to its Stage 2
-PANELS = [("reward", "training reward (iGRPO: the refinements')"), ("eval_accuracy", "held-out accuracy"),
-          ("drafts", "iGRPO: draft, best draft, refinement reward"), ("entropy", "entropy (nats per token)"),
-          ("mean_completion_length", "mean completion length (tokens)"), ("step_seconds", "step time (s)")]
-IGNORED_SETTINGS = ("seed", "output_dir", "save_every")  # these never make two runs a different setting
+PANELS = [("reward", "training reward (iGRPO: the refinements')"),
+          ("eval_accuracy", "held-out accuracy"),
+          ("drafts", "iGRPO: draft, best draft, refinement reward"),
+          ("entropy", "entropy (nats per token)"),
+          ("mean_completion_length", "mean completion length (tokens)"),
+          ("step_seconds", "step time (s)")]
+# these never make two runs a different setting
+IGNORED_SETTINGS = ("seed", "output_dir", "save_every")
 
 
 def pyplot():
@@ -39,7 +47,8 @@ def pyplot():
 # Reading runs: metrics.jsonl is the single source, read as far as it is written
 # ----------------------------------------------------------------------------------------------
 def read_metrics(path):
-    """The rows of a metrics.jsonl. A torn last line (a live run, or a kill mid-write) is left out."""
+    """The rows of a metrics.jsonl. A torn last line (a live run, or a kill mid-write) is left
+    out."""
     lines = Path(path).read_text().splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
@@ -58,18 +67,21 @@ def read_run(folder):
     folder = Path(folder)
     if not (folder / "metrics.jsonl").is_file():
         igrpo.fail(f"{folder}: no metrics.jsonl (not a training run folder)")
-    args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+    args_path = folder / "args.json"
+    args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     return dict(folder=folder, args=args, rows=read_metrics(folder / "metrics.jsonl"))
 
 
 def setting_key(args):
-    """A run's settings without its seed; a seed inside a path (the toy's per-seed cache) is masked too."""
+    """A run's settings without its seed; a seed inside a path (the toy's per-seed cache) is masked
+    too."""
     return tuple(sorted((k, re.sub(r"seed\d+", "seed*", v) if isinstance(v, str) else v)
                         for k, v in args.items() if k not in IGNORED_SETTINGS))
 
 
 def group_by_setting(runs):
-    """[(label, runs)]: runs that differ only in seed form one group, labelled by what sets groups apart."""
+    """[(label, runs)]: runs that differ only in seed form one group, labelled by what sets groups
+    apart."""
     groups = {}
     for run in runs:
         groups.setdefault(setting_key(run["args"]), []).append(run)
@@ -91,12 +103,13 @@ def group_by_setting(runs):
 
 
 def series(rows, metric, smooth=1):
-    """(steps, values) of the rows where metric is a number; a trailing mean over `smooth` points."""
+    """(steps, values) of the rows where metric is a number; a trailing mean over `smooth`
+    points."""
     points = [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
     steps, values = [s for s, _ in points], [v for _, v in points]
     if smooth > 1:
-        values = [sum(values[max(0, i - smooth + 1):i + 1]) / len(values[max(0, i - smooth + 1):i + 1])
-                  for i in range(len(values))]
+        windows = [values[max(0, i - smooth + 1):i + 1] for i in range(len(values))]
+        values = [sum(window) / len(window) for window in windows]
     return steps, values
 
 
@@ -105,7 +118,8 @@ def across_seeds(members, metric, smooth=1):
     per_run = [dict(zip(*series(m["rows"], metric, smooth))) for m in members]
     steps = sorted(set.intersection(*(set(p) for p in per_run)))
     values = [[p[s] for p in per_run] for s in steps]
-    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+    means = [sum(v) / len(v) for v in values]
+    return steps, means, [min(v) for v in values], [max(v) for v in values]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +130,8 @@ def draw_line(axis, members, metric, smooth, color, label, style="-"):
     if not steps:
         return False
     marker = "o" if metric == "eval_accuracy" else None
-    axis.plot(steps, mean, style, color=color, label=label, marker=marker, markersize=4, linewidth=1.3)
+    axis.plot(steps, mean, style, color=color, label=label, marker=marker, markersize=4,
+              linewidth=1.3)
     if len(members) > 1:
         axis.fill_between(steps, low, high, color=color, alpha=0.18, linewidth=0)
     return True
@@ -132,11 +147,15 @@ def plot_training(run_folders, out, smooth=1):
         for index, (label, members) in enumerate(groups):
             color = colors[index % len(colors)]
             if metric == "drafts":  # GRPO's draft rewards are null: it draws nothing here
-                drawn |= draw_line(axis, members, "draft_reward", smooth, color, f"{label}: drafts", ":")
-                drawn |= draw_line(axis, members, "best_draft_reward", smooth, color, f"{label}: best draft",
-                                   "--")
-                if any(isinstance(r.get("draft_reward"), (int, float)) for m in members for r in m["rows"]):
-                    drawn |= draw_line(axis, members, "reward", smooth, color, f"{label}: refinements")
+                drawn |= draw_line(axis, members, "draft_reward", smooth, color,
+                                   f"{label}: drafts", ":")
+                drawn |= draw_line(axis, members, "best_draft_reward", smooth, color,
+                                   f"{label}: best draft", "--")
+                logged_drafts = any(isinstance(r.get("draft_reward"), (int, float))
+                                    for m in members for r in m["rows"])
+                if logged_drafts:
+                    drawn |= draw_line(axis, members, "reward", smooth, color,
+                                       f"{label}: refinements")
             else:
                 drawn |= draw_line(axis, members, metric, smooth, color, label)
         if not drawn:
@@ -147,8 +166,10 @@ def plot_training(run_folders, out, smooth=1):
         axis.grid(alpha=0.3)
         if drawn and (metric == "drafts" or axis is axes.flat[0]):
             axis.legend(fontsize=7)
-    note = "" if all(len(m) == 1 for _, m in groups) else "  line: mean over seeds, band: min to max"
-    figure.suptitle(("" if smooth <= 1 else f"trailing mean over {smooth} steps.") + note, fontsize=9)
+    note = ("" if all(len(m) == 1 for _, m in groups)
+            else "  line: mean over seeds, band: min to max")
+    smoothing = "" if smooth <= 1 else f"trailing mean over {smooth} steps."
+    figure.suptitle(smoothing + note, fontsize=9)
     figure.tight_layout()
     figure.savefig(out, dpi=80)
     plt.close(figure)
@@ -172,7 +193,8 @@ def plot_eval(paths, out):
     summaries = [read_summary(p) for p in paths]
     benchmarks = list(dict.fromkeys(name for s in summaries for name in s["results"]))
     width = 0.8 / len(summaries)
-    figure, axis = plt.subplots(figsize=(max(5, 1.4 * len(benchmarks) * max(1, len(summaries) / 2)), 4))
+    figure_width = max(5, 1.4 * len(benchmarks) * max(1, len(summaries) / 2))
+    figure, axis = plt.subplots(figsize=(figure_width, 4))
     for index, (path, summary) in enumerate(zip(paths, summaries)):
         results = summary["results"]
         positions = [b + (index - (len(summaries) - 1) / 2) * width for b in range(len(benchmarks))]
@@ -192,10 +214,13 @@ def plot_eval(paths, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot training runs (metrics.jsonl) or eval.py summaries.")
-    parser.add_argument("folders", nargs="+", help="run folders (metrics.jsonl), or eval.py output folders "
-                                                   "(summary.json) for an avg@k bar chart; not both at once")
-    parser.add_argument("--out", default="", help="PNG to write (default: plot.png in the first folder)")
+    parser = argparse.ArgumentParser(
+        description="Plot training runs (metrics.jsonl) or eval.py summaries.")
+    parser.add_argument("folders", nargs="+",
+                        help="run folders (metrics.jsonl), or eval.py output folders "
+                             "(summary.json) for an avg@k bar chart; not both at once")
+    parser.add_argument("--out", default="",
+                        help="PNG to write (default: plot.png in the first folder)")
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over N steps (1: off)")
     args = parser.parse_args(argv)
     if args.smooth < 1:
@@ -207,8 +232,8 @@ def main(argv=None):
                                                                (Path(f) / "summary.json").is_file())
                for f in args.folders]
     if any(is_eval) and not all(is_eval):
-        igrpo.fail("give either training run folders (metrics.jsonl) or eval.py folders (summary.json), "
-                   "not both")
+        igrpo.fail("give either training run folders (metrics.jsonl) "
+                   "or eval.py folders (summary.json), not both")
     first = Path(args.folders[0])
     out = args.out or str((first if first.is_dir() else first.parent) / "plot.png")
     (plot_eval if all(is_eval) else plot_training)(args.folders, out, **({} if all(is_eval) else
