@@ -268,7 +268,8 @@ def parse_args(argv=None):
 CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p",
                     max_completion_tokens="max_completion_tokens",
                     max_draft_tokens="max_draft_tokens", chat_template="chat_template",
-                    generation_batch_size="generation_batch_size", dtype="dtype",
+                    generation_batch_size="generation_batch_size",
+                    compile_generation="compile_generation", dtype="dtype",
                     trust_remote_code="trust_remote_code", seed="seed")
 
 

@@ -67,6 +67,8 @@ class Config:  # check_config ("The command line", near the end) vets every valu
     loss: str = setting("grpo", "grpo | dr_grpo | dapo | gspo: how the loss clips, averages")
     group_size: int = setting(8, "sequences generated per problem per step, both stages together")
     num_drafts: int = setting(4, "iGRPO Stage-1 drafts per problem; the rest are refinements")
+    overlap_drafts: bool = setting(False, "iGRPO: the next step's drafts come with this step's "
+                                          "refinements (one generate call; one update older)")
     prompts_per_step: int = setting(8, "problems per update step")
     steps: int = setting(100, "update steps")
     lr: float = setting(1e-6, "peak learning rate")
@@ -95,6 +97,8 @@ class Config:  # check_config ("The command line", near the end) vets every valu
     # engineering
     micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory")
     generation_batch_size: int = setting(256, "sequences per generate call")
+    compile_generation: str = setting("auto", "auto (CUDA: on) | on | off: a static KV cache, so "
+                                              "generate compiles its decoding step (CUDA)")
     gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
     dtype: str = setting("auto", "auto (GPU: bf16, CPU: fp32) | bf16 | fp32 (master weights: fp32)")
     trust_remote_code: bool = setting(False, "allow model/tokenizer code from the hub")
@@ -237,7 +241,8 @@ def prompt_length(tokenizer, problem, cfg):
 
 
 def short_enough(problems, tokenizer, cfg, context, flag):
-    """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context."""
+    """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context
+    (context: max_positions, with load_model in "The loop")."""
     limit = min(cfg.max_prompt_tokens, context - 1) if context else cfg.max_prompt_tokens
     short = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
     if not short:
@@ -300,7 +305,8 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: one batched generate per stage (left padding, KV cache, no grad)
+# Sampling: the group o_1..o_G ~ pi_theta(. | q), one batched generate call per stage (left padding,
+# KV cache, no gradient). On a GPU the decoding step is compiled (--compile-generation).
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Samples:
@@ -315,107 +321,114 @@ class Samples:
     def lengths(self):            # (B,)
         return self.completion_mask.sum(1)
 
-
-def turn_end_id(tokenizer):
-    """The special token that closes an assistant turn in the chat template (<|im_end|>, <|eot_id|>), or
-    None. Read from the template itself: render an assistant turn around a marker, take the token after it."""
-    from jinja2 import TemplateError
-    marker = "igrpo-turn-marker"
-    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except (TemplateError, ValueError, TypeError):
-        return None
-    if marker not in text:
-        return None
-    after = tokenizer(text[text.rindex(marker) + len(marker):].lstrip(), add_special_tokens=False).input_ids
-    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+    def subset(self, rows):       # rows: a slice
+        return Samples(self.input_ids[rows], self.attention_mask[rows], self.prompt_length,
+                       self.completion_mask[rows], self.texts[rows])
 
 
-def stop_ids(model, tokenizer, cfg):
-    """EOS (the model's and the tokenizer's) and, with the chat template, the token that ends the assistant's
-    turn: a base model's EOS (<|endoftext|>) is often not what its template ends a turn with (<|im_end|>)."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
-    if uses_chat_template(tokenizer, cfg):
-        ids.add(turn_end_id(tokenizer))
-    return sorted(i for i in ids if i is not None)
-
-
-def max_positions(model):
-    """The longest sequence the model was built to read (None when its config does not say)."""
-    config = model.config.get_text_config()
-    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-    return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
-
-
-def say_context_limit(model, prompt_tokens, budget):
-    context = max_positions(model)
-    if context and prompt_tokens + budget > context:
-        tqdm.write(f"the model reads at most {context} positions: a completion stops there, short of its "
-                   f"budget of {budget} tokens, when prompt + budget exceed it")
+def repeat(items, times):
+    return [item for item in items for _ in range(times)]
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_p=None, max_new_tokens=None,
-           progress=None):
+def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_p=None,
+           max_new_tokens=None, progress=None):
     """per_prompt completions for each prompt, grouped: rows i*per_prompt .. (i+1)*per_prompt-1.
-    Temperature, top-p and the token budget default to training's (cfg); held-out scoring and the judge
-    pass their own. progress: a label for one progress bar over the prompts (None: no bar)."""
+    Temperature, top-p and the token budget default to training's (cfg); held-out scoring and the
+    judge pass their own. progress: a label for a progress bar over the sequences (None: no bar)."""
     from transformers import GenerationConfig
     temperature = cfg.temperature if temperature is None else temperature
     top_p = cfg.top_p if top_p is None else top_p
     max_new_tokens = max_new_tokens or cfg.max_completion_tokens
     model.eval()
-    stop, context = stop_ids(model, tokenizer, cfg), max_positions(model)
+    stop, context = stop_ids(model, tokenizer, cfg), max_positions(model)  # with load_model, below
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if temperature else {}
-    generation = GenerationConfig(do_sample=temperature > 0, **sampling, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=stop, num_return_sequences=per_prompt)
-    # generate() fills every field left unset from model.generation_config, so a checkpoint's own defaults
-    # (sequence_bias, suppress_tokens, min_new_tokens, a top_k, ...) would sample from a distribution our
-    # log-probs do not describe. During the call the model's defaults are transformers' plain ones instead:
-    # nothing is inherited, whatever fields a checkpoint or a later transformers brings.
+    generation = GenerationConfig(do_sample=temperature > 0, **sampling, eos_token_id=stop,
+                                  pad_token_id=tokenizer.pad_token_id,
+                                  num_return_sequences=per_prompt)
+    per_call = max(1, cfg.generation_batch_size // per_prompt)  # prompts per generate call
+    static = compiles_generation(cfg, model)
+    if static:  # generate compiles its decoding step per (sequences, cache length): keep both few
+        prompts, per_prompt, generation.num_return_sequences = repeat(prompts, per_prompt), 1, 1
+        per_call = min(cfg.generation_batch_size, 2 ** math.ceil(math.log2(max(1, len(prompts)))))
+        generation.cache_implementation = "static"
+    # generate() fills every field left unset from model.generation_config, so a checkpoint's own
+    # defaults (sequence_bias, suppress_tokens, min_new_tokens, a top_k, ...) would sample from a
+    # distribution our log-probs do not describe. During the call the model's defaults are
+    # transformers' plain ones: nothing is inherited, whatever a checkpoint or later version brings.
     own_defaults, model.generation_config = model.generation_config, GenerationConfig()
-    chunks, per_call = [], max(1, cfg.generation_batch_size // per_prompt)
-    bar = tqdm(total=len(prompts), desc=progress, leave=False, dynamic_ncols=True,
+    outputs = []  # (generate's output, its prompts' attention mask) per call
+    bar = tqdm(total=len(prompts) * per_prompt, desc=progress, leave=False, dynamic_ncols=True,
                disable=progress is None or not is_main_process())  # torchrun: rank 0's bar alone
     try:
         for start in range(0, len(prompts), per_call):
-            encoded = encode(tokenizer, prompts[start:start + per_call], cfg).to(model.device)
+            call_prompts = prompts[start:start + per_call]
+            padding = per_call - len(call_prompts) if static else 0  # rows that keep the shape
+            encoded = encode(tokenizer, call_prompts + call_prompts[:1] * padding, cfg)
+            encoded = encoded.to(model.device)
             longest = encoded.input_ids.shape[1]
             room = context - longest if context else max_new_tokens
             if room < 1:
-                fail(f"a prompt of {longest} tokens fills the model's context of {context} positions: "
-                     "lower --max-prompt-tokens or --max-draft-tokens")
+                fail(f"a prompt of {longest} tokens fills the model's context of {context} "
+                     "positions: lower --max-prompt-tokens or --max-draft-tokens")
             generation.max_new_tokens = min(max_new_tokens, room)
-            output = model.generate(**encoded, generation_config=generation)
-            chunks.append((output, encoded.attention_mask.repeat_interleave(per_prompt, 0)))
-            bar.update(len(prompts[start:start + per_call]))
+            if static:  # the cache in steps of 256 positions: one shape serves many prompt lengths
+                cache_length = longest + generation.max_new_tokens
+                generation.max_cache_len = 256 * math.ceil(cache_length / 256)
+            with timed_first_compile(model, static, (per_call, generation.max_cache_len)):
+                output = model.generate(**encoded, generation_config=generation)
+            rows = len(call_prompts) * per_prompt  # the padding rows are dropped
+            prompt_mask = encoded.attention_mask[:len(call_prompts)]
+            prompt_mask = prompt_mask.repeat_interleave(per_prompt, 0)
+            outputs.append((output[:rows], prompt_mask))
+            bar.update(rows)
     finally:
         model.generation_config = own_defaults
         bar.close()
-    return stack_samples(chunks, tokenizer, stop)
+    return stack_samples(outputs, tokenizer, stop)
 
 
-def stack_samples(chunks, tokenizer, stop):
-    """Pad generate outputs to one (B, P+T) layout; masks come from lengths, never from token ids."""
-    P = max(mask.shape[1] for _, mask in chunks)
-    T = max(out.shape[1] - mask.shape[1] for out, mask in chunks)
+def compiles_generation(cfg, model):
+    """--compile-generation: a static KV cache, which lets generate compile its decoding step
+    (transformers compiles on CUDA only; elsewhere the static cache runs uncompiled). auto: CUDA."""
+    if cfg.compile_generation == "auto":
+        return model.device.type == "cuda"
+    return cfg.compile_generation == "on"
+
+
+@contextlib.contextmanager
+def timed_first_compile(model, static, shape):
+    """The first generate call of each (sequences, cache length) compiles: say once how long."""
+    if not hasattr(model, "compiled_shapes"):
+        model.compiled_shapes = set()
+    first = static and model.device.type == "cuda" and shape not in model.compiled_shapes
+    started = time.time()
+    yield
+    if first:
+        model.compiled_shapes.add(shape)
+        tqdm.write(f"compiled decoding for {shape[0]} sequences x {shape[1]} cache positions: "
+                   f"first call {time.time() - started:.1f} s "
+                   f"(compile {len(model.compiled_shapes)} of this run)")
+
+
+def stack_samples(outputs, tokenizer, stop):
+    """Pad generate outputs to one (B, P+T) layout; masks come from lengths, never token ids."""
+    P = max(mask.shape[1] for _, mask in outputs)
+    T = max(output.shape[1] - mask.shape[1] for output, mask in outputs)
     pad = tokenizer.pad_token_id
     ids, prompt_masks = [], []
-    for out, mask in chunks:
-        p, t = mask.shape[1], out.shape[1] - mask.shape[1]
-        ids.append(torch.nn.functional.pad(out, (P - p, T - t), value=pad))
+    for output, mask in outputs:
+        p, t = mask.shape[1], output.shape[1] - mask.shape[1]
+        ids.append(torch.nn.functional.pad(output, (P - p, T - t), value=pad))
         prompt_masks.append(torch.nn.functional.pad(mask, (P - p, 0), value=0))
     input_ids, prompt_mask = torch.cat(ids), torch.cat(prompt_masks)
     completions = input_ids[:, P:]                                              # (B, T)
-    # A chunk shorter than T stopped because all its rows hit EOS, so its padding is never inside a mask.
+    # An output shorter than T stopped because all its rows hit EOS: its padding is never in a mask.
     is_stop = torch.isin(completions, torch.tensor(stop, device=completions.device))
     stopped = is_stop.any(1)                                                    # (B,)
-    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # the stop token in the mask
+    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # stop in the mask
     completion_mask = torch.arange(T, device=completions.device)[None] < first_stop[:, None]
-    text_ends = (first_stop - stopped.long()).tolist()                           # but not in the text
+    text_ends = (first_stop - stopped.long()).tolist()                           # but not the text
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
                                    skip_special_tokens=True)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
@@ -423,37 +436,69 @@ def stack_samples(chunks, tokenizer, stop):
 
 
 # ----------------------------------------------------------------------------------------------
-# One step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
+# The two-stage step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
 #   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
-#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and gradient.
-# Either way the step generates G sequences per problem: the matched rollout budget.
+#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and
+#            gradient. Either way the step generates G sequences per problem: the matched budget.
+# --overlap-drafts (ours, not the paper's): the next step's Stage 1 shares this step's Stage-2
+# generate call, so its drafts come from the policy one update older; they get no gradient.
 # ----------------------------------------------------------------------------------------------
-def repeat(items, times):
-    return [item for item in items for _ in range(times)]
+class Rollout(NamedTuple):
+    samples: Samples        # what the update trains on: the refinements (iGRPO) or the group (GRPO)
+    rewards: torch.Tensor   # (B*G,) one per sample, groups contiguous
+    group_size: int         # G (GRPO) or G - N (iGRPO's refinements)
+    metrics: dict           # rewards of drafts and best drafts, accuracy, tokens generated, ...
 
 
-def rollout(model, tokenizer, batch, cfg, judge=None):
-    """Sample and score one step. Returns (samples to train on, rewards, group size, metrics)."""
+def rollout(model, tokenizer, batch, cfg, judge=None, drafted=None, next_batch=()):
+    """Sample and score one step. drafted: this batch's Stage 1 when the previous step already drew
+    it (--overlap-drafts); next_batch: the problems whose drafts to draw with this step's
+    refinements (metrics["drafted"])."""
     problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
     prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
-    group, info = cfg.group_size, dict(draft_reward=None, best_draft_reward=None, generated_tokens=0)
+    group_size, N = cfg.group_size, cfg.num_drafts
+    metrics = dict(draft_reward=None, best_draft_reward=None, generated_tokens=0)
     if cfg.algo == "igrpo":
-        N = cfg.num_drafts
-        drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
-        draft_rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge).rewards
-        best_rows = torch.arange(len(batch)) * N + draft_rewards.view(-1, N).argmax(1)  # argmax: first of ties
-        best_drafts = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens) for row in best_rows.tolist()]
+        if drafted is None:  # Stage 1
+            drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
+            drafted = best_drafts(tokenizer, batch, drafts, cfg, judge)
+            metrics["generated_tokens"] = int(drafts.lengths.sum())
+        draft_rewards = torch.tensor(drafted["rewards"]).view(-1, N)           # (B, N)
         prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
-                   for problem, draft in zip(problems, best_drafts)]
-        group = cfg.group_size - N
-        info.update(draft_reward=draft_rewards.mean().item(), best_draft_reward=draft_rewards[best_rows].mean().item(),
-                    best_drafts=best_drafts, generated_tokens=int(drafts.lengths.sum()))
-    samples = sample(model, tokenizer, prompts, cfg, per_prompt=group)
-    scores = score(samples.texts, repeat(golds, group), cfg, samples.lengths, repeat(problems, group), judge)
-    info.update(accuracy=scores.accuracy.mean().item(), format_reward=scores.format.mean().item(),
-                judge_unparsed=scores.judge_unparsed,
-                generated_tokens=info["generated_tokens"] + int(samples.lengths.sum()))
-    return samples, scores.rewards, group, info
+                   for problem, draft in zip(problems, drafted["best"])]       # q' = q + d*
+        group_size = cfg.group_size - N
+        metrics.update(draft_reward=draft_rewards.mean().item(), best_drafts=drafted["best"],
+                       best_draft_reward=draft_rewards.amax(1).mean().item())
+    if next_batch:  # one generate call: this step's refinements, then the next step's drafts
+        next_prompts = [build_prompt(tokenizer, b["problem"], cfg) for b in next_batch]
+        both = sample(model, tokenizer, repeat(prompts, group_size) + repeat(next_prompts, N), cfg,
+                      per_prompt=1)
+        trained_rows = len(prompts) * group_size
+        samples = both.subset(slice(0, trained_rows))
+        next_drafts = both.subset(slice(trained_rows, None))
+        metrics["drafted"] = best_drafts(tokenizer, next_batch, next_drafts, cfg, judge)
+        metrics["generated_tokens"] += int(next_drafts.lengths.sum())
+    else:
+        samples = sample(model, tokenizer, prompts, cfg, per_prompt=group_size)  # Stage 2, or GRPO
+    scores = score(samples.texts, repeat(golds, group_size), cfg, samples.lengths,
+                   repeat(problems, group_size), judge)
+    metrics.update(accuracy=scores.accuracy.mean().item(),
+                   format_reward=scores.format.mean().item(),
+                   judge_unparsed=scores.judge_unparsed,
+                   generated_tokens=metrics["generated_tokens"] + int(samples.lengths.sum()))
+    return Rollout(samples, scores.rewards, group_size, metrics)
+
+
+def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
+    """Stage 1's outcome: every draft's reward, and per problem d* = the first of the best drafts,
+    cut to --max-draft-tokens. Plain lists, so that a checkpoint can store them."""
+    N, problems, golds = cfg.num_drafts, [b["problem"] for b in batch], [b["answer"] for b in batch]
+    rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N),
+                    judge).rewards                                              # (B*N,)
+    best_rows = torch.arange(len(batch)) * N + rewards.view(-1, N).argmax(1)    # argmax: first tie
+    best = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens)
+            for row in best_rows.tolist()]
+    return dict(best=best, rewards=rewards.tolist())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,89 +658,106 @@ def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_l
 
 
 # ----------------------------------------------------------------------------------------------
-# The update: micro-batches with gradient accumulation into fp32 master weights
+# The update: the loss over micro-batches, gradients accumulated into fp32 master weights, one
+# AdamW step per epoch (--ppo-epochs; the paper's setting, one, needs no pass for pi_old)
 # ----------------------------------------------------------------------------------------------
 def micro_batch(samples, rows):
-    """Rows of the batch without the columns that are padding in every one of them (same result, less work)."""
+    """The rows without the columns that are padding in all of them: less work, the same sums."""
     attention = samples.attention_mask[rows]
     start = int(attention[:, :samples.prompt_length].argmax(1).min())
     end = samples.prompt_length + int(samples.lengths[rows].max())
-    return (samples.input_ids[rows, start:end], attention[:, start:end], samples.prompt_length - start,
-            samples.completion_mask[rows, :end - samples.prompt_length])
+    completion_mask = samples.completion_mask[rows, :end - samples.prompt_length]
+    input_ids, prompt_length = samples.input_ids[rows, start:end], samples.prompt_length - start
+    return input_ids, attention[:, start:end], prompt_length, completion_mask
 
 
-def policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model=None):
-    """--ppo-epochs optimizer steps on the kept completions. Returns metrics."""
+def policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model=None):
+    """--ppo-epochs optimizer steps on the completions marked trained (B*G,). Returns metrics."""
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     device = samples.input_ids.device
-    advantages, index = advantages.to(device), keep.to(device).nonzero().squeeze(1)
+    advantages, index = advantages.to(device), trained.to(device).nonzero().squeeze(1)
     weights = loss_weights(samples.completion_mask[index], cfg.loss, cfg.max_completion_tokens)
-    chunks = []  # (rows, their trimmed tensors, their loss weights): sliced once, reused by every pass and epoch
+    micro_batches = []  # (rows, their trimmed tensors, their loss weights), sliced once for all
     for i in range(0, len(index), cfg.micro_batch_size):
-        rows = index[i:i + cfg.micro_batch_size]
-        chunks.append((rows, micro_batch(samples, rows), weights[i:i + cfg.micro_batch_size]))
+        rows = slice(i, i + cfg.micro_batch_size)
+        micro_batches.append((index[rows], micro_batch(samples, index[rows]), weights[rows]))
 
     def frozen_logprobs(policy):  # one no-grad pass, only when a ratio must be taken against it
         with torch.no_grad():
-            return [token_logprobs(policy, *batch, cfg.temperature, with_entropy=False)[0]
-                    for _, batch, _ in chunks]
-    # With one epoch the sampler *is* the policy being updated: old log-probs = logp.detach(), no extra pass.
+            return [token_logprobs(policy, *tensors, cfg.temperature, with_entropy=False)[0]
+                    for _, tensors, _ in micro_batches]
+    # With one epoch the sampler *is* the policy being updated: pi_old = logp.detach(), no pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
     with reference_policy(model, ref_model):  # LoRA: the policy with its adapters off
         reference = frozen_logprobs(ref_model) if ref_model is not None else None
-    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # summed as tensors, read once at the end
+    totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # tensors, read once at the end
     grad_norm, skipped = 0.0, 0
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
-        for k, (rows, batch, chunk_weights) in enumerate(chunks):
-            input_ids, attention_mask, prompt_length, completion_mask = batch
-            logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
-                                           cfg.temperature, with_entropy=epoch == 0)
-            loss, clipped, kl = policy_loss(logp, old[k] if old else logp.detach(), advantages[rows],
-                                            completion_mask, chunk_weights[:, :logp.shape[1]], cfg,
+        for k, (rows, tensors, micro_weights) in enumerate(micro_batches):
+            input_ids, attention_mask, prompt_length, completion_mask = tensors
+            logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length,
+                                           completion_mask, cfg.temperature,
+                                           with_entropy=epoch == 0)                 # (b, T) each
+            old_logp = old[k] if old else logp.detach()
+            loss, clipped, kl = policy_loss(logp, old_logp, advantages[rows], completion_mask,
+                                            micro_weights[:, :logp.shape[1]], cfg,
                                             reference[k] if reference else None)
-            loss.backward()
-            accumulate_gradients(params, master)
+            loss.backward()  # into the fp32 master gradients (see master_weights)
             epoch_loss = epoch_loss + loss.detach()
             totals["clipped"] += clipped
             totals["kl"] += kl
             if entropy is not None:
                 totals["entropy"] += (entropy * completion_mask).sum()
         totals["loss"] += epoch_loss / cfg.ppo_epochs
-        if summed_over_ranks(len(chunks))[0]:  # under torchrun every rank steps if any has work
+        if summed_over_ranks(len(micro_batches))[0]:  # torchrun: every rank steps if any has work
             sum_gradients_over_ranks(master)
-            grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)  # the norm before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)  # before clipping
             # a NaN/inf step would poison the weights and Adam's moments; every rank decides alike
             if torch.isfinite(grad_norm + summed_over_ranks(epoch_loss)[0]):
                 optimizer.step()
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for p, m in zip(params, master):
-                    if p is not m:
-                        p.copy_(m)
+            copy_master_to_model(model, master)
     totals["tokens"] = samples.completion_mask[index].sum()
-    totals = {name: float(value) for name, value in zip(totals, summed_over_ranks(*totals.values()))}
-    tokens = max(1, int(totals["tokens"]))
-    return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * cfg.ppo_epochs),
-                kl=totals["kl"] / (tokens * cfg.ppo_epochs) if ref_model is not None else None,
-                entropy=totals["entropy"] / tokens if totals["tokens"] else None, grad_norm=float(grad_norm),
-                skipped_updates=skipped)
+    summed = summed_over_ranks(*totals.values())
+    totals = {name: float(value) for name, value in zip(totals, summed)}
+    tokens, updates = max(1, int(totals["tokens"])), cfg.ppo_epochs
+    return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * updates),
+                kl=totals["kl"] / (tokens * updates) if ref_model is not None else None,
+                entropy=totals["entropy"] / tokens if totals["tokens"] else None,
+                grad_norm=float(grad_norm), skipped_updates=skipped)
 
 
+# Master weights. bf16 alone would round small updates away, so the optimizer steps an fp32 copy:
+# per parameter 2 bytes of bf16 weights + 4 of fp32 weights + 4 of fp32 gradient + 8 of Adam state.
+# No whole bf16 gradient ever exists: each moves into its fp32 master as backward produces it.
 def master_weights(model):
-    """The optimizer's fp32 copy of a bf16 model (bf16 alone would round small updates away)."""
-    return [p if p.dtype == torch.float32 else p.detach().float().clone()
-            for p in model.parameters() if p.requires_grad]
+    """The optimizer's fp32 weights: fp32 parameters themselves, fp32 copies of the others."""
+    master = []
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            master.append(p.detach().float().clone())
+            if hasattr(p, "to_master"):  # a model has one set of master weights: the newest
+                p.to_master.remove()
+            p.to_master = p.register_post_accumulate_grad_hook(
+                functools.partial(accumulate_gradient, m=master[-1]))
+        elif p.requires_grad:
+            master.append(p)
+    return master
 
 
-def accumulate_gradients(params, master):
-    for p, m in zip(params, master):
-        if p is not m and p.grad is not None:
-            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
-            p.grad = None
+def accumulate_gradient(p, m):
+    m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+    p.grad = None
+
+
+@torch.no_grad()
+def copy_master_to_model(model, master):
+    for p, m in zip([p for p in model.parameters() if p.requires_grad], master):
+        if p is not m:
+            p.copy_(m)
 
 
 def learning_rate(step, cfg):
@@ -704,7 +766,8 @@ def learning_rate(step, cfg):
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,6 +803,43 @@ def load_model(name, cfg, dtype, device, flag="model"):
     model = model.to(device)
     check_scoring(model, f"--{flag} {name}")
     return model, tokenizer
+
+
+def turn_end_id(tokenizer):
+    """The special token that closes an assistant turn in the chat template (<|im_end|>,
+    <|eot_id|>), or None. Read from the template itself: render an assistant turn around a marker,
+    take the token after it."""
+    from jinja2 import TemplateError
+    marker = "igrpo-turn-marker"
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except (TemplateError, ValueError, TypeError):
+        return None
+    if marker not in text:
+        return None
+    rest = text[text.rindex(marker) + len(marker):].lstrip()
+    after = tokenizer(rest, add_special_tokens=False).input_ids
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return after[0] if after and after[0] in special | set(tokenizer.all_special_ids) else None
+
+
+def stop_ids(model, tokenizer, cfg):
+    """EOS (the model's and the tokenizer's) and, with the chat template, the token that ends the
+    assistant's turn: a base model's EOS (<|endoftext|>) is often not what its template ends a turn
+    with (<|im_end|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    if uses_chat_template(tokenizer, cfg):
+        ids.add(turn_end_id(tokenizer))
+    return sorted(i for i in ids if i is not None)
+
+
+def max_positions(model):
+    """The longest sequence the model was built to read (None when its config does not say)."""
+    config = model.config.get_text_config()
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
 
 
 def save(model, tokenizer, folder, trainer_state=None):
@@ -822,6 +922,13 @@ def load_data(cfg):
     return load_problems(cfg.dataset, cfg), held_out
 
 
+def say_context_limit(model, prompt_tokens, budget):
+    context = max_positions(model)
+    if context and prompt_tokens + budget > context:
+        tqdm.write(f"the model reads at most {context} positions: a completion stops there, "
+                   f"short of its budget of {budget} tokens, when prompt + budget exceed it")
+
+
 def load_policy(cfg, resume_from, device, dtype):
     """(policy, tokenizer, frozen reference policy or None: --beta 0 needs none)."""
     model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
@@ -837,13 +944,15 @@ def load_policy(cfg, resume_from, device, dtype):
     return model, tokenizer, ref_model
 
 
-def next_batch(problems, order, cfg):
-    """(this step's problems, the order left): epochs over the shuffled problems, in the same order
-    on every rank, of which each takes its share under torchrun."""
-    while len(order) < cfg.prompts_per_step:
+def next_batches(problems, order, cfg):
+    """(this step's problems, the next step's, the order left): epochs over the shuffled problems,
+    in the same order on every rank, of which each takes its share under torchrun. The next step's
+    problems are known a step ahead, for --overlap-drafts."""
+    while len(order) < 2 * cfg.prompts_per_step:
         order = order + random.sample(range(len(problems)), len(problems))
-    batch = [problems[i] for i in order[:cfg.prompts_per_step]]
-    return shard_problems(batch), order[cfg.prompts_per_step:]
+    steps = [order[:cfg.prompts_per_step], order[cfg.prompts_per_step:2 * cfg.prompts_per_step]]
+    batch, following = ([problems[i] for i in indices] for indices in steps)
+    return shard_problems(batch), shard_problems(following), order[cfg.prompts_per_step:]
 
 
 def step_record(step, samples, rewards, trained, group_size, rollout_metrics, update_metrics,
@@ -884,10 +993,14 @@ def train(cfg, judge=None):
     if judge is None and cfg.reward != "rule":
         judge = load_judge(cfg, device, dtype)
     master = master_weights(model)
-    optimizer = torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused (CUDA): one kernel per parameter group, no whole-model temporaries for Adam's arithmetic
+    optimizer = torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device == "cuda")
     out, start, order = Path(cfg.output_dir), 0, []  # order: indices into problems, still to visit
+    drafted = None  # --overlap-drafts: the next step's Stage 1, drawn during this step
     if resume_from:
-        start, order = load_checkpoint(resume_from, model, optimizer, master, out / "metrics.jsonl")
+        start, order, drafted = load_checkpoint(resume_from, model, optimizer, master,
+                                                out / "metrics.jsonl")
         tqdm.write(f"resuming from {resume_from}: step {start} of {cfg.steps}")
     elif is_main_process():  # under torchrun rank 0 alone writes files
         start_fresh(out, cfg)
@@ -905,10 +1018,12 @@ def train(cfg, judge=None):
     with ctrl_c_stops_after_the_step() as interrupted:
         for step in bar:
             started = time.time()
-            batch, order = next_batch(problems, order, cfg)
+            batch, following, order = next_batches(problems, order, cfg)
+            overlap = cfg.overlap_drafts and step < cfg.steps  # no drafts for a step never run
             with explain_failure("sampling", cfg):
-                samples, rewards, group_size, rollout_metrics = rollout(model, tokenizer, batch, cfg,
-                                                                        judge)
+                samples, rewards, group_size, rollout_metrics = rollout(
+                    model, tokenizer, batch, cfg, judge, drafted, following if overlap else ())
+            drafted = rollout_metrics.get("drafted")
             advantages = group_advantages(rewards, group_size, scale_by_std=cfg.loss != "dr_grpo")
             # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
             trained = torch.ones_like(rewards, dtype=torch.bool)                 # (B*G,)
@@ -917,8 +1032,8 @@ def train(cfg, judge=None):
             for param_group in optimizer.param_groups:
                 param_group["lr"] = learning_rate(step - 1, cfg)
             with explain_failure("updating the policy", cfg):
-                update_metrics = policy_update(model, optimizer, master, samples, advantages, trained,
-                                               cfg, ref_model)
+                update_metrics = policy_update(model, optimizer, master, samples, advantages,
+                                               trained, cfg, ref_model)
             record = step_record(step, samples, rewards, trained, group_size, rollout_metrics,
                                  update_metrics, optimizer, seconds=time.time() - started)
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -927,13 +1042,14 @@ def train(cfg, judge=None):
             history.append(record)
             warn_once_on_collapse(history, step)
             shown = dict(reward=record["reward"], draft=record["draft_reward"])
-            bar.set_postfix({name: f"{value:.2f}" for name, value in shown.items() if value is not None})
+            bar.set_postfix({name: f"{value:.2f}" for name, value in shown.items()
+                             if value is not None})
             skipped_in_a_row = skipped_in_a_row + 1 if update_metrics["skipped_updates"] else 0
             stopped = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops alike
             diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
             if stopped or diverged or (cfg.save_every and step % cfg.save_every == 0):
                 checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
-                                             metrics, cfg)
+                                             metrics, cfg, drafted)
                 end_if_stopped_or_diverged(step, checkpoint, stopped, diverged, cfg)
 
     if held_out:
@@ -953,7 +1069,8 @@ def train(cfg, judge=None):
 # ----------------------------------------------------------------------------------------------
 # What a resumed run may change: engineering settings, not the method
 RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
-                     "gradient_checkpointing", "save_every", "keep_checkpoints"}
+                     "gradient_checkpointing", "save_every", "keep_checkpoints",
+                     "compile_generation"}
 MAX_SKIPPED_IN_A_ROW = 3  # updates skipped (non-finite loss or gradient norm) before the run stops
 COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
 ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but greedy
@@ -1005,13 +1122,14 @@ def start_fresh(out, cfg):
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics_file, cfg):
+def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics_file, cfg,
+                    drafted=None):
     """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what
-    an exact resume needs: fp32 master weights, optimizer moments, data order, RNG states, and
-    the length of metrics.jsonl."""
+    an exact resume needs: fp32 master weights, optimizer moments, data order, RNG states, the
+    length of metrics.jsonl, and with --overlap-drafts the next step's drafts (each rank's)."""
     params = [p for p in model.parameters() if p.requires_grad]
     state = dict(step=step, order=order, optimizer=optimizer.state_dict(),
-                 metrics_bytes=metrics_file.tell(),
+                 metrics_bytes=metrics_file.tell(), drafted=every_ranks(drafted),
                  master=[m for m, p in zip(master, params) if m is not p],  # fp32 copies of bf16
                  rng=dict(python=random.getstate(), ranks=every_ranks_rng_state()))
     save(model, tokenizer, out / f"step-{step}", state)
@@ -1023,7 +1141,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metri
 
 def load_checkpoint(folder, model, optimizer, master, metrics_path):
     """Restore what save_checkpoint wrote (the weights were loaded from the folder), and cut
-    metrics.jsonl back to the checkpoint, so each step is logged once. Returns (step, order)."""
+    metrics.jsonl back to the checkpoint, so each step is logged once. Returns (step, order,
+    this rank's drafts for the next step or None)."""
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
     if not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics_path} is missing or shorter than when {folder} was saved")
@@ -1038,11 +1157,13 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
     torch.set_rng_state(own["torch"])
     if own["cuda"]:
         torch.cuda.set_rng_state_all(own["cuda"])
+    drafted = state.get("drafted") or [None]
     if len(ranks) != process_count():  # saved by another number of ranks: each still draws its own
         torch.manual_seed(int(torch.randint(2**62, ())) + process_rank())
+        drafted = [None]  # and its share of the problems differs: the next step drafts its own
     if is_main_process():  # under torchrun rank 0 alone writes files
         os.truncate(metrics_path, state["metrics_bytes"])
-    return state["step"], state["order"]
+    return state["step"], state["order"], drafted[process_rank() % len(drafted)]
 
 
 def logged_eval_before(out):
@@ -1053,8 +1174,12 @@ def logged_eval_before(out):
 
 def every_ranks_rng_state():
     """[rank 0's torch RNG states, rank 1's, ...]: under torchrun each rank has its own stream."""
-    own = dict(torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return every_ranks(dict(torch=torch.get_rng_state(), cuda=cuda))
+
+
+def every_ranks(own):
+    """[rank 0's value, rank 1's, ...] of a picklable value on each rank; in one process, [own]."""
     if process_count() == 1:
         return [own]
     ranks = [None] * process_count()
@@ -1369,11 +1494,13 @@ def check_config(cfg):
     """Every flag's value checked before anything loads; a bad one stops the run with one line."""
     choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
                    reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
-                   chat_template=("auto", "on", "off"))
+                   chat_template=("auto", "on", "off"), compile_generation=("auto", "on", "off"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             fail(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: "
                  f"choose one of {', '.join(allowed)}")
+    if cfg.overlap_drafts and cfg.algo != "igrpo":
+        fail(f"--overlap-drafts with --algo {cfg.algo}: only iGRPO has Stage-1 drafts to overlap")
     if cfg.group_size < 2:
         fail(f"--group-size {cfg.group_size}: a group needs at least 2 completions")
     if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
