@@ -748,6 +748,14 @@ def master_weights(model):
     return master
 
 
+def master_weights_and_optimizer(model, cfg):
+    """(master weights, AdamW over them). Fused on CUDA: one kernel per parameter group, and no
+    whole-model temporaries for Adam's arithmetic."""
+    master = master_weights(model)
+    fused = next(model.parameters()).device.type == "cuda"
+    return master, torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
 def accumulate_gradient(p, m):
     m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
     p.grad = None
@@ -992,18 +1000,11 @@ def train(cfg, judge=None):
                                          "eval-dataset")
     if judge is None and cfg.reward != "rule":
         judge = load_judge(cfg, device, dtype)
-    master = master_weights(model)
-    # fused (CUDA): one kernel per parameter group, no whole-model temporaries for Adam's arithmetic
-    optimizer = torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device == "cuda")
-    out, start, order = Path(cfg.output_dir), 0, []  # order: indices into problems, still to visit
-    drafted = None  # --overlap-drafts: the next step's Stage 1, drawn during this step
-    if resume_from:
-        start, order, drafted = load_checkpoint(resume_from, model, optimizer, master,
-                                                out / "metrics.jsonl")
-        tqdm.write(f"resuming from {resume_from}: step {start} of {cfg.steps}")
-    elif is_main_process():  # under torchrun rank 0 alone writes files
-        start_fresh(out, cfg)
+    master, optimizer = master_weights_and_optimizer(model, cfg)
+    out = Path(cfg.output_dir)
+    # order: indices into problems still to visit; drafted: with --overlap-drafts, the next step's
+    # Stage 1, drawn during this step
+    start, order, drafted = resume_or_start_fresh(resume_from, model, optimizer, master, cfg)
     metrics = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
     results = logged_eval_before(out) if resume_from else {}  # held-out accuracy before and after
     if held_out and not start:
@@ -1112,6 +1113,20 @@ def prepare_output_dir(cfg):
     except OSError as error:
         fail(f"--output-dir {out}: cannot write there ({error.strerror or error})")
     return None
+
+
+def resume_or_start_fresh(resume_from, model, optimizer, master, cfg):
+    """(first step, data order, drafts carried for the next step): a resumed run's, restored from
+    its checkpoint, or a fresh run's, whose folder now holds only its settings (args.json)."""
+    out = Path(cfg.output_dir)
+    if resume_from:
+        step, order, drafted = load_checkpoint(resume_from, model, optimizer, master,
+                                               out / "metrics.jsonl")
+        tqdm.write(f"resuming from {resume_from}: step {step} of {cfg.steps}")
+        return step, order, drafted
+    if is_main_process():  # under torchrun rank 0 alone writes files
+        start_fresh(out, cfg)
+    return 0, [], None
 
 
 def start_fresh(out, cfg):
