@@ -373,8 +373,10 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
                      "positions: lower --max-prompt-tokens or --max-draft-tokens")
             generation.max_new_tokens = min(max_new_tokens, room)
             if static:  # the cache in steps of 256 positions: one shape serves many prompt lengths
-                cache_length = longest + generation.max_new_tokens
-                generation.max_cache_len = 256 * math.ceil(cache_length / 256)
+                needed = 256 * math.ceil((longest + generation.max_new_tokens) / 256)
+                # and it never shrinks: transformers keeps the longest cache it made, so do we
+                made = [length for _, length in getattr(model, "compiled_shapes", ())]
+                generation.max_cache_len = max([needed, *made])
             with timed_first_compile(model, static, (per_call, generation.max_cache_len)):
                 output = model.generate(**encoded, generation_config=generation)
             rows = len(call_prompts) * per_prompt  # the padding rows are dropped
@@ -400,7 +402,7 @@ def compiles_generation(cfg, model):
 def timed_first_compile(model, static, shape):
     """The first generate call of each (sequences, cache length) compiles: say once how long."""
     if not hasattr(model, "compiled_shapes"):
-        model.compiled_shapes = set()
+        model.compiled_shapes = set()  # the (sequences, cache length) pairs compiled so far
     first = static and model.device.type == "cuda" and shape not in model.compiled_shapes
     started = time.time()
     yield

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 8's GPU check, in one device call: compiled decoding, memory and --overlap-drafts, before and after
+# in the same run, beside TRL and the floor (../shared/bench/gpu_compare.py). Never run here: prepare here.
+#
+# Prepare (on the networked machine, from the repository root; ../shared/bench/README.md):
+#   echo /.whl/ >> .git/info/exclude; mkdir -p .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 \
+#       pytest pluggy iniconfig pygments   # the CUDA test subset below
+#   cp ../shared/bench/gpu_compare.py .whl/
+# Run: the device tool, command "bash .ci/gpu-check.sh", carry [".whl"], timeout_s 600.
+# CPU smoke test of this script: GPU_CHECK_TINY=1 bash .ci/gpu-check.sh (tiny model, 16 tokens, no TRL).
+#
+# Expected order and cost on one H100/H200 (about 8 minutes; each run is its own process, 4 steps, the
+# median step excludes the first, which holds the compiles):
+#   1. build the 0.5B-shaped random model                                        ~20 s
+#   2. igrpo --algo grpo,  compiled decoding (after)  then --compile-generation off (before)
+#   3. igrpo --algo igrpo --overlap-drafts (after), igrpo (after), igrpo off (before)
+#   4. TRL GRPOTrainer, floor (plain generate dynamic/static + fwd/bwd/AdamW)
+#   5. the sampling tests on CUDA: bf16 compiled decoding vs training's log-probs, fixed shapes, overlap
+#   6. summary: one line per run (median step s, peak GiB)
+set -u
+cd "$(dirname "$0")/.."
+B=.whl/gpu_compare.py; D=${GPU_CHECK_DIR:-/tmp/gc}; LOG=$D/log.txt
+ARGS=(); TOKENS=256
+if [ -n "${GPU_CHECK_TINY:-}" ]; then
+  ARGS=(--tiny); TOKENS=16; B=${GPU_CHECK_COMPARE:-../shared/bench/gpu_compare.py}
+fi
+mkdir -p "$D"; : > "$LOG"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+run() {  # one mode, its output kept; a failure is reported in the summary, the next mode still runs
+  echo "== $*" | tee -a "$LOG"
+  local mode=$1 dir=$2; shift 2  # --tokens before --extra, which takes the rest of the line
+  timeout 240 python3 "$B" "$mode" "$dir" --tokens "$TOKENS" "$@" 2>&1 | grep -v "it/s\]" \
+    | tee -a "$LOG" | tail -n 25
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$LOG"
+python3 "$B" build "$D" "${ARGS[@]}" | tee -a "$LOG"
+run igrpo "$D" --project . --algo grpo --extra --overwrite
+run igrpo "$D" --project . --algo grpo --extra --overwrite --compile-generation off
+run igrpo "$D" --project . --algo igrpo --overlap --extra --overwrite
+run igrpo "$D" --project . --algo igrpo --extra --overwrite
+run igrpo "$D" --project . --algo igrpo --extra --overwrite --compile-generation off
+python3 -c "import trl" 2>/dev/null && run trl "$D" || echo "== trl: not installed, skipped" | tee -a "$LOG"
+run floor "$D"
+echo "== tests (CUDA where there is one)" | tee -a "$LOG"
+timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
+  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients" 2>&1 | tail -n 5 | tee -a "$LOG"
+echo "== summary"
+python3 - "$LOG" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if line.startswith("RESULT "):
+        r = json.loads(line[7:])
+        keys = [k for k in ("median_after_first", "peak_gib", "generate_dynamic_cache",
+                            "generate_static_cache", "update_fwd_bwd_adamw",
+                            "generate_static_cache_error") if k in r]
+        print(f"{r['who'][:70]:70s} " + "  ".join(f"{k}={r[k]}" for k in keys) + f"  [{r['device']}]")
+PY
+grep -h "compiled decoding for" "$LOG" | sort | uniq -c | head -n 20
