@@ -10,7 +10,9 @@ model answers in one pass, no drafts.
 Read top to bottom: settings, data, prompts, rewards, sampling, the two-stage step (iGRPO's
 idea), log-probs, group-relative advantages, the clipped surrogate with KL penalty, the update,
 the loop. Then what a long run needs (checkpoints, resume, Ctrl-C), scaling out (LoRA, torchrun),
-the command line, and an appendix: how the answer checker grades a completion.
+the command line, and an appendix: how the answer checker grades a completion. Within a section a
+function comes before the helpers it calls; a name from a later section has a comment (or its
+section's header) saying where it is.
 
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval
     python toy.py                    # the offline toy world: a tiny model trained on the CPU
@@ -43,7 +45,8 @@ from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: the paper's defaults, one flag each (--kebab-case)
+# Settings: the paper's where it states them (../shared/PAPER.md), ours where it is silent; one
+# flag each (--kebab-case)
 # ----------------------------------------------------------------------------------------------
 def setting(default, help):
     return field(default=default, metadata={"help": help})
@@ -83,7 +86,7 @@ class Config:  # check_config ("The command line", near the end) vets every valu
     reward: str = setting("rule", "rule (answer checker) | judge (an LM) | rule+judge (their mean)")
     judge_model: str = setting("", "judge LM (hub name or folder) for --reward judge")
     judge_url: str = setting("", "OpenAI-compatible endpoint (vLLM, SGLang) serving the judge")
-    format_weight: float = setting(0.0, "weight of the format reward (reasoning, one \\boxed{})")
+    format_weight: float = setting(0.0, "weight of the format reward (the paper's appendix: 1)")
     overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens")
     # sampling
     temperature: float = setting(0.7, "sampling temperature during training")
@@ -144,7 +147,8 @@ def read_rows(name, config="", split="train", flag="dataset"):
             rows = []
             for line_number, line in enumerate(text.splitlines(), 1):
                 try:
-                    rows.append(json.loads(line)) if line.strip() else None
+                    if line.strip():
+                        rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     fail(f"--{flag} {name}, line {line_number}: not valid JSON ({error.msg})")
             return rows
@@ -204,6 +208,8 @@ def load_problems(name, cfg, flag="dataset", limit=None):
 # ----------------------------------------------------------------------------------------------
 # Prompts: the system prompt, and the Stage-2 prompt q' = q + best draft
 # ----------------------------------------------------------------------------------------------
+# The paper's prompt asks for <think>...</think> and <answer>...</answer>; ours asks for \boxed{},
+# the form in which MATH-style solutions and the six benchmarks' golds are written.
 SYSTEM_PROMPT = (
     "You are a careful mathematician. Reason step by step, then give the final answer as "
     "\\boxed{answer}. If the message contains a previous draft, it is guidance, not ground "
@@ -275,7 +281,7 @@ def math_reward(completion, gold):
 
 
 def format_reward(completion):
-    """The paper's appendix rewards the expected layout: reasoning first, then one boxed answer."""
+    """The paper's appendix adds a format reward; ours: reasoning first, then one boxed answer."""
     before, _, after = completion.partition("\\boxed{")
     return 1.0 if before.strip() and after and "\\boxed{" not in after else 0.0
 
@@ -305,8 +311,8 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling: the group o_1..o_G ~ pi_theta(. | q), one batched generate call per stage (left padding,
-# KV cache, no gradient). On a GPU the decoding step is compiled (--compile-generation).
+# Sampling: the group o_1..o_G ~ pi_theta(. | q) in batched generate calls (left padding, KV cache,
+# no gradient). On a GPU the decoding step is compiled (--compile-generation).
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Samples:
@@ -359,12 +365,12 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
     own_defaults, model.generation_config = model.generation_config, GenerationConfig()
     outputs = []  # (generate's output, its prompts' attention mask) per call
     bar = tqdm(total=len(prompts) * per_prompt, desc=progress, leave=False, dynamic_ncols=True,
-               disable=progress is None or not is_main_process())  # torchrun: rank 0's bar alone
+               disable=progress is None or not is_main_process())  # torchrun: rank 0 (Scaling out)
     try:
         for start in range(0, len(prompts), per_call):
             call_prompts = prompts[start:start + per_call]
-            padding = per_call - len(call_prompts) if static else 0  # rows that keep the shape
-            encoded = encode(tokenizer, call_prompts + call_prompts[:1] * padding, cfg)
+            padding_rows = per_call - len(call_prompts) if static else 0  # rows that keep the shape
+            encoded = encode(tokenizer, call_prompts + call_prompts[:1] * padding_rows, cfg)
             encoded = encoded.to(model.device)
             longest = encoded.input_ids.shape[1]
             room = context - longest if context else max_new_tokens
@@ -379,11 +385,11 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
                 generation.max_cache_len = max([needed, *made])
             with timed_first_compile(model, static, (per_call, generation.max_cache_len)):
                 output = model.generate(**encoded, generation_config=generation)
-            rows = len(call_prompts) * per_prompt  # the padding rows are dropped
+            row_count = len(call_prompts) * per_prompt  # padding rows dropped
             prompt_mask = encoded.attention_mask[:len(call_prompts)]
             prompt_mask = prompt_mask.repeat_interleave(per_prompt, 0)
-            outputs.append((output[:rows], prompt_mask))
-            bar.update(rows)
+            outputs.append((output[:row_count], prompt_mask))
+            bar.update(row_count)
     finally:
         model.generation_config = own_defaults
         bar.close()
@@ -414,22 +420,27 @@ def timed_first_compile(model, static, shape):
 
 
 def stack_samples(outputs, tokenizer, stop):
-    """Pad generate outputs to one (B, P+T) layout; masks come from lengths, never token ids."""
+    """Pad generate outputs to one (B, P+T) layout. A completion ends at its first stop token, or
+    where its generate call ended: the padding added here is never mistaken for a sampled token,
+    even when it is the EOS id."""
     P = max(mask.shape[1] for _, mask in outputs)
     T = max(output.shape[1] - mask.shape[1] for output, mask in outputs)
     pad = tokenizer.pad_token_id
-    ids, prompt_masks = [], []
+    ids, prompt_masks, widths = [], [], []
     for output, mask in outputs:
         p, t = mask.shape[1], output.shape[1] - mask.shape[1]
         ids.append(torch.nn.functional.pad(output, (P - p, T - t), value=pad))
         prompt_masks.append(torch.nn.functional.pad(mask, (P - p, 0), value=0))
+        widths += [t] * len(output)  # a call cut short by the context can end before T
     input_ids, prompt_mask = torch.cat(ids), torch.cat(prompt_masks)
     completions = input_ids[:, P:]                                              # (B, T)
-    # An output shorter than T stopped because all its rows hit EOS: its padding is never in a mask.
+    generated = torch.tensor(widths, device=completions.device)                 # (B,)
+    columns = torch.arange(T, device=completions.device)[None]                  # (1, T)
     is_stop = torch.isin(completions, torch.tensor(stop, device=completions.device))
+    is_stop &= columns < generated[:, None]
     stopped = is_stop.any(1)                                                    # (B,)
-    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, T)           # stop in the mask
-    completion_mask = torch.arange(T, device=completions.device)[None] < first_stop[:, None]
+    first_stop = torch.where(stopped, is_stop.int().argmax(1) + 1, generated)   # stop in the mask
+    completion_mask = columns < first_stop[:, None]
     text_ends = (first_stop - stopped.long()).tolist()                           # but not the text
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
                                    skip_special_tokens=True)
@@ -441,15 +452,17 @@ def stack_samples(outputs, tokenizer, stop):
 # The two-stage step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
 #   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
 #   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and
-#            gradient. Either way the step generates G sequences per problem: the matched budget.
+#            gradient. Either way the step generates G sequences per problem: the matched budget
+#            (our G, --group-size, is the paper's N + G; its G refinements are our G - N).
 # --overlap-drafts (ours, not the paper's): the next step's Stage 1 shares this step's Stage-2
 # generate call, so its drafts come from the policy one update older; they get no gradient.
 # ----------------------------------------------------------------------------------------------
 class Rollout(NamedTuple):
     samples: Samples        # what the update trains on: the refinements (iGRPO) or the group (GRPO)
-    rewards: torch.Tensor   # (B*G,) one per sample, groups contiguous
+    rewards: torch.Tensor   # (B*group_size,) one per sample, groups contiguous
     group_size: int         # G (GRPO) or G - N (iGRPO's refinements)
-    metrics: dict           # rewards of drafts and best drafts, accuracy, tokens generated, ...
+    metrics: dict           # draft and best-draft rewards, accuracy, tokens generated, the best
+                            # drafts; with --overlap-drafts, "drafted": the next step's Stage 1
 
 
 def rollout(model, tokenizer, batch, cfg, judge=None, drafted=None, next_batch=()):
@@ -473,11 +486,11 @@ def rollout(model, tokenizer, batch, cfg, judge=None, drafted=None, next_batch=(
                        best_draft_reward=draft_rewards.amax(1).mean().item())
     if next_batch:  # one generate call: this step's refinements, then the next step's drafts
         next_prompts = [build_prompt(tokenizer, b["problem"], cfg) for b in next_batch]
-        both = sample(model, tokenizer, repeat(prompts, group_size) + repeat(next_prompts, N), cfg,
-                      per_prompt=1)
-        trained_rows = len(prompts) * group_size
-        samples = both.subset(slice(0, trained_rows))
-        next_drafts = both.subset(slice(trained_rows, None))
+        rows = repeat(prompts, group_size) + repeat(next_prompts, N)
+        refinements_and_drafts = sample(model, tokenizer, rows, cfg, per_prompt=1)
+        trained_count = len(prompts) * group_size
+        samples = refinements_and_drafts.subset(slice(0, trained_count))
+        next_drafts = refinements_and_drafts.subset(slice(trained_count, None))
         metrics["drafted"] = best_drafts(tokenizer, next_batch, next_drafts, cfg, judge)
         metrics["generated_tokens"] += int(next_drafts.lengths.sum())
     else:
@@ -511,7 +524,7 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
                    with_entropy=True, chunk_tokens=1024):
     """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict
     completion tokens meet the output layer, chunk_tokens at a time, so no (tokens x vocabulary)
-    float32 tensor exists."""
+    float32 tensor exists (unless check_scoring chose the model's own forward)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
@@ -521,8 +534,8 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
         head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
-    hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (N, H)
-    targets = input_ids[:, prompt_length:][completion_mask]                      # (N,)
+    hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (n, H)
+    targets = input_ids[:, prompt_length:][completion_mask]                      # (n,)
     logps, entropies = [], []
     for start in range(0, len(targets), chunk_tokens):
         rows = slice(start, start + chunk_tokens)
@@ -629,7 +642,8 @@ CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28),
 def loss_weights(completion_mask, loss, max_completion_tokens):
     """(B, T) weight of each token's term; summed over the micro-batches, the batch's loss."""
     mask = completion_mask.float()
-    completions, tokens = summed_over_ranks(len(mask), mask.sum())  # the whole step's, every rank's
+    # the whole step's counts, every rank's under torchrun (summed_over_ranks: "Scaling out")
+    completions, tokens = summed_over_ranks(len(mask), mask.sum())
     if loss == "dapo":     # DAPO (Yu et al. 2025): one token-level mean over the whole batch
         return mask / tokens
     if loss == "dr_grpo":  # Dr. GRPO: a constant normalizer, not scaled by a completion's length
@@ -661,7 +675,7 @@ def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_l
 
 # ----------------------------------------------------------------------------------------------
 # The update: the loss over micro-batches, gradients accumulated into fp32 master weights, one
-# AdamW step per epoch (--ppo-epochs; the paper's setting, one, needs no pass for pi_old)
+# AdamW step per epoch (--ppo-epochs: the paper does not say; our 1 needs no pass for pi_old)
 # ----------------------------------------------------------------------------------------------
 def micro_batch(samples, rows):
     """The rows without the columns that are padding in all of them: less work, the same sums."""
@@ -690,7 +704,7 @@ def policy_update(model, optimizer, master, samples, advantages, trained, cfg, r
                     for _, tensors, _ in micro_batches]
     # With one epoch the sampler *is* the policy being updated: pi_old = logp.detach(), no pass.
     old = frozen_logprobs(model) if cfg.ppo_epochs > 1 else None
-    with reference_policy(model, ref_model):  # LoRA: the policy with its adapters off
+    with reference_policy(model, ref_model):  # LoRA: adapters off ("Scaling out", like torchrun's)
         reference = frozen_logprobs(ref_model) if ref_model is not None else None
     totals = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)  # tensors, read once at the end
     grad_norm, skipped = 0.0, 0
@@ -781,7 +795,12 @@ def learning_rate(step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The loop: each step samples its problems' groups (Stage 1 + Stage 2 for iGRPO), computes A_j,
+# and takes one update; held-out accuracy is single-pass from q alone, as at the paper's test time.
+# From later sections: torchrun's helpers (is_main_process, process_rank, shard_problems,
+# summed_over_ranks, barrier, setup_distributed) and LoRA's (apply_lora, is_lora, save_adapter,
+# load_lora_checkpoint, save_merged) in "Scaling out"; checkpoints, resume, Ctrl-C,
+# explain_failure and collapse warnings in "Long runs"; check_config in "The command line".
 # ----------------------------------------------------------------------------------------------
 def device_and_dtype(choice):
     """The GPU if there is one; --dtype auto is bf16 there and fp32 on the CPU."""
@@ -904,7 +923,8 @@ def load_judge(cfg, device, dtype):
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
                    if tokenizer.chat_template else text + "\n" for text in texts]
-        return sample(model, tokenizer, prompts, cfg, per_prompt=1, max_new_tokens=32,
+        as_written = dataclasses.replace(cfg, chat_template="auto")  # templated here, or not at all
+        return sample(model, tokenizer, prompts, as_written, per_prompt=1, max_new_tokens=32,
                       temperature=0.0).texts  # greedy
     return judge.model_judge(reply)
 
@@ -912,7 +932,7 @@ def load_judge(cfg, device, dtype):
 def start_run(cfg):
     """Everything that can fail before a model loads: the settings, torchrun, the hub, the output
     folder. Seeds the run. Returns the checkpoint to resume from, or None."""
-    check_config(cfg)
+    check_config(cfg)  # these helpers live in later sections: see this section's header
     setup_distributed(cfg)  # torchrun only; one process creates no process group
     use_local_cache_if_hub_unreachable(cfg)
     resume_from = prepare_output_dir(cfg)  # refusals and an unwritable folder fail now
@@ -958,11 +978,11 @@ def next_batches(problems, order, cfg):
     """(this step's problems, the next step's, the order left): epochs over the shuffled problems,
     in the same order on every rank, of which each takes its share under torchrun. The next step's
     problems are known a step ahead, for --overlap-drafts."""
-    while len(order) < 2 * cfg.prompts_per_step:
+    size = cfg.prompts_per_step
+    while len(order) < 2 * size:
         order = order + random.sample(range(len(problems)), len(problems))
-    steps = [order[:cfg.prompts_per_step], order[cfg.prompts_per_step:2 * cfg.prompts_per_step]]
-    batch, following = ([problems[i] for i in indices] for indices in steps)
-    return shard_problems(batch), shard_problems(following), order[cfg.prompts_per_step:]
+    batch, following = ([problems[i] for i in order[start:start + size]] for start in (0, size))
+    return shard_problems(batch), shard_problems(following), order[size:]
 
 
 def step_record(step, samples, rewards, trained, group_size, rollout_metrics, update_metrics,
@@ -1007,13 +1027,13 @@ def train(cfg, judge=None):
     # order: indices into problems still to visit; drafted: with --overlap-drafts, the next step's
     # Stage 1, drawn during this step
     start, order, drafted = resume_or_start_fresh(resume_from, model, optimizer, master, cfg)
-    metrics = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
+    metrics_file = open(out / "metrics.jsonl" if is_main_process() else os.devnull, "a")
     results = logged_eval_before(out) if resume_from else {}  # held-out accuracy before and after
     if held_out and not start:
         results["eval_before"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         tqdm.write(f"held-out accuracy before training: {results['eval_before']:.3f} "
                    f"({len(held_out)} problems)")
-        write_metrics(metrics, dict(step=0, eval_accuracy=results["eval_before"]))
+        write_metrics(metrics_file, dict(step=0, eval_accuracy=results["eval_before"]))
 
     history, skipped_in_a_row = [], 0
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
@@ -1041,7 +1061,7 @@ def train(cfg, judge=None):
                                  update_metrics, optimizer, seconds=time.time() - started)
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 record["eval_accuracy"] = held_out_accuracy(model, tokenizer, held_out, cfg)
-            write_metrics(metrics, record)
+            write_metrics(metrics_file, record)
             history.append(record)
             warn_once_on_collapse(history, step)
             shown = dict(reward=record["reward"], draft=record["draft_reward"])
@@ -1051,18 +1071,18 @@ def train(cfg, judge=None):
             stopped = summed_over_ranks(interrupted.is_set())[0]  # torchrun: every rank stops alike
             diverged = skipped_in_a_row == MAX_SKIPPED_IN_A_ROW
             if stopped or diverged or (cfg.save_every and step % cfg.save_every == 0):
-                checkpoint = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
-                                             metrics, cfg, drafted)
-                end_if_stopped_or_diverged(step, checkpoint, stopped, diverged, cfg)
+                checkpoint_dir = save_checkpoint(out, step, model, tokenizer, optimizer, master,
+                                                 order, metrics_file, cfg, drafted)
+                end_if_stopped_or_diverged(step, checkpoint_dir, stopped, diverged, cfg)
 
     if held_out:
         results["eval_after"] = held_out_accuracy(model, tokenizer, held_out, cfg)
         tqdm.write(f"held-out accuracy after {cfg.steps} steps: {results['eval_after']:.3f} "
                    f"(before: {results['eval_before']:.3f})")
-        write_metrics(metrics, dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
+        write_metrics(metrics_file, dict(step=cfg.steps, eval_accuracy=results["eval_after"]))
     save(model, tokenizer, out / "final")
     save_merged(out / "final", out / "final-merged", cfg, dtype)
-    metrics.close()
+    metrics_file.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  checkpoint: {out / 'final'}")
     return results
 
@@ -1133,7 +1153,8 @@ def resume_or_start_fresh(resume_from, model, optimizer, master, cfg):
 
 def start_fresh(out, cfg):
     """Delete the run that --overwrite replaces (our files only); record this run's settings."""
-    for old in [*out.glob("step-*"), *out.glob(".*.tmp"), *out.glob("final")]:
+    ours = ("step-*", ".*.tmp", "final", "final-merged")
+    for old in [path for pattern in ours for path in out.glob(pattern)]:
         shutil.rmtree(old)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -1172,7 +1193,7 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
     ranks = state["rng"]["ranks"]
     own = ranks[process_rank() % len(ranks)]
     torch.set_rng_state(own["torch"])
-    if own["cuda"]:
+    if own["cuda"] and torch.cuda.is_available():  # a GPU run may resume on a CPU
         torch.cuda.set_rng_state_all(own["cuda"])
     drafted = state.get("drafted") or [None]
     if len(ranks) != process_count():  # saved by another number of ranks: each still draws its own
@@ -1185,7 +1206,8 @@ def load_checkpoint(folder, model, optimizer, master, metrics_path):
 
 def logged_eval_before(out):
     """{"eval_before": accuracy} as a resumed run's metrics.jsonl logged it at step 0 (or {})."""
-    rows = map(json.loads, open(out / "metrics.jsonl"))
+    with open(out / "metrics.jsonl") as lines:
+        rows = [json.loads(line) for line in lines]
     return {"eval_before": row["eval_accuracy"] for row in rows if row["step"] == 0}
 
 
@@ -1306,7 +1328,7 @@ def use_local_cache_if_hub_unreachable(cfg):
 # ----------------------------------------------------------------------------------------------
 # Scaling out: LoRA adapters (past one GPU's memory) and torchrun (past one GPU)
 #
-# LoRA (Hu et al. 2021): W x + (alpha / r) B A x with the base W frozen in the model's dtype; only
+# LoRA (Hu et al. 2021): W x + (alpha / rank) B A x, the base W frozen in the model's dtype; only
 # A (r x d_in) and B (d_out x r) train, in fp32, so gradients and Adam state exist for the adapters
 # alone. B starts at zero: at step 0 the policy is the base model, which (adapters off) is also the
 # KL reference.
@@ -1508,7 +1530,7 @@ def step_record_over_ranks(record):
 # The command line: every Config field is a --kebab-case flag, checked before anything loads
 # ----------------------------------------------------------------------------------------------
 def check_config(cfg):
-    """Every flag's value checked before anything loads; a bad one stops the run with one line."""
+    """The flags' values checked before anything loads; a bad one stops the run with one line."""
     choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
                    reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
                    chat_template=("auto", "on", "off"), compile_generation=("auto", "on", "off"))

@@ -276,6 +276,22 @@ def test_masks_cover_exactly_the_generated_tokens_through_eos_and_the_text_stops
     assert samples.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
 
 
+def test_a_generate_call_cut_short_by_the_context_masks_only_the_tokens_it_generated():
+    class Tokenizer:
+        pad_token_id = 0
+
+        def batch_decode(self, rows, skip_special_tokens):
+            return [str(r.tolist()) for r in rows]
+    eos = 0  # pad == eos: the padding that stacks a shorter call must not read as a sampled EOS
+    long_call = torch.tensor([[5, 6, 6, 6, 6, 6]])  # prompt [5], 5 tokens, no EOS
+    short_call = torch.tensor([[5, 7, 7, 7]])       # prompt [5], 3 tokens: the context ran out
+    prompt_mask = torch.tensor([[1]])
+    calls = [(long_call, prompt_mask), (short_call, prompt_mask)]
+    samples = igrpo.stack_samples(calls, Tokenizer(), [eos])
+    assert samples.completion_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert samples.texts == ["[6, 6, 6, 6, 6]", "[7, 7, 7]"] and samples.lengths.tolist() == [5, 3]
+
+
 def test_left_padding_leaves_log_probs_unchanged(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
