@@ -897,6 +897,30 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_told_to_overwrite(
     assert json.loads((folder / "args.json").read_text())["steps"] == 1
 
 
+def test_overwrite_deletes_the_old_runs_checkpoints_and_final_models_but_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    for name in ("step-3", ".step-4.tmp", "final", "final-merged", "notes"):
+        (out / name).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    igrpo.start_fresh(out, Config(steps=1))
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes"]
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny, tmp_path, monkeypatch):
+    igrpo.train(tiny_config(tiny, tmp_path, steps=2, save_every=1))
+    state_path = tmp_path / "run" / "step-1" / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["rng"]["ranks"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run saves it
+    torch.save(state, state_path)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda states: pytest.fail("restored CUDA random states without CUDA"))
+    model, tokenizer = igrpo.load_model(str(tmp_path / "run" / "step-1"), Config(), torch.float32, "cpu")
+    master, optimizer = igrpo.master_weights_and_optimizer(model, Config())
+    step, _, _ = igrpo.load_checkpoint(tmp_path / "run" / "step-1", model, optimizer, master,
+                                       tmp_path / "run" / "metrics.jsonl")
+    assert step == 1
+
+
 def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newest_are_kept(
         tiny, tmp_path, monkeypatch):
     igrpo.train(tiny_config(tiny, tmp_path, steps=3, save_every=1, keep_checkpoints=2))
