@@ -353,7 +353,7 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
                                   pad_token_id=tokenizer.pad_token_id,
                                   num_return_sequences=per_prompt)
     per_call = max(1, cfg.generation_batch_size // per_prompt)  # prompts per generate call
-    static = compiles_generation(cfg, model)
+    static = compiles_generation(cfg, model)  # this and timed_first_compile: with load_model, below
     if static:  # generate compiles its decoding step per (sequences, cache length): keep both few
         prompts, per_prompt, generation.num_return_sequences = repeat(prompts, per_prompt), 1, 1
         per_call = min(cfg.generation_batch_size, 2 ** math.ceil(math.log2(max(1, len(prompts)))))
@@ -394,29 +394,6 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
         model.generation_config = own_defaults
         bar.close()
     return stack_samples(outputs, tokenizer, stop)
-
-
-def compiles_generation(cfg, model):
-    """--compile-generation: a static KV cache, which lets generate compile its decoding step
-    (transformers compiles on CUDA only; elsewhere the static cache runs uncompiled). auto: CUDA."""
-    if cfg.compile_generation == "auto":
-        return model.device.type == "cuda"
-    return cfg.compile_generation == "on"
-
-
-@contextlib.contextmanager
-def timed_first_compile(model, static, shape):
-    """The first generate call of each (sequences, cache length) compiles: say once how long."""
-    if not hasattr(model, "compiled_shapes"):
-        model.compiled_shapes = set()  # the (sequences, cache length) pairs compiled so far
-    first = static and model.device.type == "cuda" and shape not in model.compiled_shapes
-    started = time.time()
-    yield
-    if first:
-        model.compiled_shapes.add(shape)
-        tqdm.write(f"compiled decoding for {shape[0]} sequences x {shape[1]} cache positions: "
-                   f"first call {time.time() - started:.1f} s "
-                   f"(compile {len(model.compiled_shapes)} of this run)")
 
 
 def stack_samples(outputs, tokenizer, stop):
@@ -801,6 +778,7 @@ def learning_rate(step, cfg):
 # summed_over_ranks, barrier, setup_distributed) and LoRA's (apply_lora, is_lora, save_adapter,
 # load_lora_checkpoint, save_merged) in "Scaling out"; checkpoints, resume, Ctrl-C,
 # explain_failure and collapse warnings in "Long runs"; check_config in "The command line".
+# Here too, with load_model: what sample() asks of a model (stop_ids, max_positions, compiling).
 # ----------------------------------------------------------------------------------------------
 def device_and_dtype(choice):
     """The GPU if there is one; --dtype auto is bf16 there and fp32 on the CPU."""
@@ -869,6 +847,29 @@ def max_positions(model):
     config = model.config.get_text_config()
     limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
     return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
+
+
+def compiles_generation(cfg, model):
+    """--compile-generation: a static KV cache, which lets generate compile its decoding step
+    (transformers compiles on CUDA only; elsewhere the static cache runs uncompiled). auto: CUDA."""
+    if cfg.compile_generation == "auto":
+        return model.device.type == "cuda"
+    return cfg.compile_generation == "on"
+
+
+@contextlib.contextmanager
+def timed_first_compile(model, static, shape):
+    """The first generate call of each (sequences, cache length) compiles: say once how long."""
+    if not hasattr(model, "compiled_shapes"):
+        model.compiled_shapes = set()  # the (sequences, cache length) pairs compiled so far
+    first = static and model.device.type == "cuda" and shape not in model.compiled_shapes
+    started = time.time()
+    yield
+    if first:
+        model.compiled_shapes.add(shape)
+        tqdm.write(f"compiled decoding for {shape[0]} sequences x {shape[1]} cache positions: "
+                   f"first call {time.time() - started:.1f} s "
+                   f"(compile {len(model.compiled_shapes)} of this run)")
 
 
 def save(model, tokenizer, folder, trainer_state=None):
