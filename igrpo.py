@@ -1090,6 +1090,8 @@ def train(cfg, judge=None):
 
 # ----------------------------------------------------------------------------------------------
 # Long runs: one run per folder, atomic checkpoints, exact resume, Ctrl-C, failures that name a fix
+# (engineering, not in the paper; torchrun's is_main_process, process_rank and process_count are in
+# "Scaling out", next)
 # ----------------------------------------------------------------------------------------------
 # What a resumed run may change: engineering settings, not the method
 RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
@@ -1615,6 +1617,7 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # Appendix. Answer checking: how a completion is graded (math_reward's answers_match)
+# Helpers follow the function that calls them, as in the rest of the file.
 # It never evaluates model text: a parser of our own builds sympy objects from bounded input, and
 # every call has a 1-second wall-clock limit.
 #

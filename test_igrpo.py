@@ -292,6 +292,91 @@ def test_a_generate_call_cut_short_by_the_context_masks_only_the_tokens_it_gener
     assert samples.texts == ["[6, 6, 6, 6, 6]", "[7, 7, 7]"] and samples.lengths.tolist() == [5, 3]
 
 
+def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
+    prompts = ["Problem: What is 1 + 1?\n\nSolution:", "What is 12 + 1 and 3 + 4?"]
+    drawn = {}
+    for mode in ("off", "on"):  # on the CPU, "on" is the static cache and bucketing, uncompiled
+        cfg = Config(chat_template="off", compile_generation=mode)
+        model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+        torch.manual_seed(3)
+        drawn[mode] = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=4, max_new_tokens=10,
+                                   temperature=1.0)
+    assert drawn["on"].texts == drawn["off"].texts and len(set(drawn["on"].texts)) > 1
+    assert torch.equal(drawn["on"].completion_mask, drawn["off"].completion_mask)
+
+
+def test_fixed_shape_generate_calls_drop_their_padding_rows(tiny, monkeypatch):
+    cfg = Config(chat_template="off", compile_generation="on", generation_batch_size=4)
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    shapes, real_generate = [], model.generate
+
+    def generate(**kwargs):
+        config = kwargs["generation_config"]
+        shapes.append((len(kwargs["input_ids"]), config.cache_implementation, config.max_cache_len))
+        return real_generate(**kwargs)
+    monkeypatch.setattr(model, "generate", generate)
+    prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6,
+                           temperature=1.0)
+    assert shapes == [(4, "static", 256), (4, "static", 256)]  # 6 rows: 4, then 2 + 2 padding
+    assert samples.input_ids.shape[0] == len(samples.texts) == 6
+    P = samples.prompt_length
+    for row in range(6):
+        prompt = samples.input_ids[row, :P][samples.attention_mask[row, :P] == 1]
+        assert tokenizer.decode(prompt) == prompts[row // 2]
+
+
+def test_static_cache_sampling_inherits_nothing_from_a_hostile_generation_config(tiny):
+    cfg = Config(chat_template="off", compile_generation="on")
+    clean, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
+    hostile_generation_defaults(model)
+    prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
+    torch.manual_seed(1)
+    options = dict(per_prompt=4, max_new_tokens=8, temperature=0.5)
+    ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, **options)
+    torch.manual_seed(1)
+    reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, **options)
+    assert ours.texts == reference.texts and int(ours.lengths.min()) > 1  # hostile: one token
+    assert len(set(ours.texts)) > 1
+
+
+def test_training_log_probs_match_the_static_cache_samplers_within_precision_noise(tiny,
+                                                                                    monkeypatch):
+    """On CUDA (the GPU check) this runs compiled decoding in bf16; on the CPU, the static cache."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, tolerance = (torch.bfloat16, 0.1) if device == "cuda" else (torch.float32, 1e-4)
+    cfg = Config(chat_template="off", compile_generation="on")
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, dtype, device)
+    sampler_logits, real_generate = [], model.generate
+
+    def generate(**kwargs):  # the logits the sampler drew from, softmax(logits / T) of them
+        kwargs["generation_config"].update(output_logits=True, return_dict_in_generate=True)
+        output = real_generate(**kwargs)
+        sampler_logits.append(torch.stack(output.logits, 1).float())            # (B, T, V)
+        return output.sequences
+    monkeypatch.setattr(model, "generate", generate)
+    torch.manual_seed(0)
+    samples = igrpo.sample(model, tokenizer, ["What is 2 + 2?", "What?"], cfg, per_prompt=2,
+                           max_new_tokens=6, temperature=0.7)
+    drawn = samples.input_ids[:, samples.prompt_length:]                           # (B, T)
+    sampler = torch.log_softmax(sampler_logits[0][:, :drawn.shape[1]] / 0.7, -1)
+    sampler = sampler.gather(-1, drawn[..., None]).squeeze(-1)
+    with torch.no_grad():
+        ours = igrpo.token_logprobs(model, samples.input_ids, samples.attention_mask,
+                                    samples.prompt_length, samples.completion_mask, 0.7)[0]
+    mask = samples.completion_mask
+    assert mask.sum() > 4 and (ours[mask] - sampler[mask]).abs().max() < tolerance
+
+
+def test_compile_generation_is_on_for_cuda_only_by_default_and_validated(tiny, tmp_path):
+    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
+    assert not igrpo.compiles_generation(Config(), model)
+    assert igrpo.compiles_generation(Config(compile_generation="on"), model)
+    with pytest.raises(SystemExit, match="--compile-generation 'yes'"):
+        igrpo.check_config(tiny_config(tiny, tmp_path, compile_generation="yes"))
+
+
 def test_left_padding_leaves_log_probs_unchanged(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
@@ -746,6 +831,74 @@ def test_bf16_models_update_through_fp32_master_weights(tiny):
     assert all(m.data_ptr() != p.data_ptr() for m, p in zip(master, model.parameters()))
 
 
+def test_bf16_gradients_move_into_the_fp32_master_gradients_as_backward_produces_them(tiny):
+    cfg = Config(chat_template="off")
+    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
+    plain, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
+    igrpo.master_weights(model)  # an older set of master weights, replaced by the next
+    master = igrpo.master_weights(model)
+    ids = torch.arange(1, 17)[None]
+    for _ in range(2):  # two micro-batches accumulate
+        for m in (model, plain):
+            m(ids).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(m.grad, p.grad.float()) for m, p in zip(master, plain.parameters()))
+
+
+def versioned_sampler(monkeypatch, tiny):
+    """Scripted drafts that name how many updates the policy had when they were sampled; each
+    sample call is recorded with that count."""
+    updates, calls = [0], []
+    real_update = igrpo.policy_update
+
+    def update(*args, **kwargs):
+        updates[0] += 1
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "policy_update", update)
+    sampled = scripted_sampler(monkeypatch, tiny, lambda prompt, i: "refined \\boxed{1}" if
+                               "Previous draft" in prompt else f"draft after {updates[0]} updates")
+    real_sample = igrpo.sample
+
+    def sample(*args, **kwargs):
+        calls.append(updates[0])
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+    return sampled, calls
+
+
+def test_overlapped_drafts_make_one_generate_call_per_step_after_the_first(monkeypatch, tiny,
+                                                                           tmp_path):
+    sampled, versions = versioned_sampler(monkeypatch, tiny)
+    cfg = tiny_config(tiny, tmp_path, steps=3, overlap_drafts=True, max_draft_tokens=64)
+    igrpo.train(cfg)
+    N, refinements = cfg.num_drafts, cfg.group_size - cfg.num_drafts
+    assert versions == [0, 0, 1, 2]  # step 1: its own drafts, then one call; steps 2, 3: one each
+    assert sampled[0][1] == N and all(per_prompt == 1 for _, per_prompt in sampled[1:3])
+    last_prompts, last_per_prompt = sampled[3]  # the last step samples no drafts
+    assert last_per_prompt == refinements and all("Previous draft" in p for p in last_prompts)
+    for version, (prompts, _) in zip(versions[1:3], sampled[1:3]):
+        refine = [p for p in prompts if "Previous draft" in p]
+        assert len(refine) == cfg.prompts_per_step * refinements  # groups contiguous, drafts after
+        assert prompts[:len(refine)] == refine
+        assert len(prompts) == cfg.prompts_per_step * cfg.group_size
+    # step 1 refines drafts its own policy sampled; steps 2, 3: drafts from before the last update
+    assert all("draft after 0 updates" in p for p in sampled[1][0][:4] + sampled[2][0][:4])
+    assert all("draft after 1 updates" in p for p in sampled[3][0])
+
+
+def test_without_overlap_every_step_draws_its_own_drafts_then_refines(monkeypatch, tiny, tmp_path):
+    sampled, versions = versioned_sampler(monkeypatch, tiny)
+    igrpo.train(tiny_config(tiny, tmp_path, steps=2, max_draft_tokens=64))
+    assert versions == [0, 0, 1, 1] and [n for _, n in sampled] == [2, 2, 2, 2]
+    assert "draft after 0 updates" in sampled[1][0][0]
+    assert "draft after 1 updates" in sampled[3][0][0]
+
+
+def test_overlapped_drafts_are_refused_for_grpo(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--overlap-drafts with --algo grpo"):
+        igrpo.check_config(tiny_config(tiny, tmp_path, algo="grpo", overlap_drafts=True))
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, and bad input
 # ----------------------------------------------------------------------------------------------
@@ -1086,162 +1239,6 @@ def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):
         assert igrpo.load_problems(str(tmp_path / f"a.{suffix}"), cfg) == [{"problem": "What is 1+1?", "answer": "2"}]
 
 
-# ----------------------------------------------------------------------------------------------
-# Fast sampling: compiled decoding, overlapped drafts
-# ----------------------------------------------------------------------------------------------
-def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
-    prompts = ["Problem: What is 1 + 1?\n\nSolution:", "What is 12 + 1 and 3 + 4?"]
-    drawn = {}
-    for mode in ("off", "on"):  # on the CPU, "on" is the static cache and bucketing, uncompiled
-        cfg = Config(chat_template="off", compile_generation=mode)
-        model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-        torch.manual_seed(3)
-        drawn[mode] = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=4, max_new_tokens=10,
-                                   temperature=1.0)
-    assert drawn["on"].texts == drawn["off"].texts and len(set(drawn["on"].texts)) > 1
-    assert torch.equal(drawn["on"].completion_mask, drawn["off"].completion_mask)
-
-
-def test_fixed_shape_generate_calls_drop_their_padding_rows(tiny, monkeypatch):
-    cfg = Config(chat_template="off", compile_generation="on", generation_batch_size=4)
-    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    shapes, real_generate = [], model.generate
-
-    def generate(**kwargs):
-        config = kwargs["generation_config"]
-        shapes.append((len(kwargs["input_ids"]), config.cache_implementation, config.max_cache_len))
-        return real_generate(**kwargs)
-    monkeypatch.setattr(model, "generate", generate)
-    prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6,
-                           temperature=1.0)
-    assert shapes == [(4, "static", 256), (4, "static", 256)]  # 6 rows: 4, then 2 + 2 padding
-    assert samples.input_ids.shape[0] == len(samples.texts) == 6
-    P = samples.prompt_length
-    for row in range(6):
-        prompt = samples.input_ids[row, :P][samples.attention_mask[row, :P] == 1]
-        assert tokenizer.decode(prompt) == prompts[row // 2]
-
-
-def test_static_cache_sampling_inherits_nothing_from_a_hostile_generation_config(tiny):
-    cfg = Config(chat_template="off", compile_generation="on")
-    clean, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    hostile_generation_defaults(model)
-    prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
-    torch.manual_seed(1)
-    options = dict(per_prompt=4, max_new_tokens=8, temperature=0.5)
-    ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, **options)
-    torch.manual_seed(1)
-    reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, **options)
-    assert ours.texts == reference.texts and int(ours.lengths.min()) > 1  # hostile: one token
-    assert len(set(ours.texts)) > 1
-
-
-def test_training_log_probs_match_the_static_cache_samplers_within_precision_noise(tiny,
-                                                                                    monkeypatch):
-    """On CUDA (the GPU check) this runs compiled decoding in bf16; on the CPU, the static cache."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, tolerance = (torch.bfloat16, 0.1) if device == "cuda" else (torch.float32, 1e-4)
-    cfg = Config(chat_template="off", compile_generation="on")
-    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, dtype, device)
-    sampler_logits, real_generate = [], model.generate
-
-    def generate(**kwargs):  # the logits the sampler drew from, softmax(logits / T) of them
-        kwargs["generation_config"].update(output_logits=True, return_dict_in_generate=True)
-        output = real_generate(**kwargs)
-        sampler_logits.append(torch.stack(output.logits, 1).float())            # (B, T, V)
-        return output.sequences
-    monkeypatch.setattr(model, "generate", generate)
-    torch.manual_seed(0)
-    samples = igrpo.sample(model, tokenizer, ["What is 2 + 2?", "What?"], cfg, per_prompt=2,
-                           max_new_tokens=6, temperature=0.7)
-    drawn = samples.input_ids[:, samples.prompt_length:]                           # (B, T)
-    sampler = torch.log_softmax(sampler_logits[0][:, :drawn.shape[1]] / 0.7, -1)
-    sampler = sampler.gather(-1, drawn[..., None]).squeeze(-1)
-    with torch.no_grad():
-        ours = igrpo.token_logprobs(model, samples.input_ids, samples.attention_mask,
-                                    samples.prompt_length, samples.completion_mask, 0.7)[0]
-    mask = samples.completion_mask
-    assert mask.sum() > 4 and (ours[mask] - sampler[mask]).abs().max() < tolerance
-
-
-def test_compile_generation_is_on_for_cuda_only_by_default_and_validated(tiny, tmp_path):
-    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
-    assert not igrpo.compiles_generation(Config(), model)
-    assert igrpo.compiles_generation(Config(compile_generation="on"), model)
-    with pytest.raises(SystemExit, match="--compile-generation 'yes'"):
-        igrpo.check_config(tiny_config(tiny, tmp_path, compile_generation="yes"))
-
-
-def test_bf16_gradients_move_into_the_fp32_master_gradients_as_backward_produces_them(tiny):
-    cfg = Config(chat_template="off")
-    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
-    plain, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
-    igrpo.master_weights(model)  # an older set of master weights, replaced by the next
-    master = igrpo.master_weights(model)
-    ids = torch.arange(1, 17)[None]
-    for _ in range(2):  # two micro-batches accumulate
-        for m in (model, plain):
-            m(ids).logits.float().logsumexp(-1).mean().backward()
-    assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(m.grad, p.grad.float()) for m, p in zip(master, plain.parameters()))
-
-
-def versioned_sampler(monkeypatch, tiny):
-    """Scripted drafts that name how many updates the policy had when they were sampled; each
-    sample call is recorded with that count."""
-    updates, calls = [0], []
-    real_update = igrpo.policy_update
-
-    def update(*args, **kwargs):
-        updates[0] += 1
-        return real_update(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "policy_update", update)
-    sampled = scripted_sampler(monkeypatch, tiny, lambda prompt, i: "refined \\boxed{1}" if
-                               "Previous draft" in prompt else f"draft after {updates[0]} updates")
-    real_sample = igrpo.sample
-
-    def sample(*args, **kwargs):
-        calls.append(updates[0])
-        return real_sample(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "sample", sample)
-    return sampled, calls
-
-
-def test_overlapped_drafts_make_one_generate_call_per_step_after_the_first(monkeypatch, tiny,
-                                                                           tmp_path):
-    sampled, versions = versioned_sampler(monkeypatch, tiny)
-    cfg = tiny_config(tiny, tmp_path, steps=3, overlap_drafts=True, max_draft_tokens=64)
-    igrpo.train(cfg)
-    N, refinements = cfg.num_drafts, cfg.group_size - cfg.num_drafts
-    assert versions == [0, 0, 1, 2]  # step 1: its own drafts, then one call; steps 2, 3: one each
-    assert sampled[0][1] == N and all(per_prompt == 1 for _, per_prompt in sampled[1:3])
-    last_prompts, last_per_prompt = sampled[3]  # the last step samples no drafts
-    assert last_per_prompt == refinements and all("Previous draft" in p for p in last_prompts)
-    for version, (prompts, _) in zip(versions[1:3], sampled[1:3]):
-        refine = [p for p in prompts if "Previous draft" in p]
-        assert len(refine) == cfg.prompts_per_step * refinements  # groups contiguous, drafts after
-        assert prompts[:len(refine)] == refine
-        assert len(prompts) == cfg.prompts_per_step * cfg.group_size
-    # step 1 refines drafts its own policy sampled; steps 2, 3: drafts from before the last update
-    assert all("draft after 0 updates" in p for p in sampled[1][0][:4] + sampled[2][0][:4])
-    assert all("draft after 1 updates" in p for p in sampled[3][0])
-
-
-def test_without_overlap_every_step_draws_its_own_drafts_then_refines(monkeypatch, tiny, tmp_path):
-    sampled, versions = versioned_sampler(monkeypatch, tiny)
-    igrpo.train(tiny_config(tiny, tmp_path, steps=2, max_draft_tokens=64))
-    assert versions == [0, 0, 1, 1] and [n for _, n in sampled] == [2, 2, 2, 2]
-    assert "draft after 0 updates" in sampled[1][0][0]
-    assert "draft after 1 updates" in sampled[3][0][0]
-
-
-def test_overlapped_drafts_are_refused_for_grpo(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="--overlap-drafts with --algo grpo"):
-        igrpo.check_config(tiny_config(tiny, tmp_path, algo="grpo", overlap_drafts=True))
-
-
 def test_a_resumed_overlapped_run_refines_the_drafts_it_carried_and_ends_like_an_uninterrupted_one(
         tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(igrpo, "math_reward", parity_reward)
@@ -1262,29 +1259,3 @@ def test_a_resumed_overlapped_run_refines_the_drafts_it_carried_and_ends_like_an
         runs[name] = final_weights(tmp_path / name)
     expected = runs["uninterrupted"]
     assert all(torch.equal(expected[name], runs["resumed"][name]) for name in expected)
-
-
-def overlapped_run_on_rank(rank, port, tiny, tmp_path):
-    from test_scale import join_as
-    join_as(rank, port)
-    calls, real_sample = [], igrpo.sample
-
-    def sample(model, tokenizer, prompts, cfg, **options):
-        calls.append([re.search(r"What is \d+ \+ 1\?", prompt).group() for prompt in prompts])
-        return real_sample(model, tokenizer, prompts, cfg, **options)
-    igrpo.sample = sample
-    igrpo.train(tiny_config(tiny, tmp_path, steps=2, prompts_per_step=4, overlap_drafts=True,
-                            save_every=1, output_dir=str(tmp_path / "run")))
-    torch.save(calls, tmp_path / f"calls-rank{rank}.pt")
-
-
-def test_under_torchrun_each_rank_drafts_its_own_share_of_the_next_steps_problems(tiny, tmp_path):
-    from test_scale import spawn_two_ranks
-    spawn_two_ranks(overlapped_run_on_rank, tiny, tmp_path)
-    calls = [torch.load(tmp_path / f"calls-rank{rank}.pt") for rank in (0, 1)]
-    for drafts, both, refinements in calls:  # step 1: drafts, then one call; step 2: one call
-        assert len(both) == 2 * 4 and set(both[:4]) == set(drafts)  # 2 problems x (2 + 2) rows
-        assert set(refinements) == set(both[4:]) != set(drafts)  # step 2 refines what step 1 drafted
-    assert not set(calls[0][2]) & set(calls[1][2])  # the ranks' shares differ
-    state = torch.load(tmp_path / "run" / "step-1" / "trainer_state.pt")
-    assert [len(drafted["best"]) for drafted in state["drafted"]] == [2, 2]  # one entry per rank

@@ -261,3 +261,27 @@ def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_prob
             two_processes = torch.load(tmp_path / f"changes-rank{rank}.pt")[loss]
             for name, change in one_process.items():
                 assert torch.allclose(two_processes[name], change, atol=1e-7, rtol=1e-4), (loss, rank, name)
+
+
+def overlapped_run_on_rank(rank, port, tiny, tmp_path):
+    join_as(rank, port)
+    calls, real_sample = [], igrpo.sample
+
+    def sample(model, tokenizer, prompts, cfg, **options):
+        calls.append([re.search(r"What is \d+ \+ 1\?", prompt).group() for prompt in prompts])
+        return real_sample(model, tokenizer, prompts, cfg, **options)
+    igrpo.sample = sample
+    igrpo.train(tiny_config(tiny, tmp_path, steps=2, prompts_per_step=4, overlap_drafts=True,
+                            save_every=1, output_dir=str(tmp_path / "run")))
+    torch.save(calls, tmp_path / f"calls-rank{rank}.pt")
+
+
+def test_under_torchrun_each_rank_drafts_its_own_share_of_the_next_steps_problems(tiny, tmp_path):
+    spawn_two_ranks(overlapped_run_on_rank, tiny, tmp_path)
+    calls = [torch.load(tmp_path / f"calls-rank{rank}.pt") for rank in (0, 1)]
+    for drafts, both, refinements in calls:  # step 1: drafts, then one call; step 2: one call
+        assert len(both) == 2 * 4 and set(both[:4]) == set(drafts)  # 2 problems x (2 + 2) rows
+        assert set(refinements) == set(both[4:]) != set(drafts)  # step 2 refines what step 1 drafted
+    assert not set(calls[0][2]) & set(calls[1][2])  # the ranks' shares differ
+    state = torch.load(tmp_path / "run" / "step-1" / "trainer_state.pt")
+    assert [len(drafted["best"]) for drafted in state["drafted"]] == [2, 2]  # one entry per rank
