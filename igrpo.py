@@ -380,6 +380,7 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
             generation.max_new_tokens = min(max_new_tokens, room)
             if static:  # the cache in steps of 256 positions: one shape serves many prompt lengths
                 needed = 256 * math.ceil((longest + generation.max_new_tokens) / 256)
+                needed = min(needed, context or needed)  # never past the model's positions
                 # and it never shrinks: transformers keeps the longest cache it made, so do we
                 made = [length for _, length in getattr(model, "compiled_shapes", ())]
                 generation.max_cache_len = max([needed, *made])
