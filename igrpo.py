@@ -45,8 +45,7 @@ from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: the paper's where it states them (../shared/PAPER.md), ours where it is silent; one
-# flag each (--kebab-case)
+# Settings: the paper's where it states them, ours where it is silent; one flag each (--kebab-case)
 # ----------------------------------------------------------------------------------------------
 def setting(default, help):
     return field(default=default, metadata={"help": help})
@@ -289,7 +288,7 @@ def format_reward(completion):
 class Scores(NamedTuple):
     rewards: torch.Tensor   # (B,) what the advantages are computed from
     accuracy: torch.Tensor  # (B,) 1.0 where the checker finds the gold answer
-    format: torch.Tensor    # (B,) 1.0 where the final answer is boxed
+    format: torch.Tensor    # (B,) 1.0 for reasoning, then one boxed answer (format_reward)
     judge_unparsed: int     # judge replies that gave no score (counted 0)
 
 
