@@ -27,6 +27,30 @@ import igrpo
 HERE = Path(__file__).resolve().parent
 
 
+def peak_memory(run, device):
+    """(run(), peak bytes allocated while it ran, above what was allocated when it started). CUDA:
+    the allocator's own counter. CPU: the profiler's record of every tensor allocation and free
+    (tensors only, like CUDA's counter; not the process's resident size)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        result = run()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = run()
+    changes = sorted((event.start_ns(), event.nbytes())
+                     for event in profiler.profiler.kineto_results.events()
+                     if event.name() == "[memory]" and event.device_type().name == "CPU")
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return result, peak
+
+
 def bench_checker(args):
     from checker_cases import CHECKER_CASES, DATA, rewrites
     suites = {"case table": [(completion, gold, verdict)
@@ -78,7 +102,7 @@ def random_model(args, device, dtype):
 
 
 def bench_step(args):
-    device, dtype = igrpo.device_and_dtype("auto")
+    device, dtype = igrpo.device_and_dtype(args.dtype)
     model, tokenizer = random_model(args, device, dtype)
     cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
                        prompts_per_step=args.prompts, max_completion_tokens=args.completion,
@@ -87,9 +111,8 @@ def bench_step(args):
                        lr=1e-6, lora_rank=args.lora_rank)
     model = igrpo.apply_lora(model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    master = igrpo.master_weights(model)
-    optimizer = torch.optim.AdamW(master, lr=cfg.lr)
+        igrpo.checkpoint_activations(model)
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
     params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
     batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)}
              for a in range(cfg.prompts_per_step)]
@@ -101,44 +124,48 @@ def bench_step(args):
           f"completion budget {cfg.max_completion_tokens}, "
           f"micro-batch {cfg.micro_batch_size}, "
           f"gradient checkpointing {cfg.gradient_checkpointing}")
+    def live_state_bytes():  # weights, master weights and their gradients, Adam's moments
+        tensors = {id(t): t for t in [*model.parameters(), *master]}
+        tensors.update({id(m.grad): m.grad for m in master if m.grad is not None})
+        tensors.update({id(t): t for state in optimizer.state.values() for t in state.values()
+                        if torch.is_tensor(t) and t.dim() > 0})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
     for step in range(args.steps):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync()
+        before_sampling = live_state_bytes()
         started = time.time()
-        samples, rewards, group, info = igrpo.rollout(model, tokenizer, batch, cfg)
-        sync()
+        (samples, rewards, group, info), sample_peak = peak_memory(
+            lambda: igrpo.rollout(model, tokenizer, batch, cfg), device)
         sampled = time.time()
-        sample_memory = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-                         else float("nan"))
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         # random rewards so that every group carries gradient, as in real training
         advantages = igrpo.group_advantages(torch.rand(len(rewards)), group)
         keep = torch.ones(len(rewards), dtype=torch.bool)
-        igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg)
-        sync()
+        before_update = live_state_bytes()
+        _, update_peak = peak_memory(lambda: igrpo.policy_update(
+            model, optimizer, master, samples, advantages, keep, cfg), device)
         done = time.time()
-        update_memory = (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda"
-                         else float("nan"))
+        # the fp32 gradients are freed after each optimizer step; at the update's peak they exist
+        state = live_state_bytes() + sum(m.numel() * 4 for m in master)
         # KiB on Linux; the process's peak
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         sample_seconds, update_seconds = sampled - started, done - sampled
         generated_tokens, update_tokens = info["generated_tokens"], int(samples.lengths.sum())
         print(f"step {step}: sampling {sample_seconds:.1f}s ({generated_tokens} tokens, "
-              f"{generated_tokens / sample_seconds:.0f} tok/s, peak {sample_memory:.1f} GiB), "
+              f"{generated_tokens / sample_seconds:.0f} tok/s, "
+              f"peak {(before_sampling + sample_peak) / 2**30:.2f} GiB), "
               f"update {update_seconds:.1f}s ({update_tokens} tokens, "
-              f"{update_tokens / update_seconds:.0f} tok/s, peak {update_memory:.1f} GiB), "
+              f"{update_tokens / update_seconds:.0f} tok/s, "
+              f"peak {(before_update + update_peak) / 2**30:.2f} GiB, of which state "
+              f"{state / 2**30:.2f} GiB = {state / params:.1f} bytes/parameter), "
               f"peak CPU RSS so far {rss:.2f} GiB")
 
 
 def bench_logprobs(args):
     """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full
     log-softmax."""
-    device, dtype = igrpo.device_and_dtype("auto")
+    device, dtype = igrpo.device_and_dtype(args.dtype)
     model, _ = random_model(args, device, dtype)
     if args.gradient_checkpointing:  # as in training, so the output layer's share of memory shows
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        igrpo.checkpoint_activations(model)
     B, T = args.micro_batch_size, args.completion
     input_ids = torch.randint(0, args.vocab, (B, 16 + T), device=device)
     attention = torch.ones_like(input_ids)
@@ -156,17 +183,12 @@ def bench_logprobs(args):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if device == "cuda" else 0
         started = time.time()
-        fn().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        peak = ((torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda"
-                else float("nan"))
+        _, peak = peak_memory(lambda: fn().backward(), device)
         if name != "warm-up":
-            print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}: "
-                  f"peak above weights {peak:.2f} GiB, {time.time() - started:.2f}s")
+            print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}, {dtype}: peak above the "
+                  f"weights {peak / 2**30:.3f} GiB (gradients included), "
+                  f"{time.time() - started:.2f}s")
 
 
 if __name__ == "__main__":
@@ -184,6 +206,8 @@ if __name__ == "__main__":
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                         default=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="as igrpo.py's --dtype (bf16 on a CPU is slow)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA adapters of this rank (0: all)")
     args = parser.parse_args()

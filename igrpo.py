@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import sympy
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
@@ -498,34 +497,28 @@ def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
 # sampled from, softmax(logits / temperature). The ratio r and the KL term are built from these.
 # ----------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
-                   with_entropy=True, chunk_tokens=1024):
+                   with_entropy=True):
     """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict
-    completion tokens meet the output layer, chunk_tokens at a time, so no (tokens x vocabulary)
-    float32 tensor exists (unless check_scoring chose the model's own forward)."""
+    completion tokens meet the output layer (OutputLayerLogprobs, just below), a chunk of tokens at
+    a time, so no (tokens x vocabulary) float32 tensor exists (unless check_scoring chose the
+    model's own forward)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
     if getattr(model, "scored_by_forward", False):  # check_scoring: a forward that does more
         hidden = model(**inputs).logits                                          # (b, P+T, V)
-        head, scale, softcap = torch.nn.Identity(), 1.0, None
+        weight, bias, (scale, softcap) = None, None, (1.0, None)
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
-        head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
+        head = model.get_output_embeddings()
+        weight, bias, (scale, softcap) = head.weight, head.bias, logit_transform(model)
     hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (n, H)
     targets = input_ids[:, prompt_length:][completion_mask]                      # (n,)
-    logps, entropies = [], []
-    for start in range(0, len(targets), chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        arguments = (head, hidden[rows], targets[rows], temperature, scale, softcap, with_entropy)
-        if torch.is_grad_enabled():  # backward recomputes a chunk's logits instead of keeping them
-            logp, entropy = checkpoint(chunk_logprobs, *arguments, use_reentrant=False)
-        else:
-            logp, entropy = chunk_logprobs(*arguments)
-        logps.append(logp)
-        entropies.append(entropy)
+    logp, entropy = OutputLayerLogprobs.apply(hidden, weight, bias, targets,
+                                              (scale, softcap, temperature), with_entropy)  # (n,)
     zeros = torch.zeros(completion_mask.shape, device=hidden.device)
-    entropy = zeros.masked_scatter(completion_mask, torch.cat(entropies)) if with_entropy else None
-    return zeros.masked_scatter(completion_mask, torch.cat(logps)), entropy
+    entropy = zeros.masked_scatter(completion_mask, entropy) if with_entropy else None
+    return zeros.masked_scatter(completion_mask, logp), entropy
 
 
 def logit_transform(model):
@@ -540,19 +533,88 @@ def logit_transform(model):
     return scale, getattr(config, "final_logit_softcapping", None)
 
 
-def chunk_logprobs(head, hidden, targets, temperature, scale=1.0, softcap=None, with_entropy=True):
-    """(n,) log-probs of the targets (and entropies) from n hidden states: one chunk of tokens."""
-    logits = head(hidden).float() * scale                                        # (n, V)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    logits = logits / temperature
-    log_normalizer = logits.logsumexp(-1)                                        # (n,)
+LOGITS_CHUNK_BYTES = 2**26  # a chunk's (tokens, V) float32 logits: 110 tokens of a 152k vocabulary
+
+
+class OutputLayerLogprobs(torch.autograd.Function):
+    """log p(target) = z[target] - logsumexp(z), z = the logits / T, of n hidden states, and the
+    entropy (a metric, no gradient). Both passes take the output layer a chunk of tokens at a time
+    and keep no logits: backward recomputes them, with d log p / dz = onehot(target) - softmax(z).
+    So memory holds one chunk's float32 logits and one output-layer gradient, summed in place,
+    whatever the number of tokens (autograd would keep a chunk's logits and a second gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, with_entropy):
+        # hidden (n, H), or (n, V) logits already when weight is None; targets (n,)
+        chunks = [chunk_logprobs(hidden[rows], weight, bias, targets[rows], transform, with_entropy)
+                  for rows in logit_chunks(hidden, weight)]
+        logp, log_normalizer, entropy = (torch.cat(parts) for parts in zip(*chunks))  # (n,) each
+        ctx.save_for_backward(hidden, weight, bias, targets, log_normalizer)
+        ctx.transform = transform
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy  # entropy is empty without with_entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):                                             # grad_logp (n,)
+        hidden, weight, bias, targets, log_normalizer = ctx.saved_tensors
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
+        for rows in logit_chunks(hidden, weight):
+            grad = logits_gradient(hidden[rows], weight, bias, targets[rows],
+                                   log_normalizer[rows], grad_logp[rows], ctx.transform)  # (c, V)
+            if wants_hidden:
+                grad_hidden[rows] = grad if weight is None else grad @ weight
+            if wants_weight:
+                grad_weight.addmm_(grad.T, hidden[rows])
+            if wants_bias:
+                grad_bias += grad.sum(0, dtype=torch.float32)
+            del grad  # before the next chunk's logits exist
+        grad_bias = grad_bias.to(bias.dtype) if wants_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def logit_chunks(hidden, weight):
+    """Row slices of at most LOGITS_CHUNK_BYTES of float32 logits each."""
+    vocabulary = hidden.shape[-1] if weight is None else weight.shape[0]
+    size = max(1, LOGITS_CHUNK_BYTES // (4 * vocabulary))
+    return [slice(start, start + size) for start in range(0, len(hidden), size)]
+
+
+def chunk_logprobs(hidden, weight, bias, targets, transform, with_entropy):
+    """(log p(target), log Z, entropy or an empty tensor) of one chunk of c tokens, (c,) each."""
+    logits = scaled_logits(hidden, weight, bias, transform)[0]                     # (c, V)
+    log_normalizer = logits.logsumexp(-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():  # entropy is a metric, never a loss term here
-            entropy = log_normalizer - (logits.softmax(-1) * logits).sum(-1)
-    return logp, entropy
+    if not with_entropy:
+        return logp, log_normalizer, logp.new_empty(0)
+    log_p = logits.sub_(log_normalizer[:, None])                    # H = -sum_v p_v log p_v
+    return logp, log_normalizer, -log_p.exp().mul_(log_p).sum(-1)
+
+
+def logits_gradient(hidden, weight, bias, targets, log_normalizer, grad_logp, transform):
+    """d loss / d raw logits of one chunk, (c, V) in the model's dtype: the chain rule through
+    log p = z[target] - log Z and through z's transform."""
+    logits, slope = scaled_logits(hidden, weight, bias, transform)                 # (c, V)
+    grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()                      # -softmax(z)
+    grad.scatter_add_(-1, targets[:, None], torch.ones_like(grad[:, :1]))  # + onehot(target)
+    return grad.mul_(grad_logp[:, None]).mul_(slope).to(hidden.dtype)
+
+
+def scaled_logits(hidden, weight, bias, transform):
+    """(z, dz/dx) of one chunk: z = the logits the model samples from, over T, in float32, from
+    the raw logits x = hidden W^T + b (or hidden itself). dz/dx: a number, or (c, V) if soft-capped."""
+    scale, softcap, temperature = transform
+    if weight is None:  # the model's own logits: a copy, which the in-place steps below may change
+        logits = hidden.to(torch.float32, copy=True)                              # (c, V)
+    else:
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()         # (c, V)
+    if not softcap:
+        return logits.mul_(scale / temperature), scale / temperature
+    capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T
+    slope = capped.square().neg_().add_(1).mul_(scale / temperature)  # (1 - tanh^2) scale / T
+    return capped.mul_(softcap / temperature), slope
 
 
 @torch.no_grad()
@@ -971,8 +1033,18 @@ def load_policy(cfg, resume_from, device, dtype):
         ref_model = model if cfg.lora_rank else \
             load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model, tokenizer, ref_model
+
+
+def checkpoint_activations(model):
+    """Backward recomputes each layer's activations instead of keeping them (--gradient-
+    checkpointing). Later transformers 5 releases call it activation checkpointing."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def next_batches(problems, order, cfg):

@@ -436,6 +436,52 @@ def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tin
     assert torch.allclose(entropy[0], -(reference.exp() * reference).sum(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("head", ["output layer", "logits given"])
+def test_chunked_log_probs_have_the_values_and_gradients_of_one_full_log_softmax(monkeypatch, softcap,
+                                                                               head):
+    monkeypatch.setattr(igrpo, "LOGITS_CHUNK_BYTES", 4 * 50 * 3)  # 3 tokens a chunk: 11 make 4
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8 if head == "output layer" else 50, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True) if head == "output layer" else None
+    bias = torch.randn(50, requires_grad=True) if head == "output layer" else None
+    targets, upstream = torch.randint(0, 50, (11,)), torch.randn(11)  # any gradient from the loss
+    logp, entropy = igrpo.OutputLayerLogprobs.apply(hidden, weight, bias, targets, (1.7, softcap, 0.7),
+                                                    True)
+    logits = (hidden if weight is None else hidden @ weight.T + bias) * 1.7
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    reference = torch.log_softmax(logits / 0.7, -1)
+    expected = reference.gather(-1, targets[:, None]).squeeze(-1)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad((logp * upstream).sum(), leaves)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves)
+    assert torch.allclose(logp, expected, atol=1e-5)
+    assert torch.allclose(entropy, -(reference.exp() * reference).sum(-1), atol=1e-5)
+    assert all(torch.allclose(ours, theirs, atol=1e-5) for ours, theirs in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_log_probs_hold_two_chunks_of_float32_logits_whatever_the_number_of_tokens(monkeypatch, softcap):
+    from bench import peak_memory
+    vocabulary, width = 2000, 16
+    monkeypatch.setattr(igrpo, "LOGITS_CHUNK_BYTES", 4 * vocabulary * 50)  # a chunk: 50 tokens
+    chunk = igrpo.LOGITS_CHUNK_BYTES
+    weight = torch.randn(vocabulary, width, requires_grad=True)
+    for tokens in (100, 1000):
+        hidden = torch.randn(tokens, width, requires_grad=True)
+        targets = torch.randint(0, vocabulary, (tokens,))
+
+        def forward_and_backward():
+            logp, _ = igrpo.OutputLayerLogprobs.apply(hidden, weight, None, targets,
+                                                      (1.0, softcap, 0.7), True)
+            logp.sum().backward()
+        weight.grad = hidden.grad = None
+        _, peak = peak_memory(forward_and_backward, "cpu")
+        gradients = weight.numel() * 4 + hidden.numel() * 4
+        assert peak < gradients + 2.1 * chunk  # a full log-softmax of 1000 tokens: 20 chunks
+
+
 def shrunk(config):
     """A causal-LM config at its defaults, shrunk to a tiny model: every size a few units, the vocabulary 256,
     the sub-configs alike; logit scalings and soft-caps set to 3, so a scorer that skips them is caught."""

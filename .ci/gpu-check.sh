@@ -18,7 +18,9 @@
 #   3. igrpo --algo igrpo --overlap-drafts (after), igrpo (after), igrpo off (before)
 #   4. TRL GRPOTrainer, floor (plain generate dynamic/static + fwd/bwd/AdamW)
 #   5. the sampling tests on CUDA: bf16 compiled decoding vs training's log-probs, fixed shapes, overlap
-#   6. summary: one line per run (median step s, peak GiB)
+#   6. bench.py step at the 0.5B shape: each phase's peak, and the state's bytes per parameter   ~60 s
+#   7. summary: one line per run (median step s, peak GiB)
+# The log is copied to $OUT after each part, so a run cut short still brings back what it measured.
 set -u
 cd "$(dirname "$0")/.."
 B=.whl/gpu_compare.py; D=${GPU_CHECK_DIR:-/tmp/gc}; LOG=$D/log.txt
@@ -36,6 +38,7 @@ run() {  # one mode, its output kept; a failure is reported in the summary, the 
   local mode=$1 dir=$2; shift 2  # --tokens before --extra, which takes the rest of the line
   timeout 240 python3 "$B" "$mode" "$dir" --tokens "$TOKENS" "$@" 2>&1 | grep -v "it/s\]" \
     | tee -a "$LOG" | tail -n 25
+  [ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$LOG"
 python3 "$B" build "$D" "${ARGS[@]}" | tee -a "$LOG"
@@ -49,6 +52,12 @@ run floor "$D"
 echo "== tests (CUDA where there is one)" | tee -a "$LOG"
 timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
   or overlap or sampling_inherits or log_probs_are_those or bf16_gradients" 2>&1 | tail -n 5 | tee -a "$LOG"
+echo "== bench.py step (where the memory goes)" | tee -a "$LOG"
+SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
+[ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
+timeout 150 python3 bench.py step --algo grpo "${SHAPE[@]}" --prompts 8 --group-size 8 \
+  --micro-batch-size 16 --steps 3 2>&1 | grep "^device\|^step" | tee -a "$LOG"
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
 echo "== summary"
 python3 - "$LOG" <<'PY'
 import json, sys
