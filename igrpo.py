@@ -576,10 +576,11 @@ class OutputLayerLogprobs(torch.autograd.Function):
 
 
 def logit_chunks(hidden, weight):
-    """Row slices of at most LOGITS_CHUNK_BYTES of float32 logits each."""
+    """Row slices of at most LOGITS_CHUNK_BYTES of float32 logits each (one, maybe empty, if no
+    rows)."""
     vocabulary = hidden.shape[-1] if weight is None else weight.shape[0]
     size = max(1, LOGITS_CHUNK_BYTES // (4 * vocabulary))
-    return [slice(start, start + size) for start in range(0, len(hidden), size)]
+    return [slice(start, start + size) for start in range(0, max(1, len(hidden)), size)]
 
 
 def chunk_logprobs(hidden, weight, bias, targets, transform, with_entropy):
