@@ -499,21 +499,24 @@ def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
                    with_entropy=True):
     """(logp, entropy or None), each (b, T), zero off the mask. Only the hidden states that predict
-    completion tokens meet the output layer (OutputLayerLogprobs, just below), a chunk of tokens at
-    a time, so no (tokens x vocabulary) float32 tensor exists (unless check_scoring chose the
-    model's own forward)."""
+    completion tokens meet the output layer (OutputLayerLogprobs, just below), a block of its
+    columns at a time, so no (tokens x vocabulary) float32 tensor exists (unless check_scoring chose
+    the model's own forward)."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
+    head, weight, bias = None, None, None
     if getattr(model, "scored_by_forward", False):  # check_scoring: a forward that does more
-        hidden = model(**inputs).logits                                          # (b, P+T, V)
-        weight, bias, (scale, softcap) = None, None, (1.0, None)
+        hidden, (scale, softcap) = model(**inputs).logits, (1.0, None)           # (b, P+T, V)
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
-        head = model.get_output_embeddings()
-        weight, bias, (scale, softcap) = head.weight, head.bias, logit_transform(model)
+        head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
     hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (n, H)
     targets = input_ids[:, prompt_length:][completion_mask]                      # (n,)
+    if type(head) is torch.nn.Linear:
+        weight, bias = head.weight, head.bias
+    elif head is not None:  # a LoRA or quantized output layer: its own forward gives the logits
+        hidden = head(hidden)                                                    # (n, V)
     logp, entropy = OutputLayerLogprobs.apply(hidden, weight, bias, targets,
                                               (scale, softcap, temperature), with_entropy)  # (n,)
     zeros = torch.zeros(completion_mask.shape, device=hidden.device)
@@ -533,84 +536,88 @@ def logit_transform(model):
     return scale, getattr(config, "final_logit_softcapping", None)
 
 
-LOGITS_CHUNK_BYTES = 2**26  # a chunk's (tokens, V) float32 logits: 110 tokens of a 152k vocabulary
+LOGITS_BLOCK_BYTES = 2**26  # a block's (tokens, columns) float32 logits: 64 MiB
 
 
 class OutputLayerLogprobs(torch.autograd.Function):
-    """log p(target) = z[target] - logsumexp(z), z = the logits / T, of n hidden states, and the
-    entropy (a metric, no gradient). Both passes take the output layer a chunk of tokens at a time
-    and keep no logits: backward recomputes them, with d log p / dz = onehot(target) - softmax(z).
-    So memory holds one chunk's float32 logits and one output-layer gradient, summed in place,
-    whatever the number of tokens (autograd would keep a chunk's logits and a second gradient)."""
+    """log p(target) = z[target] - log Z, z = the logits / T, of n hidden states, and the entropy
+    (a metric, no gradient). Both passes take the output layer a block of vocabulary columns at a
+    time and keep no logits: forward sums Z block by block (online log-sum-exp); backward recomputes
+    each block and uses d log p / dz = onehot(target) - softmax(z). So memory holds about two blocks
+    of float32 logits, whatever the vocabulary, and each row of the output layer's gradient comes
+    from one matrix product over all n tokens, rounded once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, transform, with_entropy):
         # hidden (n, H), or (n, V) logits already when weight is None; targets (n,)
-        chunks = [chunk_logprobs(hidden[rows], weight, bias, targets[rows], transform, with_entropy)
-                  for rows in logit_chunks(hidden, weight)]
-        logp, log_normalizer, entropy = (torch.cat(parts) for parts in zip(*chunks))  # (n,) each
+        n = len(targets)
+        log_normalizer = hidden.new_full((n,), -math.inf, dtype=torch.float32)     # log Z (n,)
+        target_logit = hidden.new_zeros(n, dtype=torch.float32)                     # z[target]
+        negative_entropy = torch.zeros_like(target_logit)       # sum_v p_v log p_v, blocks so far
+        for columns in vocabulary_blocks(hidden, weight):
+            logits = block_logits(hidden, weight, bias, columns, transform)[0]      # (n, c)
+            inside = (targets >= columns.start) & (targets < columns.stop)          # (n,)
+            offsets = (targets - columns.start).clamp(0, logits.shape[1] - 1)
+            target_logit += logits.gather(-1, offsets[:, None]).squeeze(-1) * inside
+            total = torch.logaddexp(log_normalizer, logits.logsumexp(-1))           # log Z so far
+            if with_entropy:  # earlier p become w p, w = Z_before / Z_now, so their sum of
+                shrink = (log_normalizer - total).exp_()  # p log p becomes w (that) + w log w
+                negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))
+                logits.sub_(total[:, None])                      # now log p of the block (n, c)
+                negative_entropy += logits.exp().mul_(logits).sum(-1)
+            log_normalizer = total
+            del logits  # before the next block's logits exist
         ctx.save_for_backward(hidden, weight, bias, targets, log_normalizer)
         ctx.transform = transform
+        entropy = -negative_entropy if with_entropy else hidden.new_empty(0)
         ctx.mark_non_differentiable(entropy)
-        return logp, entropy  # entropy is empty without with_entropy
+        return target_logit - log_normalizer, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _):                                             # grad_logp (n,)
         hidden, weight, bias, targets, log_normalizer = ctx.saved_tensors
         wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
-        grad_weight = torch.zeros_like(weight) if wants_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants_bias else None
-        for rows in logit_chunks(hidden, weight):
-            grad = logits_gradient(hidden[rows], weight, bias, targets[rows],
-                                   log_normalizer[rows], grad_logp[rows], ctx.transform)  # (c, V)
-            if wants_hidden:
-                grad_hidden[rows] = grad if weight is None else grad @ weight
+        # summed over blocks in float32: (n, H) is small beside the output layer's (V, H)
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if wants_hidden else None
+        grad_weight = torch.empty_like(weight) if wants_weight else None
+        grad_bias = torch.empty_like(bias) if wants_bias else None
+        rows = torch.arange(len(targets), device=targets.device)
+        for columns in vocabulary_blocks(hidden, weight):
+            logits, slope = block_logits(hidden, weight, bias, columns, ctx.transform)  # (n, c)
+            grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()              # -softmax(z)
+            inside = (targets >= columns.start) & (targets < columns.stop)
+            grad[rows[inside], targets[inside] - columns.start] += 1            # + onehot(target)
+            grad = grad.mul_(grad_logp[:, None]).mul_(slope).to(hidden.dtype)   # d/d raw logits
+            if wants_hidden and weight is None:
+                grad_hidden[:, columns] = grad
+            elif wants_hidden:
+                grad_hidden += grad @ weight[columns]
             if wants_weight:
-                grad_weight.addmm_(grad.T, hidden[rows])
+                grad_weight[columns] = grad.T @ hidden
             if wants_bias:
-                grad_bias += grad.sum(0, dtype=torch.float32)
-            del grad  # before the next chunk's logits exist
-        grad_bias = grad_bias.to(bias.dtype) if wants_bias else None
+                grad_bias[columns] = grad.sum(0, dtype=torch.float32)
+            del logits, slope, grad  # before the next block's logits exist
+        grad_hidden = grad_hidden.to(hidden.dtype) if wants_hidden else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def logit_chunks(hidden, weight):
-    """Row slices of at most LOGITS_CHUNK_BYTES of float32 logits each (one, maybe empty, if no
-    rows)."""
+def vocabulary_blocks(hidden, weight):
+    """Column slices of the vocabulary, each LOGITS_BLOCK_BYTES of float32 logits for n tokens."""
     vocabulary = hidden.shape[-1] if weight is None else weight.shape[0]
-    size = max(1, LOGITS_CHUNK_BYTES // (4 * vocabulary))
-    return [slice(start, start + size) for start in range(0, max(1, len(hidden)), size)]
+    size = max(1, LOGITS_BLOCK_BYTES // (4 * max(1, len(hidden))))
+    return [slice(start, min(start + size, vocabulary)) for start in range(0, vocabulary, size)]
 
 
-def chunk_logprobs(hidden, weight, bias, targets, transform, with_entropy):
-    """(log p(target), log Z, entropy or an empty tensor) of one chunk of c tokens, (c,) each."""
-    logits = scaled_logits(hidden, weight, bias, transform)[0]                     # (c, V)
-    log_normalizer = logits.logsumexp(-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - log_normalizer
-    if not with_entropy:
-        return logp, log_normalizer, logp.new_empty(0)
-    log_p = logits.sub_(log_normalizer[:, None])                    # H = -sum_v p_v log p_v
-    return logp, log_normalizer, -log_p.exp().mul_(log_p).sum(-1)
-
-
-def logits_gradient(hidden, weight, bias, targets, log_normalizer, grad_logp, transform):
-    """d loss / d raw logits of one chunk, (c, V) in the model's dtype: the chain rule through
-    log p = z[target] - log Z and through z's transform."""
-    logits, slope = scaled_logits(hidden, weight, bias, transform)                 # (c, V)
-    grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()                      # -softmax(z)
-    grad.scatter_add_(-1, targets[:, None], torch.ones_like(grad[:, :1]))  # + onehot(target)
-    return grad.mul_(grad_logp[:, None]).mul_(slope).to(hidden.dtype)
-
-
-def scaled_logits(hidden, weight, bias, transform):
-    """(z, dz/dx) of one chunk: z = the logits the model samples from, over T, in float32, from
-    the raw logits x = hidden W^T + b (or hidden itself). dz/dx: a number, or (c, V) if soft-capped."""
+def block_logits(hidden, weight, bias, columns, transform):
+    """(z, dz/dx) of one block of columns: z = the logits the model samples from, over T, in
+    float32, from the raw logits x = hidden W^T + b (or hidden itself). dz/dx: a number, or
+    (n, c) with a soft-cap."""
     scale, softcap, temperature = transform
     if weight is None:  # the model's own logits: a copy, which the in-place steps below may change
-        logits = hidden.to(torch.float32, copy=True)                              # (c, V)
+        logits = hidden[:, columns].to(torch.float32, copy=True)                  # (n, c)
     else:
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()         # (c, V)
+        block_bias = None if bias is None else bias[columns]
+        logits = torch.nn.functional.linear(hidden, weight[columns], block_bias).float()
     if not softcap:
         return logits.mul_(scale / temperature), scale / temperature
     capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T

@@ -56,6 +56,22 @@ def test_lora_trains_only_fp32_adapters_over_a_frozen_bf16_base(tiny, tmp_path):
     assert len(master) == len(trainable) and all(any(m is p for p in trainable.values()) for m in master)
 
 
+def test_a_lora_adapter_on_the_output_layer_shapes_the_log_probs_and_gets_gradients(tiny, tmp_path):
+    model, tokenizer, cfg = lora_model(tiny, tmp_path, lora_targets="q_proj,v_proj,lm_head")
+    with torch.no_grad():  # as after some updates: the adapters' B is no longer zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([tokenizer("What is 3 + 1? It is 4, so 4.").input_ids])
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 6, mask, 0.7)[0]
+    reference = torch.log_softmax(model(input_ids=ids).logits[:, -7:-1] / 0.7, -1)
+    assert torch.allclose(logp, reference.gather(-1, ids[:, -6:, None]).squeeze(-1), atol=1e-5)
+    logp.sum().backward()
+    head_adapters = [p for name, p in model.named_parameters() if "lm_head" in name and p.requires_grad]
+    assert head_adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_adapters)
+
+
 def test_a_lora_update_changes_only_adapters_and_the_frozen_base_stays_bit_identical(tiny, tmp_path):
     model, tokenizer, cfg = lora_model(tiny, tmp_path, lr=0.05)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
