@@ -5,7 +5,7 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
     python bench.py step                # one training step's time and peak memory, per phase
     python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024
                                         # ~0.5B, Qwen2-like, on a GPU
-    python bench.py logprobs            # peak memory: chunked log-probs vs a full float32
+    python bench.py logprobs            # peak memory: blockwise log-probs vs a full float32
                                         # log-softmax
     python bench.py step --lora-rank 32 # the same step training LoRA adapters only (peak RSS on
                                         # a CPU)
@@ -179,7 +179,7 @@ def bench_logprobs(args):
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, 15:-1].float() / 0.7
         return logits.log_softmax(-1).gather(-1, input_ids[:, 16:, None]).sum()
     for name, fn in (("warm-up", ours), ("warm-up", naive),
-                     ("chunked (igrpo)", ours), ("full log-softmax", naive)):
+                     ("blockwise (igrpo)", ours), ("full log-softmax", naive)):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
