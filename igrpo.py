@@ -628,7 +628,7 @@ def block_logits(hidden, weight, bias, columns, transform):
 @torch.no_grad()
 def check_scoring(model, what):
     """One tiny forward at load time decides how token_logprobs scores this model: through the
-    output layer, a chunk at a time, when that reproduces model(...).logits; else (a forward that
+    output layer, a block at a time, when that reproduces model(...).logits; else (a forward that
     does more to its logits) through the model's own forward, which holds (tokens x vocabulary)."""
     model.eval()
     positions = torch.arange(8, device=model.device)[None]                      # (1, 8)
