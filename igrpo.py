@@ -556,13 +556,12 @@ class OutputLayerLogprobs(torch.autograd.Function):
         negative_entropy = torch.zeros_like(target_logit)       # sum_v p_v log p_v, blocks so far
         for columns in vocabulary_blocks(hidden, weight):
             logits = block_logits(hidden, weight, bias, columns, transform)[0]      # (n, c)
-            inside = (targets >= columns.start) & (targets < columns.stop)          # (n,)
-            offsets = (targets - columns.start).clamp(0, logits.shape[1] - 1)
+            inside, offsets = target_in_block(targets, columns)
             target_logit += logits.gather(-1, offsets[:, None]).squeeze(-1) * inside
             total = torch.logaddexp(log_normalizer, logits.logsumexp(-1))           # log Z so far
-            if with_entropy:  # earlier p become w p, w = Z_before / Z_now, so their sum of
-                shrink = (log_normalizer - total).exp_()  # p log p becomes w (that) + w log w
-                negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))
+            if with_entropy:  # a bigger Z scales the earlier blocks' p (which summed to 1) by
+                shrink = (log_normalizer - total).exp_()  # w = Z_before / Z_now: adds w log w
+                negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))  # entr(w) = -w log w
                 logits.sub_(total[:, None])                      # now log p of the block (n, c)
                 negative_entropy += logits.exp().mul_(logits).sum(-1)
             log_normalizer = total
@@ -581,12 +580,11 @@ class OutputLayerLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if wants_hidden else None
         grad_weight = torch.empty_like(weight) if wants_weight else None
         grad_bias = torch.empty_like(bias) if wants_bias else None
-        rows = torch.arange(len(targets), device=targets.device)
         for columns in vocabulary_blocks(hidden, weight):
             logits, slope = block_logits(hidden, weight, bias, columns, ctx.transform)  # (n, c)
             grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()              # -softmax(z)
-            inside = (targets >= columns.start) & (targets < columns.stop)
-            grad[rows[inside], targets[inside] - columns.start] += 1            # + onehot(target)
+            inside, offsets = target_in_block(targets, columns)
+            grad.scatter_add_(-1, offsets[:, None], inside[:, None].float())  # + onehot(target)
             grad = grad.mul_(grad_logp[:, None]).mul_(slope).to(hidden.dtype)   # d/d raw logits
             if wants_hidden and weight is None:
                 grad_hidden[:, columns] = grad
@@ -606,6 +604,13 @@ def vocabulary_blocks(hidden, weight):
     vocabulary = hidden.shape[-1] if weight is None else weight.shape[0]
     size = max(1, LOGITS_BLOCK_BYTES // (4 * max(1, len(hidden))))
     return [slice(start, min(start + size, vocabulary)) for start in range(0, vocabulary, size)]
+
+
+def target_in_block(targets, columns):
+    """(whether each target is in this block, its column there or 0), (n,) each: masks rather
+    than indexing, so a GPU never waits for the host."""
+    inside = (targets >= columns.start) & (targets < columns.stop)
+    return inside, torch.where(inside, targets - columns.start, 0)
 
 
 def block_logits(hidden, weight, bias, columns, transform):
