@@ -7,9 +7,10 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
                                         # ~0.5B, Qwen2-like, on a GPU
     python bench.py logprobs            # peak memory: blockwise log-probs vs a full float32
                                         # log-softmax
-    python bench.py step --lora-rank 32 # the same step training LoRA adapters only (peak RSS on
-                                        # a CPU)
+    python bench.py step --lora-rank 32 # the same step training LoRA adapters only
 
+On a CPU, memory comes from torch's profiler (every tensor allocation and free), which also slows
+the measured phases: compare CPU times only with other runs of this script.
 The step benchmark builds a randomly initialized Llama-style model from a config (no download), so
 a random model writes to the full --completion budget: the worst case for time and memory.
 """
@@ -116,7 +117,6 @@ def bench_step(args):
     params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
     batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)}
              for a in range(cfg.prompts_per_step)]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device {device} ({device_name}), dtype {dtype}, "
           f"{params / 1e6:.0f}M parameters ({trained / 1e6:.1f}M trained), algo {cfg.algo}, "
@@ -130,8 +130,11 @@ def bench_step(args):
         tensors.update({id(t): t for state in optimizer.state.values() for t in state.values()
                         if torch.is_tensor(t) and t.dim() > 0})
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def allocated_bytes():  # CUDA: every tensor; CPU: the state above (the rest is small)
+        return torch.cuda.memory_allocated() if device == "cuda" else live_state_bytes()
     for step in range(args.steps):
-        before_sampling = live_state_bytes()
+        before_sampling = allocated_bytes()
         started = time.time()
         (samples, rewards, group, info), sample_peak = peak_memory(
             lambda: igrpo.rollout(model, tokenizer, batch, cfg), device)
@@ -139,7 +142,7 @@ def bench_step(args):
         # random rewards so that every group carries gradient, as in real training
         advantages = igrpo.group_advantages(torch.rand(len(rewards)), group)
         keep = torch.ones(len(rewards), dtype=torch.bool)
-        before_update = live_state_bytes()
+        before_update = allocated_bytes()
         _, update_peak = peak_memory(lambda: igrpo.policy_update(
             model, optimizer, master, samples, advantages, keep, cfg), device)
         done = time.time()
@@ -160,7 +163,7 @@ def bench_step(args):
 
 
 def bench_logprobs(args):
-    """Peak memory of the log-prob pass (forward + backward) with chunking vs a naive full
+    """Peak memory of the log-prob pass (forward + backward) by vocabulary blocks vs a naive full
     log-softmax."""
     device, dtype = igrpo.device_and_dtype(args.dtype)
     model, _ = random_model(args, device, dtype)

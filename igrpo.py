@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import sympy
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 
@@ -505,20 +506,23 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
-    head, weight, bias = None, None, None
+    head = None
     if getattr(model, "scored_by_forward", False):  # check_scoring: a forward that does more
         hidden, (scale, softcap) = model(**inputs).logits, (1.0, None)           # (b, P+T, V)
     else:
         hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
         head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
-    hidden = hidden[:, prompt_length - 1:-1][completion_mask]                    # (n, H)
+    hidden = hidden[:, prompt_length - 1:-1][completion_mask]            # (n, H), or (n, V) logits
     targets = input_ids[:, prompt_length:][completion_mask]                      # (n,)
-    if type(head) is torch.nn.Linear:
-        weight, bias = head.weight, head.bias
-    elif head is not None:  # a LoRA or quantized output layer: its own forward gives the logits
-        hidden = head(hidden)                                                    # (n, V)
-    logp, entropy = OutputLayerLogprobs.apply(hidden, weight, bias, targets,
-                                              (scale, softcap, temperature), with_entropy)  # (n,)
+    transform = (scale, softcap, temperature)
+    if type(head) is torch.nn.Linear:  # exactly: a subclass or wrapper may do more in its forward
+        logp, entropy = OutputLayerLogprobs.apply(hidden, head.weight, head.bias, targets,
+                                                  transform, with_entropy)          # (n,) each
+    elif head is not None:  # a LoRA adapter on the output layer: its own forward, chunk by chunk
+        logp, entropy = through_own_output_layer(head, hidden, targets, transform, with_entropy)
+    else:
+        logp, entropy = OutputLayerLogprobs.apply(hidden, None, None, targets, transform,
+                                                  with_entropy)
     zeros = torch.zeros(completion_mask.shape, device=hidden.device)
     entropy = zeros.masked_scatter(completion_mask, entropy) if with_entropy else None
     return zeros.masked_scatter(completion_mask, logp), entropy
@@ -548,62 +552,88 @@ class OutputLayerLogprobs(torch.autograd.Function):
     from one matrix product over all n tokens, rounded once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, transform, with_entropy):
-        # hidden (n, H), or (n, V) logits already when weight is None; targets (n,)
+    def forward(ctx, features, weight, bias, targets, transform, with_entropy):
+        # features: (n, H) hidden states, or (n, V) logits when weight is None; targets (n,)
         n = len(targets)
-        log_normalizer = hidden.new_full((n,), -math.inf, dtype=torch.float32)     # log Z (n,)
-        target_logit = hidden.new_zeros(n, dtype=torch.float32)                     # z[target]
+        log_normalizer = features.new_full((n,), -math.inf, dtype=torch.float32)   # log Z (n,)
+        target_logit = features.new_zeros(n, dtype=torch.float32)                   # z[target]
         negative_entropy = torch.zeros_like(target_logit)       # sum_v p_v log p_v, blocks so far
-        for columns in vocabulary_blocks(hidden, weight):
-            logits = block_logits(hidden, weight, bias, columns, transform)[0]      # (n, c)
+        for columns in vocabulary_blocks(features, weight):
+            logits = block_logits(features, weight, bias, columns, transform)[0]    # (n, c)
             inside, offsets = target_in_block(targets, columns)
             target_logit += logits.gather(-1, offsets[:, None]).squeeze(-1) * inside
             total = torch.logaddexp(log_normalizer, logits.logsumexp(-1))           # log Z so far
-            if with_entropy:  # a bigger Z scales the earlier blocks' p (which summed to 1) by
-                shrink = (log_normalizer - total).exp_()  # w = Z_before / Z_now: adds w log w
+            if with_entropy:
+                # Z grew, so the earlier blocks' p (which summed to 1) shrink by w = Z_before /
+                # Z_now: their sum of p log p becomes w * (that sum) + w log w
+                shrink = (log_normalizer - total).exp_()                            # w (n,)
                 negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))  # entr(w) = -w log w
                 logits.sub_(total[:, None])                      # now log p of the block (n, c)
                 negative_entropy += logits.exp().mul_(logits).sum(-1)
             log_normalizer = total
             del logits  # before the next block's logits exist
-        ctx.save_for_backward(hidden, weight, bias, targets, log_normalizer)
+        ctx.save_for_backward(features, weight, bias, targets, log_normalizer)
         ctx.transform = transform
-        entropy = -negative_entropy if with_entropy else hidden.new_empty(0)
+        entropy = -negative_entropy if with_entropy else features.new_empty(0)
         ctx.mark_non_differentiable(entropy)
         return target_logit - log_normalizer, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _):                                             # grad_logp (n,)
-        hidden, weight, bias, targets, log_normalizer = ctx.saved_tensors
-        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
-        # summed over blocks in float32: (n, H) is small beside the output layer's (V, H)
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if wants_hidden else None
+        features, weight, bias, targets, log_normalizer = ctx.saved_tensors
+        wants_features, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_features = None
+        if wants_features and weight is None:  # logits given: each block is its own columns
+            grad_features = torch.empty_like(features)                              # (n, V)
+        elif wants_features:  # summed over blocks in float32; (n, H) is small beside (V, H)
+            grad_features = torch.zeros_like(features, dtype=torch.float32)         # (n, H)
         grad_weight = torch.empty_like(weight) if wants_weight else None
         grad_bias = torch.empty_like(bias) if wants_bias else None
-        for columns in vocabulary_blocks(hidden, weight):
-            logits, slope = block_logits(hidden, weight, bias, columns, ctx.transform)  # (n, c)
+        for columns in vocabulary_blocks(features, weight):
+            logits, slope = block_logits(features, weight, bias, columns, ctx.transform)  # (n, c)
+            # in place: the block's logits become d log p / dz, then d loss / d raw logits
             grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()              # -softmax(z)
             inside, offsets = target_in_block(targets, columns)
             grad.scatter_add_(-1, offsets[:, None], inside[:, None].float())  # + onehot(target)
-            grad = grad.mul_(grad_logp[:, None]).mul_(slope).to(hidden.dtype)   # d/d raw logits
-            if wants_hidden and weight is None:
-                grad_hidden[:, columns] = grad
-            elif wants_hidden:
-                grad_hidden += grad @ weight[columns]
+            grad.mul_(grad_logp[:, None])                                       # d loss / dz
+            grad = grad.mul_(slope).to(features.dtype)               # times dz/dx (n, c)
+            if wants_features and weight is None:
+                grad_features[:, columns] = grad
+            elif wants_features:
+                grad_features += grad @ weight[columns]
             if wants_weight:
-                grad_weight[columns] = grad.T @ hidden
+                grad_weight[columns] = grad.T @ features
             if wants_bias:
                 grad_bias[columns] = grad.sum(0, dtype=torch.float32)
             del logits, slope, grad  # before the next block's logits exist
-        grad_hidden = grad_hidden.to(hidden.dtype) if wants_hidden else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        grad_features = grad_features.to(features.dtype) if wants_features else None
+        return grad_features, grad_weight, grad_bias, None, None, None
 
 
-def vocabulary_blocks(hidden, weight):
+def vocabulary_blocks(features, weight):
     """Column slices of the vocabulary, each LOGITS_BLOCK_BYTES of float32 logits for n tokens."""
-    vocabulary = hidden.shape[-1] if weight is None else weight.shape[0]
-    size = max(1, LOGITS_BLOCK_BYTES // (4 * max(1, len(hidden))))
+    vocabulary = features.shape[-1] if weight is None else weight.shape[0]
+    float32_bytes, tokens = 4, max(1, len(features))  # no tokens: one block, empty
+    size = max(1, LOGITS_BLOCK_BYTES // (float32_bytes * tokens))
     return [slice(start, min(start + size, vocabulary)) for start in range(0, vocabulary, size)]
+
+
+def through_own_output_layer(head, hidden, targets, transform, with_entropy):
+    """(logp, entropy) through an output layer that is not a plain Linear (a LoRA adapter on it):
+    its own forward, a chunk of tokens at a time, recomputed in backward, so one chunk's (tokens,
+    V) logits exist at a time."""
+    def chunk_logprobs(hidden, targets):  # the chunk's logits (c, V) come from head's forward
+        return OutputLayerLogprobs.apply(head(hidden), None, None, targets, transform, with_entropy)
+    size = max(1, LOGITS_BLOCK_BYTES // (4 * head.out_features))                 # tokens a chunk
+    pieces = []
+    for start in range(0, max(1, len(hidden)), size):
+        rows = slice(start, start + size)
+        if torch.is_grad_enabled():  # backward recomputes the chunk's logits rather than keep them
+            pieces.append(checkpoint(chunk_logprobs, hidden[rows], targets[rows],
+                                     use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(hidden[rows], targets[rows]))
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
 def target_in_block(targets, columns):
@@ -613,16 +643,16 @@ def target_in_block(targets, columns):
     return inside, torch.where(inside, targets - columns.start, 0)
 
 
-def block_logits(hidden, weight, bias, columns, transform):
+def block_logits(features, weight, bias, columns, transform):
     """(z, dz/dx) of one block of columns: z = the logits the model samples from, over T, in
-    float32, from the raw logits x = hidden W^T + b (or hidden itself). dz/dx: a number, or
+    float32, from the raw logits x = hidden W^T + b (or the given logits). dz/dx: a number, or
     (n, c) with a soft-cap."""
     scale, softcap, temperature = transform
     if weight is None:  # the model's own logits: a copy, which the in-place steps below may change
-        logits = hidden[:, columns].to(torch.float32, copy=True)                  # (n, c)
+        logits = features[:, columns].to(torch.float32, copy=True)                # (n, c)
     else:
         block_bias = None if bias is None else bias[columns]
-        logits = torch.nn.functional.linear(hidden, weight[columns], block_bias).float()
+        logits = torch.nn.functional.linear(features, weight[columns], block_bias).float()
     if not softcap:
         return logits.mul_(scale / temperature), scale / temperature
     capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T
@@ -1055,7 +1085,7 @@ def checkpoint_activations(model):
     checkpointing). Later transformers 5 releases call it activation checkpointing."""
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(options)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 

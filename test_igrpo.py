@@ -462,23 +462,28 @@ def test_blockwise_log_probs_have_the_values_and_gradients_of_one_full_log_softm
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_log_probs_hold_two_blocks_of_float32_logits_whatever_the_number_of_tokens(monkeypatch, softcap):
+@pytest.mark.parametrize("head", ["output layer", "logits given"])
+def test_log_probs_hold_two_blocks_of_float32_logits_whatever_the_number_of_tokens(monkeypatch, softcap,
+                                                                                  head):
     from bench import peak_memory
     vocabulary, width = 2000, 16
     monkeypatch.setattr(igrpo, "LOGITS_BLOCK_BYTES", 4 * vocabulary * 50)  # (50 tokens, V) a block
     block = igrpo.LOGITS_BLOCK_BYTES
-    weight = torch.randn(vocabulary, width, requires_grad=True)
+    weight = torch.randn(vocabulary, width, requires_grad=True) if head == "output layer" else None
     for tokens in (100, 1000):
-        hidden = torch.randn(tokens, width, requires_grad=True)
+        features = torch.randn(tokens, width if weight is not None else vocabulary, requires_grad=True)
         targets = torch.randint(0, vocabulary, (tokens,))
 
         def forward_and_backward():
-            logp, _ = igrpo.OutputLayerLogprobs.apply(hidden, weight, None, targets,
+            logp, _ = igrpo.OutputLayerLogprobs.apply(features, weight, None, targets,
                                                       (1.0, softcap, 0.7), True)
             logp.sum().backward()
-        weight.grad = hidden.grad = None
+        features.grad = None
+        if weight is not None:
+            weight.grad = None
         _, peak = peak_memory(forward_and_backward, "cpu")
-        gradients = weight.numel() * 4 + hidden.numel() * 4 * 2  # and hidden's float32 sum
+        gradients = features.numel() * 4 * (2 if weight is not None else 1)  # hidden: a float32 sum
+        gradients += weight.numel() * 4 if weight is not None else 0
         assert peak < gradients + 2.5 * block  # a full log-softmax of 1000 tokens: 20 blocks
 
 

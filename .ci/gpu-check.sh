@@ -51,7 +51,7 @@ python3 -c "import trl" 2>/dev/null && run trl "$D" || echo "== trl: not install
 run floor "$D"
 echo "== tests (CUDA where there is one)" | tee -a "$LOG"
 timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
-  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients" 2>&1 | tail -n 5 | tee -a "$LOG"
+  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients or blockwise" 2>&1 | tail -n 5 | tee -a "$LOG"
 echo "== bench.py step (where the memory goes)" | tee -a "$LOG"
 SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
 [ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
