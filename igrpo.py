@@ -613,27 +613,9 @@ class OutputLayerLogprobs(torch.autograd.Function):
 def vocabulary_blocks(features, weight):
     """Column slices of the vocabulary, each LOGITS_BLOCK_BYTES of float32 logits for n tokens."""
     vocabulary = features.shape[-1] if weight is None else weight.shape[0]
-    float32_bytes, tokens = 4, max(1, len(features))  # no tokens: one block, empty
+    float32_bytes, tokens = 4, max(1, len(features))  # max: no tokens must not divide by zero
     size = max(1, LOGITS_BLOCK_BYTES // (float32_bytes * tokens))
     return [slice(start, min(start + size, vocabulary)) for start in range(0, vocabulary, size)]
-
-
-def through_own_output_layer(head, hidden, targets, transform, with_entropy):
-    """(logp, entropy) through an output layer that is not a plain Linear (a LoRA adapter on it):
-    its own forward, a chunk of tokens at a time, recomputed in backward, so one chunk's (tokens,
-    V) logits exist at a time."""
-    def chunk_logprobs(hidden, targets):  # the chunk's logits (c, V) come from head's forward
-        return OutputLayerLogprobs.apply(head(hidden), None, None, targets, transform, with_entropy)
-    size = max(1, LOGITS_BLOCK_BYTES // (4 * head.out_features))                 # tokens a chunk
-    pieces = []
-    for start in range(0, max(1, len(hidden)), size):
-        rows = slice(start, start + size)
-        if torch.is_grad_enabled():  # backward recomputes the chunk's logits rather than keep them
-            pieces.append(checkpoint(chunk_logprobs, hidden[rows], targets[rows],
-                                     use_reentrant=False))
-        else:
-            pieces.append(chunk_logprobs(hidden[rows], targets[rows]))
-    return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
 def target_in_block(targets, columns):
@@ -658,6 +640,24 @@ def block_logits(features, weight, bias, columns, transform):
     capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T
     slope = capped.square().neg_().add_(1).mul_(scale / temperature)  # (1 - tanh^2) scale / T
     return capped.mul_(softcap / temperature), slope
+
+
+def through_own_output_layer(head, hidden, targets, transform, with_entropy):
+    """(logp, entropy) through an output layer that is not a plain Linear (a LoRA adapter on it):
+    its own forward, a chunk of tokens at a time, recomputed in backward, so one chunk's (tokens,
+    V) logits exist at a time."""
+    def chunk_logprobs(hidden, targets):  # the chunk's logits (c, V) come from head's forward
+        return OutputLayerLogprobs.apply(head(hidden), None, None, targets, transform, with_entropy)
+    size = max(1, LOGITS_BLOCK_BYTES // (4 * head.out_features))                 # tokens a chunk
+    pieces = []
+    for start in range(0, max(1, len(hidden)), size):
+        rows = slice(start, start + size)
+        if torch.is_grad_enabled():  # backward recomputes the chunk's logits rather than keep them
+            pieces.append(checkpoint(chunk_logprobs, hidden[rows], targets[rows],
+                                     use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(hidden[rows], targets[rows]))
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
 @torch.no_grad()
