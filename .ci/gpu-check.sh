@@ -17,9 +17,9 @@
 #   2. igrpo --algo grpo,  compiled decoding (after)  then --compile-generation off (before)
 #   3. igrpo --algo igrpo --overlap-drafts (after), igrpo (after), igrpo off (before)
 #   4. TRL GRPOTrainer, floor (plain generate dynamic/static + fwd/bwd/AdamW)
-#   5. the sampling tests on CUDA: bf16 compiled decoding vs training's log-probs, fixed shapes, overlap
-#   6. bench.py step at the 0.5B shape: each phase's peak, and the state's bytes per parameter   ~60 s
-#   7. summary: one line per run (median step s, peak GiB)
+#   5. summary: one line per run (median step s, peak GiB), printed before the extras below
+#   6. the sampling tests on CUDA: bf16 compiled decoding vs training's log-probs, fixed shapes, overlap
+#   7. bench.py step at a 0.5B-like shape: each phase's peak, the state's bytes per parameter   ~60 s
 # The log is copied to $OUT after each part, so a run cut short still brings back what it measured.
 set -u
 cd "$(dirname "$0")/.."
@@ -49,17 +49,8 @@ run igrpo "$D" --project . --algo igrpo --extra --overwrite
 run igrpo "$D" --project . --algo igrpo --extra --overwrite --compile-generation off
 python3 -c "import trl" 2>/dev/null && run trl "$D" || echo "== trl: not installed, skipped" | tee -a "$LOG"
 run floor "$D"
-echo "== tests (CUDA where there is one)" | tee -a "$LOG"
-timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
-  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients or blockwise" 2>&1 | tail -n 5 | tee -a "$LOG"
-echo "== bench.py step (where the memory goes)" | tee -a "$LOG"
-SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
-[ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
-timeout 150 python3 bench.py step --algo grpo "${SHAPE[@]}" --prompts 8 --group-size 8 \
-  --micro-batch-size 16 --steps 3 2>&1 | grep "^device\|^step" | tee -a "$LOG"
-[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
-echo "== summary"
-python3 - "$LOG" <<'PY'
+echo "== summary" | tee -a "$LOG"
+python3 - "$LOG" <<'PY' | tee -a "$LOG.summary"
 import json, sys
 for line in open(sys.argv[1]):
     if line.startswith("RESULT "):
@@ -69,4 +60,16 @@ for line in open(sys.argv[1]):
                             "generate_static_cache_error") if k in r]
         print(f"{r['who'][:70]:70s} " + "  ".join(f"{k}={r[k]}" for k in keys) + f"  [{r['device']}]")
 PY
-grep -h "compiled decoding for" "$LOG" | sort | uniq -c | head -n 20
+grep -h "compiled decoding for" "$LOG" | sort | uniq -c | head -n 20 | tee -a "$LOG.summary"
+cat "$LOG.summary" >> "$LOG"; rm -f "$LOG.summary"
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
+
+echo "== tests (CUDA where there is one)" | tee -a "$LOG"
+timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
+  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients or blockwise" 2>&1 | tail -n 5 | tee -a "$LOG"
+echo "== bench.py step (where the memory goes)" | tee -a "$LOG"
+SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
+[ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
+timeout 150 python3 bench.py step --algo grpo "${SHAPE[@]}" --prompts 8 --group-size 8 \
+  --micro-batch-size 16 --steps 3 2>&1 | grep "^device\|^step" | tee -a "$LOG"
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
