@@ -496,6 +496,8 @@ def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
 # ----------------------------------------------------------------------------------------------
 # Log-probs: log pi_theta(o_t | q, o_<t) of each sampled token, under the distribution it was
 # sampled from, softmax(logits / temperature). The ratio r and the KL term are built from these.
+# token_logprobs is what the method needs; the rest of the section is memory engineering
+# (OutputLayerLogprobs: the output layer a block of vocabulary columns at a time), safe to skip.
 # ----------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
                    with_entropy=True):
@@ -559,7 +561,7 @@ class OutputLayerLogprobs(torch.autograd.Function):
         target_logit = features.new_zeros(n, dtype=torch.float32)                   # z[target]
         negative_entropy = torch.zeros_like(target_logit)       # sum_v p_v log p_v, blocks so far
         for columns in vocabulary_blocks(features, weight):
-            logits = block_logits(features, weight, bias, columns, transform)[0]    # (n, c)
+            logits = block_logits(features, weight, bias, columns, transform)       # (n, c)
             inside, offsets = target_in_block(targets, columns)
             target_logit += logits.gather(-1, offsets[:, None]).squeeze(-1) * inside
             total = torch.logaddexp(log_normalizer, logits.logsumexp(-1))           # log Z so far
@@ -590,7 +592,8 @@ class OutputLayerLogprobs(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if wants_weight else None
         grad_bias = torch.empty_like(bias) if wants_bias else None
         for columns in vocabulary_blocks(features, weight):
-            logits, slope = block_logits(features, weight, bias, columns, ctx.transform)  # (n, c)
+            logits = block_logits(features, weight, bias, columns, ctx.transform)   # (n, c)
+            slope = logit_slope(logits, ctx.transform)                 # dz/dx, before z is reused
             # in place: the block's logits become d log p / dz, then d loss / d raw logits
             grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()              # -softmax(z)
             inside, offsets = target_in_block(targets, columns)
@@ -626,9 +629,8 @@ def target_in_block(targets, columns):
 
 
 def block_logits(features, weight, bias, columns, transform):
-    """(z, dz/dx) of one block of columns: z = the logits the model samples from, over T, in
-    float32, from the raw logits x = hidden W^T + b (or the given logits). dz/dx: a number, or
-    (n, c) with a soft-cap."""
+    """z of one block of columns, (n, c) float32: the logits the model samples from, over T, from
+    the raw logits x = hidden W^T + b (or the given logits)."""
     scale, softcap, temperature = transform
     if weight is None:  # the model's own logits: a copy, which the in-place steps below may change
         logits = features[:, columns].to(torch.float32, copy=True)                # (n, c)
@@ -636,10 +638,19 @@ def block_logits(features, weight, bias, columns, transform):
         block_bias = None if bias is None else bias[columns]
         logits = torch.nn.functional.linear(features, weight[columns], block_bias).float()
     if not softcap:
-        return logits.mul_(scale / temperature), scale / temperature
+        return logits.mul_(scale / temperature)
     capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T
-    slope = capped.square().neg_().add_(1).mul_(scale / temperature)  # (1 - tanh^2) scale / T
-    return capped.mul_(softcap / temperature), slope
+    return capped.mul_(softcap / temperature)
+
+
+def logit_slope(logits, transform):
+    """dz/dx of a block, read off z itself: scale / T, or with a soft-cap (1 - tanh^2) scale / T,
+    where tanh = z T / softcap: a number, or (n, c)."""
+    scale, softcap, temperature = transform
+    if not softcap:
+        return scale / temperature
+    tanh = logits * (temperature / softcap)
+    return tanh.square_().neg_().add_(1).mul_(scale / temperature)
 
 
 def through_own_output_layer(head, hidden, targets, transform, with_entropy):
