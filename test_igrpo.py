@@ -487,6 +487,33 @@ def test_log_probs_hold_two_blocks_of_float32_logits_whatever_the_number_of_toke
         assert peak < gradients + 2.5 * block  # a full log-softmax of 1000 tokens: 20 blocks
 
 
+@pytest.mark.parametrize("tokens", [100, 4])  # 4 < the width: then the block's gradient rows set its size
+def test_a_bf16_output_layer_with_master_weights_adds_its_gradient_to_them_and_keeps_no_bf16_copy(monkeypatch,
+                                                                                              tokens):
+    from bench import peak_memory
+    vocabulary, width = 20000, 64
+    monkeypatch.setattr(igrpo, "LOGITS_BLOCK_BYTES", 400_000)  # 100 tokens: blocks of 1000 columns
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(vocabulary, width).bfloat16())
+    weight.master = weight.detach().float()
+    weight.master.grad = torch.randn(vocabulary, width) * 1e-4  # an earlier micro-batch's
+    earlier = weight.master.grad.clone()
+    features = torch.randn(tokens, width).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocabulary, (tokens,))
+
+    def forward_and_backward():
+        logp, _ = igrpo.OutputLayerLogprobs.apply(features, weight, None, targets, (1.0, None, 0.7), False)
+        logp.sum().backward()
+    _, peak = peak_memory(forward_and_backward, "cpu")
+    assert weight.grad is None
+    assert peak < 2.5 * igrpo.LOGITS_BLOCK_BYTES < vocabulary * width * 2  # no (V, H) bf16 gradient
+    logits = (features @ weight.T).float().detach().requires_grad_()  # bf16 logits, as the model's
+    reference = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[:, None]).sum()
+    expected = torch.autograd.grad(reference, logits)[0].T @ features.detach().float()  # (V, H)
+    added = weight.master.grad - earlier
+    assert (added - expected).norm() < 1e-2 * expected.norm()  # one bf16 rounding of each row
+
+
 def shrunk(config):
     """A causal-LM config at its defaults, shrunk to a tiny model: every size a few units, the vocabulary 256,
     the sub-configs alike; logit scalings and soft-caps set to 3, so a scorer that skips them is caught."""
@@ -894,6 +921,22 @@ def test_bf16_gradients_move_into_the_fp32_master_gradients_as_backward_produces
             m(ids).logits.float().logsumexp(-1).mean().backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(m.grad, p.grad.float()) for m, p in zip(master, plain.parameters()))
+
+
+def test_a_tied_output_layer_gets_both_of_its_gradients_in_its_fp32_master_through_token_logprobs(tiny):
+    cfg = Config(chat_template="off")
+    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
+    plain, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    master = igrpo.master_weights(model)
+    ids = torch.arange(1, 17)[None]
+    attention, completion = torch.ones_like(ids), torch.ones(1, 12, dtype=torch.bool)
+    for _ in range(2):  # two micro-batches accumulate
+        for m in (model, plain):
+            igrpo.token_logprobs(m, ids, attention, 4, completion, 0.7)[0].sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    for m, p in zip(master, plain.parameters()):  # plain: autograd's bf16 sums, rounded more often
+        assert (m.grad - p.grad.float()).norm() <= 1e-2 * p.grad.float().norm()
 
 
 def versioned_sampler(monkeypatch, tiny):
