@@ -590,8 +590,8 @@ class OutputLayerLogprobs(torch.autograd.Function):
         elif wants_features:  # summed over blocks in float32; (n, H) is small beside (V, H)
             grad_features = torch.zeros_like(features, dtype=torch.float32)         # (n, H)
         # bf16 weights with fp32 master weights (master_weights): the output layer's gradient goes
-        # straight into its master's, a block at a time. Through autograd it would be a whole
-        # bf16 (V, H) tensor, held until backward reaches a tied input embedding, summed in bf16.
+        # straight into its master's, a block at a time. Through autograd it would be a whole bf16
+        # (V, H) tensor; tied to the input embedding, held to the end of backward, summed in bf16.
         master = getattr(weight, "master", None) if wants_weight else None
         if master is not None and master.grad is None:
             master.grad = torch.zeros_like(master)
@@ -606,7 +606,7 @@ class OutputLayerLogprobs(torch.autograd.Function):
             inside, offsets = target_in_block(targets, columns)
             grad.scatter_add_(-1, offsets[:, None], inside[:, None].float())  # + onehot(target)
             grad.mul_(grad_logp[:, None])                                       # d loss / dz
-            grad = grad.mul_(slope).to(features.dtype)   # times dz/dx (n, c); float32 block freed
+            grad = grad.mul_(slope).to(features.dtype)  # times dz/dx (n, c); bf16: float32 freed
             del slope
             if wants_features and weight is None:
                 grad_features[:, columns] = grad
@@ -863,7 +863,9 @@ def master_weights(model):
             master.append(p.detach().float().clone())
             if hasattr(p, "to_master"):  # a model has one set of master weights: the newest
                 p.to_master.remove()
-            p.master = master[-1]  # OutputLayerLogprobs adds the output layer's gradient itself
+            # OutputLayerLogprobs adds the output layer's gradient itself, in any backward: with
+            # master weights, gradients come from loss.backward(), never torch.autograd.grad
+            p.master = master[-1]
             p.to_master = p.register_post_accumulate_grad_hook(
                 functools.partial(accumulate_gradient, m=p.master))
         elif p.requires_grad:
@@ -883,9 +885,10 @@ def accumulate_gradient(p, m):
         return
     if m.grad is None:
         m.grad = p.grad.float()
-    else:  # by rows: on the CPU torch would first copy all of the bf16 gradient to float32
-        for master_rows, rows in zip(m.grad.split(4096), p.grad.split(4096)):
-            master_rows.add_(rows)
+    else:  # a piece at a time: on the CPU torch would first copy all of the bf16 one to float32
+        pieces = zip(m.grad.view(-1).split(2**22), p.grad.reshape(-1).split(2**22))
+        for master_piece, piece in pieces:
+            master_piece.add_(piece)
     p.grad = None
 
 

@@ -923,6 +923,24 @@ def test_bf16_gradients_move_into_the_fp32_master_gradients_as_backward_produces
     assert all(torch.equal(m.grad, p.grad.float()) for m, p in zip(master, plain.parameters()))
 
 
+def test_master_gradients_accumulate_for_parameters_of_any_shape():
+    def module():
+        torch.manual_seed(0)
+        built = torch.nn.Module()
+        built.scale = torch.nn.Parameter(torch.tensor(0.5).bfloat16())  # 0-dimensional
+        built.big = torch.nn.Parameter(torch.randn(2**22 + 5).bfloat16())   # more than one piece
+        return built
+
+    def backward(m):
+        (m.scale.float() * m.big.float().sin().sum()).backward()
+    model, plain = module(), module()
+    master = igrpo.master_weights(model)
+    for _ in range(2):
+        backward(model)
+    backward(plain)
+    assert all(torch.equal(m.grad, 2 * p.grad.float()) for m, p in zip(master, plain.parameters()))
+
+
 def test_a_tied_output_layer_gets_both_of_its_gradients_in_its_fp32_master_through_token_logprobs(tiny):
     cfg = Config(chat_template="off")
     model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
