@@ -5,13 +5,13 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
     python bench.py step                # one training step's time and peak memory, per phase
     python bench.py step --hidden 896 --layers 24 --vocab 151936 --completion 1024
                                         # ~0.5B, Qwen2-like, on a GPU
-    python bench.py logprobs            # peak memory: blockwise log-probs vs a full float32
-                                        # log-softmax
+    python bench.py logprobs            # peak memory: scale.py's blockwise log-probs vs
+                                        # igrpo.py's full float32 log-softmax
     python bench.py step --lora-rank 32 # the same step training LoRA adapters only
 
 On a CPU, memory comes from torch's profiler (every tensor allocation and free), which also slows
 the measured phases: compare CPU times only with other runs of this script.
-The step benchmark builds a randomly initialized Llama-style model from a config (no download), so
+The step benchmark runs scale.py's parts (as `python scale.py` trains) and builds a randomly initialized Llama-style model from a config (no download), so
 a random model writes to the full --completion budget: the worst case for time and memory.
 """
 import argparse
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import igrpo
+import scale
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,14 +106,20 @@ def random_model(args, device, dtype):
 def bench_step(args):
     device, dtype = igrpo.device_and_dtype(args.dtype)
     model, tokenizer = random_model(args, device, dtype)
-    cfg = igrpo.Config(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
+    cfg = scale.ScaleConfig(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
                        prompts_per_step=args.prompts, max_completion_tokens=args.completion,
                        max_draft_tokens=args.completion, micro_batch_size=args.micro_batch_size,
                        gradient_checkpointing=args.gradient_checkpointing, chat_template="off",
                        lr=1e-6, lora_rank=args.lora_rank)
-    model = igrpo.apply_lora(model, cfg)
+    scale.check_scoring(model, "bench")
+    model = scale.apply_lora(model, cfg) if cfg.lora_rank else model
     if cfg.gradient_checkpointing:
-        igrpo.checkpoint_activations(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with scale.attached(cfg, device):
+        step_loop(args, cfg, model, tokenizer, device, dtype)
+
+
+def step_loop(args, cfg, model, tokenizer, device, dtype):
     master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
     params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
     batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)}
@@ -167,29 +174,28 @@ def bench_logprobs(args):
     log-softmax."""
     device, dtype = igrpo.device_and_dtype(args.dtype)
     model, _ = random_model(args, device, dtype)
+    scale.check_scoring(model, "bench")
     if args.gradient_checkpointing:  # as in training, so the output layer's share of memory shows
-        igrpo.checkpoint_activations(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     B, T = args.micro_batch_size, args.completion
     input_ids = torch.randint(0, args.vocab, (B, 16 + T), device=device)
     attention = torch.ones_like(input_ids)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
 
-    def ours():
-        logp, _ = igrpo.token_logprobs(model, input_ids, attention, 16, mask, 0.7)
-        return logp.sum()
+    def lean():
+        return scale.lean_token_logprobs(model, input_ids, attention, 16, mask, 0.7)[0].sum()
 
-    def naive():
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, 15:-1].float() / 0.7
-        return logits.log_softmax(-1).gather(-1, input_ids[:, 16:, None]).sum()
-    for name, fn in (("warm-up", ours), ("warm-up", naive),
-                     ("blockwise (igrpo)", ours), ("full log-softmax", naive)):
+    def plain():
+        return igrpo.token_logprobs(model, input_ids, attention, 16, mask, 0.7)[0].sum()
+    for name, fn in (("warm-up", lean), ("warm-up", plain),
+                     ("blockwise (scale.py)", lean), ("full (igrpo.py)", plain)):
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
         started = time.time()
         _, peak = peak_memory(lambda: fn().backward(), device)
         if name != "warm-up":
-            print(f"{name:>18}: {B} x {T} tokens, vocab {args.vocab}, {dtype}: peak above the "
+            print(f"{name:>20}: {B} x {T} tokens, vocab {args.vocab}, {dtype}: peak above the "
                   f"weights {peak / 2**30:.3f} GiB (gradients included), "
                   f"{time.time() - started:.2f}s")
 

@@ -196,8 +196,7 @@ def build(folder, cfg, seed=0, **warm_start_options):
     started = time.time()
     steps, accuracy, loss = warm_start(
         model, tokenizer, warm_start_examples(train, tokenizer, cfg, rng), rng,
-        # torchrun: rank 0 builds, others wait
-        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe, over_ranks=False),
+        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe),
         **warm_start_options)
     record = dict(seed=seed, warm_start_steps=steps, calibration_accuracy=accuracy,
                   final_loss=loss, seconds=round(time.time() - started, 1),
@@ -366,13 +365,7 @@ def main(argv=None):
     if cfg.model:
         igrpo.fail(f"--model {cfg.model}: the toy world trains its own model; "
                    "run igrpo.py to train yours")
-    try:
-        # torchrun: rank 0 builds the toy's cache, then the others read it
-        with igrpo.main_process_first():
-            cfg = prepare(cfg, given)
-        return igrpo.train(cfg)
-    except KeyboardInterrupt:
-        raise SystemExit(igrpo.INTERRUPTED)
+    return igrpo.train(prepare(cfg, given))
 
 
 if __name__ == "__main__":

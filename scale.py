@@ -1,0 +1,787 @@
+"""
+scale.py: igrpo.py's training, bigger, faster and longer. It runs igrpo.py's own loop, with some
+of its plain parts swapped for engineered ones (attached(), at the end):
+
+  memory-lean log-probs  the output layer a block of vocabulary columns at a time, so no
+                         (tokens x vocabulary) float32 tensor exists; a bf16 output layer's
+                         gradient goes straight into its fp32 master weights (always on here)
+  compiled sampling      a static KV cache, so generate compiles its decoding step (CUDA; flag)
+  LoRA                   adapters on a frozen base (--lora-rank), saved in peft's format
+  torchrun               data parallelism: start it with torchrun, no flag
+  long runs              Ctrl-C saves a checkpoint and prints the command that resumes; an update
+                         with a non-finite loss or gradient is skipped, and 3 in a row stop the run
+                         with a checkpoint; a collapsed policy is warned about; running out of GPU
+                         memory names the flags that fix it
+
+    python scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ... --lora-rank 16
+    torchrun --nproc-per-node 8 scale.py --model Qwen/Qwen2.5-Math-7B --dataset ...
+
+Every flag of igrpo.py works here too; the method is igrpo.py's, unchanged.
+"""
+import atexit
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import igrpo
+from igrpo import fail, setting
+
+
+@dataclass
+class ScaleConfig(igrpo.Config):
+    compile_generation: str = setting("auto", "auto (CUDA: on) | on | off: a static KV cache, so "
+                                              "generate compiles its decoding step (CUDA)")
+    lora_rank: int = setting(0, "LoRA adapters of this rank on a frozen base (0: all weights)")
+    lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x")
+    lora_targets: str = setting("all-linear", "modules with adapters (or e.g. q_proj,v_proj)")
+    save_merged: bool = setting(False, "with --lora-rank: also save the merged model")
+
+
+# igrpo.py's own parts, as they were before any swap: the engineered ones call them
+PLAIN = {name: getattr(igrpo, name) for name in (
+    "load_model", "load_policy", "sample", "token_logprobs", "master_weights", "optimizer_step",
+    "batch_totals", "step_record", "next_batch", "held_out_accuracy", "seed", "save",
+    "save_checkpoint", "should_save", "prepare_output_dir", "random_states", "load_checkpoint",
+    "write_metrics", "RESUMABLE_CHANGES")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory-lean log-probs: the same numbers as igrpo.token_logprobs (a test pins it), without the
+# (tokens x vocabulary) float32 log-softmax: only the hidden states that predict completion tokens
+# meet the output layer, a block of its columns at a time.
+# ----------------------------------------------------------------------------------------------
+def lean_token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
+                        temperature, with_entropy=True):
+    """igrpo.token_logprobs's (logp, entropy or None), each (b, T), zero off the mask."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
+    head = None
+    if getattr(model, "scored_by_forward", True):  # check_scoring: a forward that does more
+        hidden, (scale, softcap) = model(**inputs).logits, (1.0, None)           # (b, P+T, V)
+    else:
+        hidden = model.base_model(**inputs).last_hidden_state                   # (b, P+T, H)
+        head, (scale, softcap) = model.get_output_embeddings(), logit_transform(model)
+    hidden = hidden[:, prompt_length - 1:-1][completion_mask]            # (n, H), or (n, V) logits
+    targets = input_ids[:, prompt_length:][completion_mask]                      # (n,)
+    transform = (scale, softcap, temperature)
+    if head is None or type(head) is torch.nn.Linear:  # exactly: a subclass may do more
+        weight, bias = (None, None) if head is None else (head.weight, head.bias)
+        logp, entropy = OutputLayerLogprobs.apply(hidden, weight, bias, targets, transform,
+                                                  with_entropy)                     # (n,) each
+    else:  # a LoRA adapter on the output layer: its own forward, chunk by chunk
+        logp, entropy = through_own_output_layer(head, hidden, targets, transform, with_entropy)
+    zeros = torch.zeros(completion_mask.shape, device=hidden.device)
+    entropy = zeros.masked_scatter(completion_mask, entropy) if with_entropy else None
+    return zeros.masked_scatter(completion_mask, logp), entropy
+
+
+def logit_transform(model):
+    """(scale, softcap): what a model's forward does to the output layer's logits before sampling:
+    Cohere's logit_scale, Falcon-H1's lm_head_multiplier, Granite's 1 / logits_scaling, Gemma's
+    soft-capping."""
+    config = model.config.get_text_config()
+
+    def factor(name):  # unset or None: no scaling
+        return getattr(config, name, None) or 1.0
+    scale = factor("logit_scale") * factor("lm_head_multiplier") / factor("logits_scaling")
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+LOGITS_BLOCK_BYTES = 2**26  # a block's (tokens, columns) float32 logits: 64 MiB
+
+
+class OutputLayerLogprobs(torch.autograd.Function):
+    """log p(target) = z[target] - log Z, z = the logits / T, of n hidden states, and the entropy
+    (a metric, no gradient). Both passes take the output layer a block of vocabulary columns at a
+    time and keep no logits: forward sums Z block by block (online log-sum-exp); backward recomputes
+    each block and uses d log p / dz = onehot(target) - softmax(z). So memory holds about two blocks
+    of float32 logits, whatever the vocabulary, and each row of the output layer's gradient comes
+    from one matrix product over all n tokens, rounded once."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets, transform, with_entropy):
+        # features: (n, H) hidden states, or (n, V) logits when weight is None; targets (n,)
+        n = len(targets)
+        log_normalizer = features.new_full((n,), -math.inf, dtype=torch.float32)   # log Z (n,)
+        target_logit = features.new_zeros(n, dtype=torch.float32)                   # z[target]
+        negative_entropy = torch.zeros_like(target_logit)       # sum_v p_v log p_v, blocks so far
+        for columns in vocabulary_blocks(features, weight):
+            logits = block_logits(features, weight, bias, columns, transform)       # (n, c)
+            inside, offsets = target_in_block(targets, columns)
+            picked = logits.gather(-1, offsets[:, None]).squeeze(-1)
+            target_logit += torch.where(inside, picked, 0.0)  # not * inside: -inf * 0 is NaN
+            total = torch.logaddexp(log_normalizer, logits.logsumexp(-1))           # log Z so far
+            if with_entropy:
+                # Z grew, so the earlier blocks' p (which summed to 1) shrink by w = Z_before /
+                # Z_now: their sum of p log p becomes w * (that sum) + w log w
+                shrink = (log_normalizer - total).exp_()                            # w (n,)
+                negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))  # entr(w) = -w log w
+                logits.sub_(total[:, None])                      # now log p of the block (n, c)
+                negative_entropy -= torch.special.entr(logits.exp()).sum(-1)  # p = 0 adds 0
+            log_normalizer = total
+            del logits  # before the next block's logits exist
+        ctx.save_for_backward(features, weight, bias, targets, log_normalizer)
+        ctx.transform = transform
+        entropy = -negative_entropy if with_entropy else features.new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        return target_logit - log_normalizer, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _):                                             # grad_logp (n,)
+        features, weight, bias, targets, log_normalizer = ctx.saved_tensors
+        wants_features, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_features = None
+        if wants_features and weight is None:  # logits given: each block is its own columns
+            grad_features = torch.empty_like(features)                              # (n, V)
+        elif wants_features:  # summed over blocks in float32; (n, H) is small beside (V, H)
+            grad_features = torch.zeros_like(features, dtype=torch.float32)         # (n, H)
+        # bf16 weights with fp32 master weights (tagged_master_weights): the output layer's
+        # gradient goes straight into its master's, a block at a time. Through autograd it would be
+        # a whole bf16 (V, H) tensor; tied to the input embedding, held to the end of backward.
+        master = getattr(weight, "master", None) if wants_weight else None
+        if master is not None and master.grad is None:
+            master.grad = torch.zeros_like(master)
+        grad_weight = torch.empty_like(weight) if wants_weight and master is None else None
+        grad_bias = torch.empty_like(bias) if wants_bias else None
+        for columns in vocabulary_blocks(features, weight):
+            logits = block_logits(features, weight, bias, columns, ctx.transform)   # (n, c)
+            slope = logit_slope(logits, ctx.transform)                 # dz/dx, before z is reused
+            # in place: the block's logits become d log p / dz, then d loss / d raw logits
+            grad = logits.sub_(log_normalizer[:, None]).exp_().neg_()              # -softmax(z)
+            del logits  # grad is that tensor now
+            inside, offsets = target_in_block(targets, columns)
+            grad.scatter_add_(-1, offsets[:, None], inside[:, None].float())  # + onehot(target)
+            grad.mul_(grad_logp[:, None])                                       # d loss / dz
+            grad = grad.mul_(slope).to(features.dtype)  # times dz/dx (n, c); bf16: float32 freed
+            del slope
+            if wants_features and weight is None:
+                grad_features[:, columns] = grad
+            elif wants_features:
+                grad_features += grad @ weight[columns]
+            if master is not None:
+                master.grad[columns].add_(grad.T @ features)
+            elif wants_weight:
+                torch.mm(grad.T, features, out=grad_weight[columns])
+            if wants_bias:
+                grad_bias[columns] = grad.sum(0, dtype=torch.float32)
+            del grad  # before the next block's logits exist
+        grad_features = grad_features.to(features.dtype) if wants_features else None
+        return grad_features, grad_weight, grad_bias, None, None, None
+
+
+def vocabulary_blocks(features, weight):
+    """Column slices of the vocabulary, c columns each: a block's float32 logits (n, c) fit in
+    LOGITS_BLOCK_BYTES, and so do its rows of the output layer's gradient (c, H) when n < H."""
+    vocabulary = features.shape[-1] if weight is None else weight.shape[0]
+    width = 0 if weight is None else weight.shape[1]
+    float32_bytes, longer_side = 4, max(1, len(features), width)  # 1: n = 0 must not divide by 0
+    size = max(1, LOGITS_BLOCK_BYTES // (float32_bytes * longer_side))
+    return [slice(start, min(start + size, vocabulary)) for start in range(0, vocabulary, size)]
+
+
+def target_in_block(targets, columns):
+    """(whether each target is in this block, its column there or 0), (n,) each: masks rather
+    than indexing, so a GPU never waits for the host."""
+    inside = (targets >= columns.start) & (targets < columns.stop)
+    return inside, torch.where(inside, targets - columns.start, 0)
+
+
+def block_logits(features, weight, bias, columns, transform):
+    """z of one block of columns, (n, c) float32: the logits the model samples from, over T, from
+    the raw logits x = hidden W^T + b (or the given logits)."""
+    scale, softcap, temperature = transform
+    if weight is None:  # the model's own logits: a copy, which the in-place steps below may change
+        logits = features[:, columns].to(torch.float32, copy=True)                # (n, c)
+    else:
+        block_bias = None if bias is None else bias[columns]
+        logits = torch.nn.functional.linear(features, weight[columns], block_bias).float()
+    if not softcap:
+        return logits.mul_(scale / temperature)
+    capped = logits.mul_(scale / softcap).tanh_()        # z = softcap tanh(scale x / softcap) / T
+    return capped.mul_(softcap / temperature)
+
+
+def logit_slope(logits, transform):
+    """dz/dx of a block, read off z itself: scale / T, or with a soft-cap (1 - tanh^2) scale / T,
+    where tanh = z T / softcap: a number, or (n, c)."""
+    scale, softcap, temperature = transform
+    if not softcap:
+        return scale / temperature
+    tanh = logits * (temperature / softcap)
+    return tanh.square_().neg_().add_(1).mul_(scale / temperature)
+
+
+def through_own_output_layer(head, hidden, targets, transform, with_entropy):
+    """(logp, entropy) through an output layer that is not a plain Linear (a LoRA adapter on it):
+    its own forward, a chunk of tokens at a time, recomputed in backward, so one chunk's (tokens,
+    V) logits exist at a time."""
+    def chunk_logprobs(hidden, targets):  # the chunk's logits (c, V) come from head's forward
+        return OutputLayerLogprobs.apply(head(hidden), None, None, targets, transform, with_entropy)
+    size = max(1, LOGITS_BLOCK_BYTES // (4 * head.out_features))                 # tokens a chunk
+    pieces = []
+    for start in range(0, max(1, len(hidden)), size):
+        rows = slice(start, start + size)
+        if torch.is_grad_enabled():  # backward recomputes the chunk's logits rather than keep them
+            pieces.append(checkpoint(chunk_logprobs, hidden[rows], targets[rows],
+                                     use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(hidden[rows], targets[rows]))
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+@torch.no_grad()
+def check_scoring(model, what):
+    """One tiny forward at load time decides how lean_token_logprobs scores this model: through
+    the output layer, a block at a time, when that reproduces model(...).logits; else (a forward
+    that does more to its logits) through the model's own forward, (tokens x vocabulary)."""
+    model.eval()
+    positions = torch.arange(8, device=model.device)[None]                      # (1, 8)
+    ids, attention = positions + 1, torch.ones_like(positions)
+    try:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       use_cache=False).logits                                   # (1, 8, V)
+    except Exception as error:  # any library error here means: we cannot score this model
+        fail(f"{what}: its forward pass fails on a plain token sequence, so its completions cannot "
+             f"be scored ({igrpo.first_line(error)})")
+    reference = torch.log_softmax(logits[:, :-1].float(), -1)
+    reference = reference.gather(-1, ids[:, 1:, None]).squeeze(-1)                # (1, 7)
+    model.scored_by_forward = False
+    try:
+        ours = lean_token_logprobs(model, ids, attention, 1, attention[:, 1:].bool(), 1.0,
+                                   with_entropy=False)[0]
+        # bf16 rounds each step of the model's own logit arithmetic (scale, soft-cap) at about 0.4%
+        tolerance = 1e-3 if model.dtype == torch.float32 else 1e-2 * (1 + logits.abs().max().item())
+        matches = torch.allclose(ours, reference, atol=tolerance)
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # no base model or hidden states
+        matches = False
+    if not matches:
+        model.scored_by_forward = True
+        print(f"{what}: log-probs come from the model's own forward (its logits are not the output "
+              "layer's alone), which needs more memory per micro-batch")
+
+
+def lean_load_model(name, cfg, dtype, device, flag="model"):
+    """igrpo.load_model, a LoRA checkpoint's base with its adapter merged, and check_scoring."""
+    if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter
+        model, tokenizer = load_lora_checkpoint(name, cfg, dtype, device, flag)
+    else:
+        model, tokenizer = PLAIN["load_model"](name, cfg, dtype, device, flag)
+    check_scoring(model, f"--{flag} {name}")
+    return model, tokenizer
+
+
+def tagged_master_weights(model):
+    """igrpo.master_weights, each bf16 parameter tagged with its master, so that
+    OutputLayerLogprobs adds the output layer's gradient to it. With master weights, gradients
+    come from loss.backward(), never torch.autograd.grad."""
+    master = PLAIN["master_weights"](model)
+    for p, m in zip([p for p in model.parameters() if p.requires_grad], master):
+        if p is not m:
+            p.master = m
+    return master
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled sampling: generate with a static KV cache compiles its decoding step per (sequences,
+# cache length), so every call here has the same number of rows and a cache length in steps of 256
+# ----------------------------------------------------------------------------------------------
+def compiles_generation(cfg, device):
+    """--compile-generation: auto is on for CUDA (transformers compiles on CUDA only; elsewhere the
+    static cache runs uncompiled)."""
+    return cfg.compile_generation == "on" or (cfg.compile_generation == "auto" and
+                                              torch.device(device).type == "cuda")
+
+
+def compiled_sample(model, tokenizer, prompts, cfg, *, per_prompt, max_new_tokens=None,
+                    **options):
+    """igrpo.sample's Samples, from fixed-shape generate calls: one prompt a row, the rows padded
+    to a power of two (at most --generation-batch-size) by copies of the first, dropped after."""
+    rows = igrpo.repeat(prompts, per_prompt)
+    per_call = min(cfg.generation_batch_size, 2 ** math.ceil(math.log2(max(1, len(rows)))))
+    padded = rows + rows[:1] * (-len(rows) % per_call)
+    longest = igrpo.encode(tokenizer, rows, cfg).input_ids.shape[1]
+    budget = max_new_tokens or cfg.max_completion_tokens
+    context = igrpo.max_positions(model)
+    cache = 256 * math.ceil((longest + budget) / 256)
+    # never past the model's positions, and never shrinking: transformers keeps the longest cache
+    cache = max([min(cache, context or cache), *getattr(model, "cache_lengths", [0])])
+    started, first = time.time(), (per_call, cache) not in getattr(model, "compiled_shapes", set())
+    samples = PLAIN["sample"](model, tokenizer, padded, dataclasses.replace(
+        cfg, generation_batch_size=per_call), per_prompt=1, max_new_tokens=max_new_tokens,
+        cache_implementation="static", max_cache_len=cache, **options)
+    model.compiled_shapes = getattr(model, "compiled_shapes", set()) | {(per_call, cache)}
+    model.cache_lengths = [cache]
+    if first and model.device.type == "cuda":
+        tqdm.write(f"compiled decoding for {per_call} sequences x {cache} cache positions: "
+                   f"{time.time() - started:.1f} s with the first calls")
+    return samples.subset(slice(0, len(rows)))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / rank) B A x, the base W frozen in the model's dtype; only
+# A (r x d_in) and B (d_out x r) train, in fp32, so gradients and Adam state exist for the adapters
+# alone. B starts at zero: at step 0 the policy is the base model, which (adapters off) is also the
+# KL reference.
+# ----------------------------------------------------------------------------------------------
+def import_peft():
+    try:
+        import peft
+    except ImportError:
+        fail("--lora-rank: LoRA needs the optional peft package (pip install peft)")
+    return peft
+
+
+def apply_lora(model, cfg):
+    """--lora-rank > 0: the same model, weights frozen, fp32 adapters inside to train."""
+    peft = import_peft()
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else \
+        [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                             target_modules=targets)
+    try:  # peft freezes the base, adds the adapters and keeps them fp32 over a bf16 base
+        wrapped = peft.get_peft_model(model, config)
+    except ValueError as error:  # e.g. no module of the model has the given name
+        fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
+    local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names a local base absolutely
+    base = str(Path(cfg.model).resolve()) if local else cfg.model
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    model = wrapped.get_base_model()  # the original model object, adapters inside: the rest as is
+    for p in model.parameters() if process_count() > 1 else []:  # A starts random: take rank 0's
+        if p.requires_grad:
+            torch.distributed.broadcast(p.data, src=0)
+    return model
+
+
+def is_lora(model):
+    return hasattr(model, "peft_config")
+
+
+class AdaptersOff(torch.nn.Module):
+    """The reference policy of a LoRA run: the policy with its adapters off, no second copy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = [policy]  # in a list: not a submodule, so its weights are not counted twice
+
+    def forward(self, **inputs):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        layers = [m for m in self.policy[0].modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            return self.policy[0](**inputs)
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+
+
+def lora_policy(cfg, resume_from, device, dtype):
+    """igrpo.load_policy with adapters: (policy, tokenizer, its adapters-off self or None)."""
+    model, tokenizer, _ = PLAIN["load_policy"](dataclasses.replace(cfg, beta=0.0), resume_from,
+                                               device, dtype)
+    model = apply_lora(model, cfg)
+    return model, tokenizer, AdaptersOff(model) if cfg.beta > 0 else None
+
+
+def save_adapter_or_model(model, tokenizer, folder, trainer_state=None):
+    """igrpo.save; with LoRA the adapter alone. Under torchrun rank 0 alone writes."""
+    if is_main_process():
+        PLAIN["save"](AdapterOnly(model) if is_lora(model) else model, tokenizer, folder,
+                      trainer_state)
+
+
+class AdapterOnly:
+    """What igrpo.save writes for a LoRA policy: its adapter alone, in peft's format, which
+    peft.PeftModel.from_pretrained(base, folder) and lean_load_model read."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, folder):
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {f"base_model.model.{name}": tensor.detach().contiguous().cpu()  # peft's prefix
+                   for name, tensor in get_peft_model_state_dict(self.model).items()}
+        save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        self.model.peft_config["default"].save_pretrained(folder)
+
+
+def load_lora_checkpoint(folder, cfg, dtype, device, flag="model"):
+    """A folder saved with --lora-rank: its base (from adapter_config.json), adapter merged in."""
+    peft = import_peft()
+    adapter_config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        fail(f"--{flag} {folder}: adapter_config.json names no base model "
+             "(base_model_name_or_path)")
+    model, tokenizer = PLAIN["load_model"](base, cfg, dtype, device, flag)
+    return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
+
+
+def save_merged(cfg):
+    """--save-merged: final/'s adapter merged into its base, as a plain checkpoint (for vLLM, or
+    AutoModelForCausalLM), in final-merged/. Merged on the CPU: the GPU holds no second copy."""
+    out = Path(cfg.output_dir)
+    if cfg.save_merged and is_main_process():
+        PLAIN["save"](*load_lora_checkpoint(out / "final", cfg, torch.float32, "cpu"),
+                      out / "final-merged")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one
+# rank, so advantages need no communication). Every normalizer of the loss counts the whole step
+# (all ranks), so each rank's loss is its share of the one-process loss, and the step's gradient
+# is their sum:
+#   grad L = sum_k grad L_k,   L_k = sum over rank k's tokens of w_jt * loss_jt
+# Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (The
+# DistributedDataParallel of PyTorch would reduce bf16 model gradients at each micro-batch.)
+# ----------------------------------------------------------------------------------------------
+def setup_distributed(cfg=None):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print
+    nothing. In one process: nothing at all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)
+        if not is_main_process():
+            sys.stdout = open(os.devnull, "w")
+    if cfg and cfg.prompts_per_step % process_count():
+        fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
+             f"{process_count()} ranks: make it a multiple of {process_count()}")
+
+
+def process_count():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def process_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def is_main_process():
+    return process_rank() == 0
+
+
+def barrier():
+    if process_count() > 1:
+        torch.distributed.barrier()
+
+
+def summed_over_ranks(*values):
+    """Each number (int, float or one-element tensor) summed over all ranks (one process: as is)."""
+    if process_count() == 1:
+        return values
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values])
+    total = total.to(device)
+    torch.distributed.all_reduce(total)
+    return tuple(total.tolist())
+
+
+def every_ranks(own):
+    """[rank 0's value, rank 1's, ...] of a picklable value on each rank."""
+    ranks = [None] * process_count()
+    torch.distributed.all_gather_object(ranks, own)
+    return ranks
+
+
+def sharded_next_batch(problems, order, cfg):
+    """igrpo.next_batch's problems (the same order on every rank), this rank's share of them."""
+    batch, order = PLAIN["next_batch"](problems, order, cfg)
+    return batch[process_rank()::process_count()], order
+
+
+def sharded_held_out_accuracy(model, tokenizer, problems, cfg):
+    share = problems[process_rank()::process_count()]
+    correct = PLAIN["held_out_accuracy"](model, tokenizer, share, cfg) * len(share) if share else 0
+    return summed_over_ranks(correct)[0] / len(problems)
+
+
+def batch_totals_over_ranks(mask):
+    completions, tokens = PLAIN["batch_totals"](mask)
+    return summed_over_ranks(completions, tokens)
+
+
+def reduced(optimizer_step):
+    """An optimizer step that first sums every rank's gradient (a rank without completions to
+    train on still takes part, with zeros)."""
+    def step(model, optimizer, master, cfg):
+        for m in master:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+        for work in [torch.distributed.all_reduce(m.grad, async_op=True) for m in master]:
+            work.wait()
+        return optimizer_step(model, optimizer, master, cfg)
+    return step
+
+
+STEP_SUMS = ("completion_tokens", "dropped_groups", "judge_unparsed")
+STEP_MEANS = ("reward", "accuracy", "draft_reward", "best_draft_reward", "format_reward",
+              "mean_completion_length")
+
+
+def step_record_over_ranks(record):
+    """One step's numbers over all ranks: counts summed, per-completion means averaged (every rank
+    holds as many completions), throughput from the summed tokens. The update's are global."""
+    names = [name for name in STEP_SUMS + STEP_MEANS if record.get(name) is not None]
+    totals = summed_over_ranks(*(record[name] for name in names))
+    record = dict(record, **{name: int(total) if name in STEP_SUMS else total / process_count()
+                             for name, total in zip(names, totals)})
+    record["tokens_per_second"] = record["completion_tokens"] / record["step_seconds"]
+    return record
+
+
+def seed_each_rank(cfg):
+    PLAIN["seed"](cfg)  # the same problem order on every rank
+    torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
+
+
+def prepare_output_dir_on_rank_0(cfg):
+    """igrpo.prepare_output_dir on rank 0, which alone writes; the others take its answer."""
+    resume_from = PLAIN["prepare_output_dir"](cfg) if is_main_process() else None
+    return every_ranks(resume_from)[0]
+
+
+def every_ranks_random_states():
+    states = PLAIN["random_states"]()
+    return dict(states, ranks=every_ranks(dict(torch=states["torch"], cuda=states["cuda"])))
+
+
+def load_checkpoint_of_each_rank(folder, optimizer, master, cfg):
+    """igrpo.load_checkpoint, then this rank's own random stream (a run saved by another number
+    of ranks gets fresh streams: its share of the problems differs anyway)."""
+    start, order = PLAIN["load_checkpoint"](folder, optimizer, master, cfg)
+    if folder is not None and folder.name != "final":
+        ranks = torch.load(folder / "trainer_state.pt", weights_only=True)["rng"].get("ranks", [])
+        if len(ranks) == process_count():
+            torch.set_rng_state(ranks[process_rank()]["torch"])
+            if ranks[process_rank()]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ranks[process_rank()]["cuda"])
+        else:
+            torch.manual_seed(int(torch.randint(2**62, ())) + process_rank())
+    return start, order
+
+
+def write_metrics_on_rank_0(file, record):
+    if is_main_process():
+        PLAIN["write_metrics"](file, record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: Ctrl-C, non-finite updates, collapse warnings, running out of memory
+# ----------------------------------------------------------------------------------------------
+MAX_SKIPPED_IN_A_ROW = 3  # updates skipped (non-finite loss or gradient norm) before the run stops
+COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
+ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but greedy
+
+
+def skipping_non_finite(optimizer_step, run):
+    """An optimizer step that skips an update whose gradient norm is NaN or infinite (a NaN loss
+    makes one): it would poison the weights and Adam's moments. Counts them in run.skipped."""
+    def step(model, optimizer, master, cfg):
+        norm = torch.nn.utils.get_total_norm([m.grad for m in master if m.grad is not None])
+        if torch.isfinite(norm):
+            run.skipped_in_a_row = 0
+            return optimizer_step(model, optimizer, master, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        run.skipped += 1
+        run.skipped_in_a_row += 1
+        return norm
+    return step
+
+
+def with_long_run_fields(step_record, run):
+    """The step's record, with its skipped updates, and a warning once a policy looks collapsed."""
+    def record_step(record):
+        record = dict(step_record(record), skipped_updates=run.skipped)
+        run.skipped = 0
+        run.history.append(record)
+        warning = collapse_warning(run.history)
+        if warning and warning != collapse_warning(run.history[:-1]):  # once, when it starts
+            tqdm.write(f"step {record['step']}: warning: {warning}")
+        return record
+    return record_step
+
+
+def collapse_warning(history):
+    """Why the last COLLAPSE_STEPS step records look like a collapsed or stuck policy, or None."""
+    recent = history[-COLLAPSE_STEPS:]
+    if len(recent) < COLLAPSE_STEPS:
+        return None
+    if all(r["entropy"] is not None and r["entropy"] < ENTROPY_FLOOR for r in recent):
+        return (f"entropy below {ENTROPY_FLOOR} nats per token for {COLLAPSE_STEPS} steps: the "
+                "policy writes one fixed answer per prompt; if the reward is low, it has collapsed "
+                "(lower --lr)")
+    if all(r["accuracy"] == 0 for r in recent):
+        return (f"no completion was right for {COLLAPSE_STEPS} steps, so no group carries a "
+                "learning signal: the problems may be too hard for the model, or the policy has "
+                "collapsed (lower --lr)")
+    return None
+
+
+def saving_when_stopped(should_save, run):
+    """Save after a Ctrl-C (on any rank) and after MAX_SKIPPED_IN_A_ROW skipped updates, too."""
+    def save_now(step, cfg):
+        run.stopped = summed_over_ranks(run.interrupted.is_set())[0] > 0
+        run.diverged = run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
+        return run.stopped or run.diverged or should_save(step, cfg)
+    return save_now
+
+
+def ending_when_stopped(save_checkpoint, run):
+    """After that checkpoint: exit 130 with the command that resumes, or stop naming the causes."""
+    def save_and_maybe_end(out, step, *args):
+        folder = save_checkpoint(out, step, *args)
+        cfg = args[-1]
+        if run.stopped:
+            how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
+                   f"continue with:\n  {resume_command()}")
+            tqdm.write(f"interrupted after step {step}, checkpoint {folder}; {how}")
+            raise SystemExit(130)
+        if run.diverged:
+            fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm "
+                 f"and were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the "
+                 f"precision too low (try --dtype fp32); the last good weights are in {folder}")
+        return folder
+    return save_and_maybe_end
+
+
+def resume_command():
+    args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
+    launcher = ["python"]
+    if process_count() > 1:
+        launcher = ["torchrun", f"--nproc-per-node={process_count()}"]
+    return shlex.join([*launcher, sys.argv[0], *args, "--resume"])
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(event):
+    """The first Ctrl-C sets the event (the loop saves after the step); a second stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(*_):
+        event.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (again: quit at once)")
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def explained_failures(cfg):
+    """Running out of GPU memory, or sampling inf/NaN probabilities, ends the run naming a fix."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        fail(f"out of GPU memory: lower --micro-batch-size ({cfg.micro_batch_size}), "
+             f"--generation-batch-size ({cfg.generation_batch_size}) or --max-completion-tokens "
+             f"({cfg.max_completion_tokens}); the first two may change on --resume")
+    except RuntimeError as error:
+        if "inf" not in str(error) or "nan" not in str(error):
+            raise
+        fail(f"the policy's probabilities became inf/NaN: the learning rate (--lr {cfg.lr}) is "
+             "likely too high, or the precision too low (try --dtype fp32); the newest step-N "
+             "checkpoint, if any, holds earlier weights")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
+        raise SystemExit("scale: interrupted, no checkpoint written now (--resume goes on from "
+                         "the newest)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching: igrpo.py calls each of its parts by its name in the module, so swapping a part there
+# changes what igrpo.train runs without changing igrpo.py. Every swap is undone on exit.
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def attached(cfg, device=None):
+    """igrpo.py with the engineered parts cfg asks for: the context manager to train inside."""
+    device = device or igrpo.device_and_dtype(cfg.dtype)[0]
+    run = SimpleNamespace(skipped=0, skipped_in_a_row=0, history=[], stopped=False,
+                          diverged=False, interrupted=threading.Event())
+    optimizer_step = skipping_non_finite(PLAIN["optimizer_step"], run)
+    parts = dict(token_logprobs=lean_token_logprobs, load_model=lean_load_model,
+                 master_weights=tagged_master_weights, save=save_adapter_or_model,
+                 RESUMABLE_CHANGES=PLAIN["RESUMABLE_CHANGES"] | {"compile_generation"},
+                 should_save=saving_when_stopped(PLAIN["should_save"], run),
+                 save_checkpoint=ending_when_stopped(PLAIN["save_checkpoint"], run))
+    step_record = PLAIN["step_record"]
+    if compiles_generation(cfg, device):
+        parts["sample"] = compiled_sample
+    if cfg.lora_rank:
+        parts["load_policy"] = lora_policy
+    if process_count() > 1:
+        parts.update(next_batch=sharded_next_batch, held_out_accuracy=sharded_held_out_accuracy,
+                     batch_totals=batch_totals_over_ranks, seed=seed_each_rank,
+                     prepare_output_dir=prepare_output_dir_on_rank_0,
+                     random_states=every_ranks_random_states,
+                     load_checkpoint=load_checkpoint_of_each_rank,
+                     write_metrics=write_metrics_on_rank_0)
+        optimizer_step, step_record = reduced(optimizer_step), step_record_over_ranks
+    parts.update(optimizer_step=optimizer_step,
+                 step_record=with_long_run_fields(step_record, run))
+    originals = {name: getattr(igrpo, name) for name in parts}
+    vars(igrpo).update(parts)
+    try:
+        with ctrl_c_sets(run.interrupted), explained_failures(cfg):
+            yield run
+    finally:
+        vars(igrpo).update(originals)
+
+
+def check_scale_config(cfg):
+    igrpo.check_config(cfg)
+    if cfg.compile_generation not in ("auto", "on", "off"):
+        fail(f"--compile-generation {cfg.compile_generation!r}: choose one of auto, on, off")
+    if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
+        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: the rank must be 0 (off) "
+             "or more, alpha positive")
+    if cfg.save_merged and not cfg.lora_rank:
+        fail("--save-merged: only with --lora-rank (a full fine-tune is saved whole anyway)")
+    if cfg.lora_rank and cfg.resume:
+        fail("--resume with --lora-rank: not supported yet (a LoRA checkpoint reloads merged into "
+             "its base)")
+    if cfg.lora_rank:
+        import_peft()
+
+
+def train(cfg, judge=None):
+    """igrpo.train, with scale.py's parts attached."""
+    check_scale_config(cfg)
+    setup_distributed(cfg)
+    with attached(cfg):
+        results = igrpo.train(cfg, judge)
+    save_merged(cfg)
+    return results
+
+
+def main(argv=None):
+    cfg, _ = igrpo.parse_args(argv, ScaleConfig)
+    if not cfg.model:
+        fail("--model: name a causal LM to train")
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
