@@ -725,11 +725,11 @@ def train(cfg, judge=None):
                                    judge, ref_model)
             write_metrics(metrics, record)
             bar.set_postfix(reward=f"{record['reward']:.2f}")
-            if step < cfg.steps and should_save(step, cfg):
-                save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics,
-                                cfg)
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 log_held_out(metrics, step, model, tokenizer, held_out, cfg)
+            if step < cfg.steps and should_save(step, cfg):  # after the score: both are resumed
+                save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics,
+                                cfg)
         if not (out / "final").is_dir():  # the weights first: an interrupted score is redone
             save(model, tokenizer, out / "final")
         if held_out and not finished(out, cfg):
@@ -840,11 +840,11 @@ def load_judge(cfg, device, dtype):
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, problems, cfg):
+def held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
     """Single-pass accuracy from q alone (no drafts at test time), over eval_samples samples each."""
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
-    samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples,
-                     progress="held-out", temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+    samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples, progress=label,
+                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
     golds = repeat([p["answer"] for p in problems], cfg.eval_samples)
     return sum(map(math_reward, samples.texts, golds)) / len(golds)
 
@@ -900,7 +900,7 @@ def prepare_output_dir(cfg):
         return checkpoints[-1][1]
     if (out / "args.json").exists() or (out / "metrics.jsonl").exists():
         if not cfg.overwrite:
-            what = "a finished run" if finished(out, cfg) else \
+            what = "a finished run:" if finished(out, cfg) else \
                 "a run: add --resume to continue it,"
             fail(f"--output-dir {out} already holds {what} --overwrite to replace it, or choose "
                  "another --output-dir")

@@ -14,7 +14,7 @@ of its plain parts swapped for engineered ones (attached(), at the end):
                          memory names the flags that fix it
 
     python scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ... --lora-rank 16
-    torchrun --nproc-per-node 8 scale.py --model Qwen/Qwen2.5-Math-7B --dataset ...
+    torchrun --nproc-per-node 8 scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ...
 
 Every flag of igrpo.py works here too; the method is igrpo.py's, unchanged.
 """
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -509,9 +510,9 @@ def sharded_next_batch(problems, order, cfg):
     return batch[process_rank()::process_count()], order
 
 
-def sharded_held_out_accuracy(model, tokenizer, problems, cfg):
+def sharded_held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
     share = problems[process_rank()::process_count()]
-    correct = PLAIN["held_out_accuracy"](model, tokenizer, share, cfg) * len(share) if share else 0
+    correct = share and PLAIN["held_out_accuracy"](model, tokenizer, share, cfg, label) * len(share)
     return summed_over_ranks(correct)[0] / len(problems)
 
 
@@ -555,9 +556,14 @@ def seed_each_rank(cfg):
 
 
 def prepare_output_dir_on_rank_0(cfg):
-    """igrpo.prepare_output_dir on rank 0, which alone writes; the others take its answer."""
-    resume_from = PLAIN["prepare_output_dir"](cfg) if is_main_process() else None
-    return every_ranks(resume_from)[0]
+    """igrpo.prepare_output_dir on rank 0, which alone writes (--overwrite also deletes
+    --save-merged's final-merged/); under torchrun the others take its answer."""
+    resume_from = None
+    if is_main_process():
+        resume_from = PLAIN["prepare_output_dir"](cfg)
+        if cfg.overwrite:
+            shutil.rmtree(Path(cfg.output_dir) / "final-merged", ignore_errors=True)
+    return every_ranks(resume_from)[0] if process_count() > 1 else resume_from
 
 
 def every_ranks_random_states():
@@ -723,6 +729,7 @@ def attached(cfg, device=None):
     optimizer_step = skipping_non_finite(PLAIN["optimizer_step"], run)
     parts = dict(token_logprobs=lean_token_logprobs, load_model=lean_load_model,
                  master_weights=tagged_master_weights, save=save_adapter_or_model,
+                 prepare_output_dir=prepare_output_dir_on_rank_0,
                  RESUMABLE_CHANGES=PLAIN["RESUMABLE_CHANGES"] | {"compile_generation"},
                  should_save=saving_when_stopped(PLAIN["should_save"], run),
                  save_checkpoint=ending_when_stopped(PLAIN["save_checkpoint"], run))
@@ -734,7 +741,6 @@ def attached(cfg, device=None):
     if process_count() > 1:
         parts.update(next_batch=sharded_next_batch, held_out_accuracy=sharded_held_out_accuracy,
                      batch_totals=batch_totals_over_ranks, seed=seed_each_rank,
-                     prepare_output_dir=prepare_output_dir_on_rank_0,
                      random_states=every_ranks_random_states,
                      load_checkpoint=load_checkpoint_of_each_rank,
                      write_metrics=write_metrics_on_rank_0)

@@ -5,14 +5,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
 
 import json
+import random
 import re
-import signal
 import time
 import warnings
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import sympy
 import torch
 from safetensors.torch import load_file
 
@@ -221,6 +220,16 @@ def test_learning_rate_warms_up_then_follows_a_cosine_down_to_the_floor():
     assert rates[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_batches_go_through_every_problem_once_per_epoch_in_a_new_order_each_time():
+    random.seed(0)
+    cfg, order, seen = Config(prompts_per_step=4), [], []
+    for _ in range(5):  # 20 problems drawn: two epochs of 10
+        batch, order = igrpo.next_batch(list(range(10)), order, cfg)
+        seen += batch
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:] and seen[:10] != list(range(10))
+
+
 # ----------------------------------------------------------------------------------------------
 # A tiny model and tokenizer, built locally
 # ----------------------------------------------------------------------------------------------
@@ -243,13 +252,14 @@ def tiny(tmp_path_factory):
     return folder
 
 
-def tiny_config(tiny, tmp_path, **overrides):
+def tiny_config(tiny, tmp_path, config_class=Config, **overrides):
+    """A Config (or config_class: scale.py's ScaleConfig) for quick runs on the tiny model."""
     settings = dict(model=str(tiny / "model"), dataset=str(tiny / "train.jsonl"), steps=2, prompts_per_step=2,
                     group_size=4, num_drafts=2, lr=1e-3, max_completion_tokens=8, max_draft_tokens=4,
                     max_prompt_tokens=128, micro_batch_size=3, gradient_checkpointing=False, chat_template="off",
                     output_dir=str(tmp_path / "run"))
     settings.update(overrides)
-    return Config(**settings)
+    return config_class(**settings)
 
 
 def test_toy_checkpoint_round_trips_through_the_auto_classes(tiny):
@@ -290,91 +300,6 @@ def test_a_generate_call_cut_short_by_the_context_masks_only_the_tokens_it_gener
     samples = igrpo.stack_samples(calls, Tokenizer(), [eos])
     assert samples.completion_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert samples.texts == ["[6, 6, 6, 6, 6]", "[7, 7, 7]"] and samples.lengths.tolist() == [5, 3]
-
-
-def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
-    prompts = ["Problem: What is 1 + 1?\n\nSolution:", "What is 12 + 1 and 3 + 4?"]
-    drawn = {}
-    for mode in ("off", "on"):  # on the CPU, "on" is the static cache and bucketing, uncompiled
-        cfg = Config(chat_template="off", compile_generation=mode)
-        model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-        torch.manual_seed(3)
-        drawn[mode] = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=4, max_new_tokens=10,
-                                   temperature=1.0)
-    assert drawn["on"].texts == drawn["off"].texts and len(set(drawn["on"].texts)) > 1
-    assert torch.equal(drawn["on"].completion_mask, drawn["off"].completion_mask)
-
-
-def test_fixed_shape_generate_calls_drop_their_padding_rows(tiny, monkeypatch):
-    cfg = Config(chat_template="off", compile_generation="on", generation_batch_size=4)
-    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    shapes, real_generate = [], model.generate
-
-    def generate(**kwargs):
-        config = kwargs["generation_config"]
-        shapes.append((len(kwargs["input_ids"]), config.cache_implementation, config.max_cache_len))
-        return real_generate(**kwargs)
-    monkeypatch.setattr(model, "generate", generate)
-    prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6,
-                           temperature=1.0)
-    assert shapes == [(4, "static", 256), (4, "static", 256)]  # 6 rows: 4, then 2 + 2 padding
-    assert samples.input_ids.shape[0] == len(samples.texts) == 6
-    P = samples.prompt_length
-    for row in range(6):
-        prompt = samples.input_ids[row, :P][samples.attention_mask[row, :P] == 1]
-        assert tokenizer.decode(prompt) == prompts[row // 2]
-
-
-def test_static_cache_sampling_inherits_nothing_from_a_hostile_generation_config(tiny):
-    cfg = Config(chat_template="off", compile_generation="on")
-    clean, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    hostile_generation_defaults(model)
-    prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
-    torch.manual_seed(1)
-    options = dict(per_prompt=4, max_new_tokens=8, temperature=0.5)
-    ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, **options)
-    torch.manual_seed(1)
-    reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, **options)
-    assert ours.texts == reference.texts and int(ours.lengths.min()) > 1  # hostile: one token
-    assert len(set(ours.texts)) > 1
-
-
-def test_training_log_probs_match_the_static_cache_samplers_within_precision_noise(tiny,
-                                                                                    monkeypatch):
-    """On CUDA (the GPU check) this runs compiled decoding in bf16; on the CPU, the static cache."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, tolerance = (torch.bfloat16, 0.1) if device == "cuda" else (torch.float32, 1e-4)
-    cfg = Config(chat_template="off", compile_generation="on")
-    model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, dtype, device)
-    sampler_logits, real_generate = [], model.generate
-
-    def generate(**kwargs):  # the logits the sampler drew from, softmax(logits / T) of them
-        kwargs["generation_config"].update(output_logits=True, return_dict_in_generate=True)
-        output = real_generate(**kwargs)
-        sampler_logits.append(torch.stack(output.logits, 1).float())            # (B, T, V)
-        return output.sequences
-    monkeypatch.setattr(model, "generate", generate)
-    torch.manual_seed(0)
-    samples = igrpo.sample(model, tokenizer, ["What is 2 + 2?", "What?"], cfg, per_prompt=2,
-                           max_new_tokens=6, temperature=0.7)
-    drawn = samples.input_ids[:, samples.prompt_length:]                           # (B, T)
-    sampler = torch.log_softmax(sampler_logits[0][:, :drawn.shape[1]] / 0.7, -1)
-    sampler = sampler.gather(-1, drawn[..., None]).squeeze(-1)
-    with torch.no_grad():
-        ours = igrpo.token_logprobs(model, samples.input_ids, samples.attention_mask,
-                                    samples.prompt_length, samples.completion_mask, 0.7)[0]
-    mask = samples.completion_mask
-    assert mask.sum() > 4 and (ours[mask] - sampler[mask]).abs().max() < tolerance
-
-
-def test_compile_generation_is_on_for_cuda_only_by_default_and_validated(tiny, tmp_path):
-    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
-    assert not igrpo.compiles_generation(Config(), model)
-    assert igrpo.compiles_generation(Config(compile_generation="on"), model)
-    with pytest.raises(SystemExit, match="--compile-generation 'yes'"):
-        igrpo.check_config(tiny_config(tiny, tmp_path, compile_generation="yes"))
 
 
 def test_left_padding_leaves_log_probs_unchanged(tiny):
@@ -436,217 +361,50 @@ def test_log_probs_are_those_of_the_sampling_distribution_at_the_temperature(tin
     assert torch.allclose(entropy[0], -(reference.exp() * reference).sum(-1), atol=1e-5)
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("head", ["output layer", "logits given"])
-def test_blockwise_log_probs_have_the_values_and_gradients_of_one_full_log_softmax(monkeypatch, softcap,
-                                                                               head):
-    monkeypatch.setattr(igrpo, "LOGITS_BLOCK_BYTES", 4 * 11 * 15)  # 11 tokens: 4 blocks of 15
-    torch.manual_seed(0)
-    hidden = torch.randn(11, 8 if head == "output layer" else 50, requires_grad=True)
-    weight = torch.randn(50, 8, requires_grad=True) if head == "output layer" else None
-    bias = torch.randn(50, requires_grad=True) if head == "output layer" else None
-    targets, upstream = torch.randint(0, 50, (11,)), torch.randn(11)  # any gradient from the loss
-    logp, entropy = igrpo.OutputLayerLogprobs.apply(hidden, weight, bias, targets, (1.7, softcap, 0.7),
-                                                    True)
-    logits = (hidden if weight is None else hidden @ weight.T + bias) * 1.7
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    reference = torch.log_softmax(logits / 0.7, -1)
-    expected = reference.gather(-1, targets[:, None]).squeeze(-1)
-    leaves = [t for t in (hidden, weight, bias) if t is not None]
-    grads = torch.autograd.grad((logp * upstream).sum(), leaves)
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves)
-    assert torch.allclose(logp, expected, atol=1e-5)
-    assert torch.allclose(entropy, -(reference.exp() * reference).sum(-1), atol=1e-5)
-    assert all(torch.allclose(ours, theirs, atol=1e-5) for ours, theirs in zip(grads, expected_grads))
-
-
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("head", ["output layer", "logits given"])
-def test_log_probs_hold_two_blocks_of_float32_logits_whatever_the_number_of_tokens(monkeypatch, softcap,
-                                                                                  head):
-    from bench import peak_memory
-    vocabulary, width = 2000, 16
-    monkeypatch.setattr(igrpo, "LOGITS_BLOCK_BYTES", 4 * vocabulary * 50)  # (50 tokens, V) a block
-    block = igrpo.LOGITS_BLOCK_BYTES
-    weight = torch.randn(vocabulary, width, requires_grad=True) if head == "output layer" else None
-    for tokens in (100, 1000):
-        features = torch.randn(tokens, width if weight is not None else vocabulary, requires_grad=True)
-        targets = torch.randint(0, vocabulary, (tokens,))
-
-        def forward_and_backward():
-            logp, _ = igrpo.OutputLayerLogprobs.apply(features, weight, None, targets,
-                                                      (1.0, softcap, 0.7), True)
-            logp.sum().backward()
-        features.grad = None
-        if weight is not None:
-            weight.grad = None
-        _, peak = peak_memory(forward_and_backward, "cpu")
-        gradients = features.numel() * 4 * (2 if weight is not None else 1)  # hidden: a float32 sum
-        gradients += weight.numel() * 4 if weight is not None else 0
-        assert peak < gradients + 2.5 * block  # a full log-softmax of 1000 tokens: 20 blocks
-
-
-@pytest.mark.parametrize("tokens", [100, 4])  # 4 < the width: then the block's gradient rows set its size
-def test_a_bf16_output_layer_with_master_weights_adds_its_gradient_to_them_and_keeps_no_bf16_copy(monkeypatch,
-                                                                                              tokens):
-    from bench import peak_memory
-    vocabulary, width = 20000, 64
-    monkeypatch.setattr(igrpo, "LOGITS_BLOCK_BYTES", 400_000)  # 100 tokens: blocks of 1000 columns
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.randn(vocabulary, width).bfloat16())
-    weight.master = weight.detach().float()
-    weight.master.grad = torch.randn(vocabulary, width) * 1e-4  # an earlier micro-batch's
-    earlier = weight.master.grad.clone()
-    features = torch.randn(tokens, width).bfloat16().requires_grad_()
-    targets = torch.randint(0, vocabulary, (tokens,))
-
-    def forward_and_backward():
-        logp, _ = igrpo.OutputLayerLogprobs.apply(features, weight, None, targets, (1.0, None, 0.7), False)
-        logp.sum().backward()
-    _, peak = peak_memory(forward_and_backward, "cpu")
-    assert weight.grad is None
-    assert peak < 2.5 * igrpo.LOGITS_BLOCK_BYTES < vocabulary * width * 2  # no (V, H) bf16 gradient
-    logits = (features @ weight.T).float().detach().requires_grad_()  # bf16 logits, as the model's
-    reference = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[:, None]).sum()
-    expected = torch.autograd.grad(reference, logits)[0].T @ features.detach().float()  # (V, H)
-    added = weight.master.grad - earlier
-    assert (added - expected).norm() < 1e-2 * expected.norm()  # one bf16 rounding of each row
-
-
-def shrunk(config):
-    """A causal-LM config at its defaults, shrunk to a tiny model: every size a few units, the vocabulary 256,
-    the sub-configs alike; logit scalings and soft-caps set to 3, so a scorer that skips them is caught."""
-    sizes = dict(hidden_size=64, n_embd=64, d_model=64, n_embed=64, embed_dim=64, dim=64, num_hidden_layers=2,
-                 n_layer=2, num_layers=2, n_layers=2, decoder_layers=2, num_attention_heads=4, n_head=4,
-                 num_heads=4, n_heads=4, decoder_attention_heads=4, num_key_value_heads=4, num_kv_heads=4,
-                 intermediate_size=128, n_inner=128, ffn_dim=128, decoder_ffn_dim=128, d_ff=128,
-                 max_position_embeddings=128)
-    values = config.to_dict()
-    layers = next((values[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-                   if isinstance(values.get(k), int)), None)
-    small = {}
-    for name, value in values.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            if name in sizes:
-                small[name] = sizes[name]
-            elif "vocab" in name:
-                small[name] = 256
-            elif "head_dim" in name or "rotary_dim" in name or "rope_dim" in name:
-                small[name] = 16
-            elif name.endswith("token_id") and value >= 256:
-                small[name] = 1
-            elif value > 64 and "token" not in name and "id" not in name.split("_"):
-                small[name] = 32
-        elif isinstance(value, float) and ("logit" in name or name.endswith("multiplier")):
-            small[name] = 3.0
-        elif isinstance(value, list) and layers not in (None, 2) and len(value) == layers:
-            small[name] = value[:2]  # per-layer settings
-        elif isinstance(value, dict) and "model_type" in value and hasattr(getattr(config, name), "to_dict"):
-            small[name] = shrunk(getattr(config, name)).to_dict()  # a sub-config
-    return type(config)(**small)
-
-
-def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(capsys):
-    """Every causal LM of the installed transformers that builds tiny: token_logprobs must equal
-    log_softmax(model(...).logits / T) on the completion tokens, whichever path check_scoring picks."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    transformers.logging.set_verbosity_error()
-    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(10).expand(2, -1)  # as generate() numbers an unpadded prompt
-    mask, temperature, table = torch.ones(2, 6, dtype=torch.bool), 0.7, {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ~200 tiny forwards: one thread is faster, and immune to a busy machine
-    try:
-        for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            try:
-                torch.manual_seed(0)
-                model = AutoModelForCausalLM.from_config(shrunk(CONFIG_MAPPING[model_type]())).eval()
-                with torch.no_grad():
-                    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
-            except Exception as error:  # noqa: BLE001  a config that does not shrink: reported, not hidden
-                table[model_type] = ("skipped", f"{type(error).__name__}: {str(error)[:90]!r}")
-                continue
-            reference = torch.log_softmax(logits[:, 3:-1] / temperature, -1)
-            reference = reference.gather(-1, ids[:, 4:, None]).squeeze(-1)           # (2, 6)
-            with torch.no_grad():
-                igrpo.check_scoring(model, model_type)
-                logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, mask, temperature)[0]
-            error = (logp - reference).abs().max().item()
-            path = "own forward" if model.scored_by_forward else "output layer"
-            table[model_type] = ("matches" if error < 1e-4 else "DIFFERS", f"{path}, max error {error:.1e}")
-    finally:
-        torch.set_num_threads(threads)
-    counts = {r: sum(v[0] == r for v in table.values()) for r in ("matches", "DIFFERS", "skipped")}
-    with capsys.disabled():  # the table, less the rows that match through the output layer
-        print(f"\n{len(table)} causal-LM architectures: {counts}")
-        for model_type, (result, detail) in table.items():
-            if result != "matches" or "own forward" in detail:
-                print(f"  {model_type:<26} {result:<8} {detail}")
-    assert [name for name, (result, _) in table.items() if result == "DIFFERS"] == []
-    assert sum(result == "matches" for result, _ in table.values()) >= 100
-    for scaled in ("granite", "granitemoehybrid", "cohere", "falcon_h1", "gemma2", "llama", "qwen2"):
-        assert table[scaled][0] == "matches" and "output layer" in table[scaled][1]  # the memory-light path
-
-
-def test_logits_changed_in_an_unknown_way_are_scored_through_the_models_own_forward(tiny, monkeypatch):
+def test_token_logprobs_equal_a_log_softmax_of_the_models_own_logits_in_value_and_gradient(tiny):
     model, tokenizer = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
-    assert not model.scored_by_forward
-    plain_forward, bias = model.forward, torch.linspace(-3, 3, model.config.vocab_size)
+    ids = torch.tensor([tokenizer("What is 3 + 1? 3 + 1 = 4. \\boxed{4}").input_ids])
+    P, T, temperature = 6, ids.shape[1] - 6, 0.7
+    mask = torch.ones(1, T, dtype=torch.bool)
+    mask[0, -2:] = False  # padding after the end: zero, and no gradient from it
+    upstream = torch.linspace(-1, 2, T)[None]  # any gradient the loss sends back
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    logp, entropy = igrpo.token_logprobs(model, ids, torch.ones_like(ids), P, mask, temperature)
+    grads = torch.autograd.grad((logp * upstream).sum(), parameters)
+    reference = torch.log_softmax(model(ids).logits[0, P - 1:-1] / temperature, -1)   # (T, V)
+    expected = reference.gather(-1, ids[0, P:, None]).squeeze(-1) * mask[0]           # (T,)
+    expected_grads = torch.autograd.grad((expected * upstream[0]).sum(), parameters)
+    assert torch.allclose(logp[0], expected, atol=1e-5) and (logp[0, -2:] == 0).all()
+    assert torch.allclose(entropy[0], -(reference.exp() * reference).sum(-1) * mask[0], atol=1e-5)
+    assert not entropy.requires_grad  # a metric: the loss never differentiates it
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected_grads))
 
-    def biased_forward(*args, **kwargs):  # e.g. a final_logits_bias the output layer does not hold
-        output = plain_forward(*args, **kwargs)
-        output.logits = output.logits + bias
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_and_entropies_stay_finite_when_a_logit_is_the_dtypes_minimum(tiny, dtype,
+                                                                                 monkeypatch):
+    from transformers import LlamaForCausalLM
+    plain_forward, masked = LlamaForCausalLM.forward, 7  # a token the model's forward masks out
+
+    def forward(self, *args, **kwargs):
+        output = plain_forward(self, *args, **kwargs)
+        output.logits[..., masked] = torch.finfo(output.logits.dtype).min
         return output
-    monkeypatch.setattr(model, "forward", biased_forward)
-    igrpo.check_scoring(model, "--model biased")
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    model, tokenizer = igrpo.load_model(str(tiny / "model"), Config(), dtype, "cpu")
     ids = torch.tensor([tokenizer("What is 3 + 1? 4").input_ids])
-    with torch.no_grad():
-        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 3,
-                                    torch.ones(1, 3, dtype=torch.bool), 0.5)[0]
-        reference = torch.log_softmax(model(ids).logits[0, -4:-1] / 0.5, -1).gather(-1, ids[0, -3:, None])
-    assert model.scored_by_forward and torch.allclose(logp[0], reference.squeeze(-1), atol=1e-5)
-
-
-def test_a_model_whose_forward_fails_is_refused_before_training(tiny, monkeypatch):
-    model, _ = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")
-
-    def broken_forward(*args, **kwargs):
-        raise RuntimeError("expected 4D input")
-    monkeypatch.setattr(model, "forward", broken_forward)
-    with pytest.raises(SystemExit, match="--model odd: its forward pass fails .* expected 4D input"):
-        igrpo.check_scoring(model, "--model odd")
-
-
-@pytest.mark.parametrize("architecture,scaling,weight_scale", [
-    ("llama", {}, 40), ("granite", dict(logits_scaling=8.0), 320), ("cohere", dict(logit_scale=0.0625), 600),
-    ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16), 40)])
-def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(architecture, scaling,
-                                                                              weight_scale):
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
-                                          num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-                                          **scaling)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # a trained model's logits span tens of nats, where bf16 rounding shows
-        model.get_output_embeddings().weight.mul_(weight_scale)
-    model = model.to(torch.bfloat16).eval()
-    igrpo.check_scoring(model, architecture)
-    ids = torch.randint(3, 1999, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(ids, position_ids=torch.arange(32).expand(2, -1)).logits.float()
-        mask = torch.ones(2, 16, dtype=torch.bool)
-        logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), 16, mask, 1.0)[0]
-    reference = torch.log_softmax(logits[:, 15:-1], -1).gather(-1, ids[:, 16:, None]).squeeze(-1)
-    assert logits.abs().max() > 20 and not model.scored_by_forward
-    assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
+    ids[ids == masked] = masked + 1  # the sampler never draws the masked token
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for temperature in (0.7, 1.0, 1.5):
+        logp, entropy = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 3,
+                                             mask, temperature)
+        logp.sum().backward()
+        gradients = [p.grad for p in model.parameters() if p.grad is not None]
+        assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+        assert (entropy > 0).all() and (logp < 0).all()
+        assert gradients and all(torch.isfinite(g).all() for g in gradients)
+        model.zero_grad()
 
 
 def test_sampling_ignores_the_models_own_generation_defaults(tiny):
@@ -866,6 +624,20 @@ def test_a_wrong_best_draft_is_still_used(monkeypatch, tiny, tmp_path):
     assert len(calls) == 2 and "Previous draft" in calls[1][0][0]
 
 
+def test_best_drafts_are_the_first_best_of_each_problem_with_every_drafts_reward(tiny):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    cfg = Config(num_drafts=3, max_draft_tokens=64)
+    batch = [{"problem": "What is 1 + 1?", "answer": "2"},
+             {"problem": "What is 2 + 1?", "answer": "3"}]
+    texts = ["\\boxed{5}", "a \\boxed{2}", "b \\boxed{2}",  # problem 1: drafts 2 and 3 right
+             "\\boxed{1}", "\\boxed{4}", "\\boxed{0}"]    # problem 2: none right
+    drafts = SimpleNamespace(texts=texts, lengths=torch.full((6,), 3))
+    best, rewards = igrpo.best_drafts(tokenizer, batch, drafts, cfg)
+    assert best == ["a \\boxed{2}", "\\boxed{1}"]
+    assert rewards.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+
+
 def test_igrpo_trains_on_refinement_tokens_only(monkeypatch, tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path)
     model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
@@ -978,37 +750,13 @@ def versioned_sampler(monkeypatch, tiny):
     return sampled, calls
 
 
-def test_overlapped_drafts_make_one_generate_call_per_step_after_the_first(monkeypatch, tiny,
-                                                                           tmp_path):
-    sampled, versions = versioned_sampler(monkeypatch, tiny)
-    cfg = tiny_config(tiny, tmp_path, steps=3, overlap_drafts=True, max_draft_tokens=64)
-    igrpo.train(cfg)
-    N, refinements = cfg.num_drafts, cfg.group_size - cfg.num_drafts
-    assert versions == [0, 0, 1, 2]  # step 1: its own drafts, then one call; steps 2, 3: one each
-    assert sampled[0][1] == N and all(per_prompt == 1 for _, per_prompt in sampled[1:3])
-    last_prompts, last_per_prompt = sampled[3]  # the last step samples no drafts
-    assert last_per_prompt == refinements and all("Previous draft" in p for p in last_prompts)
-    for version, (prompts, _) in zip(versions[1:3], sampled[1:3]):
-        refine = [p for p in prompts if "Previous draft" in p]
-        assert len(refine) == cfg.prompts_per_step * refinements  # groups contiguous, drafts after
-        assert prompts[:len(refine)] == refine
-        assert len(prompts) == cfg.prompts_per_step * cfg.group_size
-    # step 1 refines drafts its own policy sampled; steps 2, 3: drafts from before the last update
-    assert all("draft after 0 updates" in p for p in sampled[1][0][:4] + sampled[2][0][:4])
-    assert all("draft after 1 updates" in p for p in sampled[3][0])
-
-
-def test_without_overlap_every_step_draws_its_own_drafts_then_refines(monkeypatch, tiny, tmp_path):
+def test_every_step_draws_its_own_drafts_from_the_current_policy_then_refines(monkeypatch, tiny,
+                                                                              tmp_path):
     sampled, versions = versioned_sampler(monkeypatch, tiny)
     igrpo.train(tiny_config(tiny, tmp_path, steps=2, max_draft_tokens=64))
     assert versions == [0, 0, 1, 1] and [n for _, n in sampled] == [2, 2, 2, 2]
     assert "draft after 0 updates" in sampled[1][0][0]
     assert "draft after 1 updates" in sampled[3][0][0]
-
-
-def test_overlapped_drafts_are_refused_for_grpo(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="--overlap-drafts with --algo grpo"):
-        igrpo.check_config(tiny_config(tiny, tmp_path, algo="grpo", overlap_drafts=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1034,7 +782,7 @@ def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------
-# Long runs: resume, atomic checkpoints, Ctrl-C, non-finite numbers, failures that name their fix
+# Long runs: resume, atomic checkpoints, the run folder (Ctrl-C and the rest: test_scale.py)
 # ----------------------------------------------------------------------------------------------
 def final_weights(folder):
     return load_file(folder / "final" / "model.safetensors")
@@ -1106,39 +854,6 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_ea
     assert all(torch.allclose(expected[name].float(), resumed[name].float(), atol=1e-6) for name in expected)
 
 
-def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
-        tiny, tmp_path, monkeypatch, capsys, uninterrupted):
-    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
-    folder = tmp_path / "run"
-    cfg = long_run_config(tiny, folder, dtype="fp32")
-    handler = signal.getsignal(signal.SIGINT)
-    with monkeypatch.context() as patch:
-        rollout_that(patch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
-        with pytest.raises(SystemExit) as stopped:
-            igrpo.train(cfg)
-    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
-    assert "--resume" in capsys.readouterr().out
-    assert (folder / "step-2" / "trainer_state.pt").exists() and training_steps(folder) == [1, 2]
-    igrpo.train(dataclasses.replace(cfg, resume=True))
-    expected, resumed = final_weights(uninterrupted["fp32"]), final_weights(folder)
-    assert training_steps(folder) == [1, 2, 3, 4]
-    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
-
-
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch):
-    folder = tmp_path / "run"
-    cfg = long_run_config(tiny, folder)
-
-    def twice():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-    rollout_that(monkeypatch, 1, twice)
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, bool)]
-    with pytest.raises(SystemExit, match="interrupted, no checkpoint written"):
-        igrpo.main(argv + ["--no-gradient-checkpointing"])
-    assert not list(folder.glob("step-*")) and training_steps(folder) == []
-
-
 def test_resume_refuses_changed_settings_a_finished_run_and_a_folder_without_checkpoints(
         tiny, tmp_path, uninterrupted):
     finished = long_run_config(tiny, uninterrupted["fp32"], dtype="fp32", resume=True)
@@ -1148,6 +863,10 @@ def test_resume_refuses_changed_settings_a_finished_run_and_a_folder_without_che
         igrpo.train(finished)
     with pytest.raises(SystemExit, match="no run to resume"):
         igrpo.train(long_run_config(tiny, tmp_path / "empty", resume=True))
+    started = long_run_config(tiny, tmp_path / "started")
+    igrpo.prepare_output_dir(started)  # its args.json, and no checkpoint yet
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        igrpo.train(dataclasses.replace(started, resume=True))
 
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_told_to_overwrite(tiny, tmp_path):
@@ -1162,34 +881,39 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_told_to_overwrite(
     assert json.loads((folder / "args.json").read_text())["steps"] == 1
 
 
-def test_overwrite_deletes_the_old_runs_checkpoints_and_final_models_but_nothing_else(tmp_path):
+def test_overwrite_deletes_the_old_runs_checkpoints_and_final_model_but_nothing_else(tmp_path):
     out = tmp_path / "run"
-    for name in ("step-3", ".step-4.tmp", "final", "final-merged", "notes"):
+    ours = ("step-3", ".step-4.tmp", "final", ".final.tmp")
+    for name in ours + ("final-merged", "notes", "step-2-backup", "step-2.bak"):
         (out / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text("{}\n")
-    igrpo.start_fresh(out, Config(steps=1))
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes"]
+    assert igrpo.prepare_output_dir(Config(steps=1, output_dir=str(out), overwrite=True)) is None
+    left = ["args.json", "final-merged", "notes", "step-2-backup", "step-2.bak"]
+    assert sorted(p.name for p in out.iterdir()) == left
+    assert json.loads((out / "args.json").read_text())["steps"] == 1
 
 
 def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny, tmp_path, monkeypatch):
     igrpo.train(tiny_config(tiny, tmp_path, steps=2, save_every=1))
     state_path = tmp_path / "run" / "step-1" / "trainer_state.pt"
     state = torch.load(state_path, weights_only=True)
-    state["rng"]["ranks"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run saves it
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run saves it
     torch.save(state, state_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all",
                         lambda states: pytest.fail("restored CUDA random states without CUDA"))
-    model, tokenizer = igrpo.load_model(str(tmp_path / "run" / "step-1"), Config(), torch.float32, "cpu")
-    master, optimizer = igrpo.master_weights_and_optimizer(model, Config())
-    step, _, _ = igrpo.load_checkpoint(tmp_path / "run" / "step-1", model, optimizer, master,
-                                       tmp_path / "run" / "metrics.jsonl")
-    assert step == 1
+    cfg = tiny_config(tiny, tmp_path, steps=2, save_every=1)
+    model, tokenizer = igrpo.load_model(str(tmp_path / "run" / "step-1"), cfg, torch.float32, "cpu")
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+    step, order = igrpo.load_checkpoint(tmp_path / "run" / "step-1", optimizer, master, cfg)
+    assert step == 1 and order == state["order"]
 
 
 def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newest_are_kept(
         tiny, tmp_path, monkeypatch):
-    igrpo.train(tiny_config(tiny, tmp_path, steps=3, save_every=1, keep_checkpoints=2))
+    igrpo.train(tiny_config(tiny, tmp_path, steps=4, save_every=1, keep_checkpoints=2))
     folder = tmp_path / "run"
+    # step-4 is final/ (the last step writes no checkpoint); step-1 was rotated away
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["final", "step-2", "step-3"]
     umask = os.umask(0)
     os.umask(umask)
@@ -1204,72 +928,159 @@ def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newe
     assert not (folder / "step-9").exists() and (folder / ".step-9.tmp" / "model.safetensors").exists()
 
 
-def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with_the_likely_cause(
-        tiny, tmp_path, monkeypatch):
-    real = igrpo.policy_loss
-
-    def nan_loss(*args):
-        loss, clipped, kl = real(*args)
-        return loss * float("nan"), clipped, kl
-    monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
-    cfg = tiny_config(tiny, tmp_path, steps=5)
-    with pytest.raises(SystemExit, match=r"3 updates in a row .*--lr 0.001.*--dtype fp32.*step-3"):
-        igrpo.train(cfg)
-    lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
-    records = [json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token} in metrics.jsonl"))
-               for line in lines]
-    assert [r["skipped_updates"] for r in records] == [1, 1, 1] and all(r["loss"] is None for r in records)
-    before = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")[0].state_dict()
-    final = igrpo.load_model(str(tmp_path / "run" / "step-3"), cfg, torch.float32, "cpu")[0].state_dict()
-    assert all(torch.equal(before[name], final[name]) for name in before)  # no update was applied
+def crash():
+    raise Crash("killed")
 
 
-FAILURES_MID_RUN = [
-    ("sample", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory while sampling"),
-    ("token_logprobs", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory while updating the policy"),
-    ("sample", RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"), "--lr 0.001"),
-]
+def metric_lines(folder):
+    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("function,error,message", FAILURES_MID_RUN, ids=[m for *_, m in FAILURES_MID_RUN])
-def test_failures_mid_run_stop_with_one_line_naming_the_flags_that_fix_them(
-        tiny, tmp_path, monkeypatch, function, error, message):
-    def raises(*args, **kwargs):
-        raise error
-    monkeypatch.setattr(igrpo, function, raises)
+def test_metrics_jsonl_has_a_line_per_step_and_a_line_per_held_out_score(tiny, tmp_path,
+                                                                         uninterrupted):
+    rows = metric_lines(uninterrupted["fp32"])  # 4 steps, scored before and after
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]
+    scores, steps = [rows[0], rows[-1]], rows[1:-1]
+    assert all(set(r) == {"step", "eval_accuracy"} and 0 <= r["eval_accuracy"] <= 1
+               for r in scores)
+    assert all(METRIC_KEYS <= set(r) and "eval_accuracy" not in r for r in steps)
+    assert igrpo.held_out_results(uninterrupted["fp32"]) == dict(
+        eval_before=rows[0]["eval_accuracy"], eval_after=rows[-1]["eval_accuracy"])
+    cfg = tiny_config(tiny, tmp_path, eval_dataset=str(tiny / "train.jsonl"), eval_limit=2,
+                      eval_every=1)
+    igrpo.train(cfg)  # every step scored, the last one once
+    rows = metric_lines(tmp_path / "run")
+    assert [(r["step"], "eval_accuracy" in r) for r in rows] == [
+        (0, True), (1, False), (1, True), (2, False), (2, True)]
+
+
+def test_an_interrupted_final_scoring_leaves_final_and_resume_redoes_only_the_scoring(
+        tiny, tmp_path, monkeypatch, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype="fp32")
+    real, scorings = igrpo.held_out_accuracy, []
+
+    def stopped_at_the_last(*args, **kwargs):  # scored before training, then the final model
+        scorings.append(1)
+        if len(scorings) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(igrpo, "held_out_accuracy", stopped_at_the_last)
+        with pytest.raises(KeyboardInterrupt):
+            igrpo.train(cfg)
+    assert (folder / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in metric_lines(folder)] == [0, 1, 2, 3, 4]
+    expected, saved = final_weights(uninterrupted["fp32"]), final_weights(folder)
+    assert all(torch.allclose(expected[name], saved[name], atol=1e-6) for name in expected)
+    with pytest.raises(SystemExit, match="already holds a run: add --resume"):
+        igrpo.train(cfg)  # not finished: its final score is missing
+    rollouts = []
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 1, lambda: rollouts.append(1))
+        results = igrpo.train(dataclasses.replace(cfg, resume=True))
+    rows = metric_lines(folder)
+    assert rollouts == [] and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]
+    assert set(rows[-1]) == {"step", "eval_accuracy"}
+    assert results == dict(eval_before=rows[0]["eval_accuracy"],
+                           eval_after=rows[-1]["eval_accuracy"])
+    assert all(torch.equal(saved[name], final_weights(folder)[name]) for name in saved)
+    with pytest.raises(SystemExit, match="already finished"):
+        igrpo.train(dataclasses.replace(cfg, resume=True))
+
+
+def test_a_finished_runs_folder_is_refused_naming_overwrite_and_not_resume(tiny, uninterrupted,
+                                                                          monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
+    before = metric_lines(uninterrupted["fp32"])
     with pytest.raises(SystemExit) as stopped:
-        igrpo.train(tiny_config(tiny, tmp_path))
-    assert message in str(stopped.value.code)
-    if isinstance(error, torch.OutOfMemoryError):
-        assert all(flag in str(stopped.value.code)
-                   for flag in ("--micro-batch-size", "--generation-batch-size", "--max-completion-tokens"))
+        igrpo.train(long_run_config(tiny, uninterrupted["fp32"], dtype="fp32"))
+    message = str(stopped.value.code)
+    assert "already holds a finished run" in message and "--overwrite" in message
+    assert "--resume" not in message and "\n" not in message
+    assert metric_lines(uninterrupted["fp32"]) == before
 
 
-def test_a_collapsed_or_stuck_policy_is_warned_about():
-    healthy = [dict(entropy=0.8, accuracy=0.5)] * igrpo.COLLAPSE_STEPS
-    collapsed = [dict(entropy=0.0, accuracy=0.0)] * igrpo.COLLAPSE_STEPS
-    stuck = [dict(entropy=0.5, accuracy=0.0)] * igrpo.COLLAPSE_STEPS
-    assert igrpo.collapse_warning(healthy) is None and igrpo.collapse_warning(collapsed[1:]) is None
-    assert "entropy below" in igrpo.collapse_warning(healthy + collapsed)
-    assert "no completion was right" in igrpo.collapse_warning(stuck)
+def test_a_run_resumed_at_a_held_out_scoring_step_logs_it_once_and_ends_like_an_unbroken_one(
+        tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    runs = {}
+    for name in ("unbroken", "resumed"):
+        cfg = long_run_config(tiny, tmp_path / name, dtype="fp32", save_every=2, eval_every=2)
+        if name == "resumed":
+            with monkeypatch.context() as patch:
+                rollout_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint
+                with pytest.raises(Crash):
+                    igrpo.train(cfg)
+            cfg = dataclasses.replace(cfg, resume=True)
+        igrpo.train(cfg)
+        runs[name] = final_weights(tmp_path / name)
+    logged = {name: [(r["step"], "eval_accuracy" in r) for r in metric_lines(tmp_path / name)]
+              for name in runs}
+    assert logged["unbroken"] == [(0, True), (1, False), (2, False), (2, True), (3, False),
+                                  (4, False), (4, True)]
+    assert logged["resumed"] == logged["unbroken"]
+    expected = runs["unbroken"]
+    assert all(torch.allclose(expected[name], runs["resumed"][name], atol=1e-6)
+               for name in expected)
 
 
-def test_an_unknown_hub_name_fails_in_seconds_when_the_hub_cannot_be_reached(tiny, tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub import constants
+def test_checkpoint_rotation_and_resume_use_only_folders_named_exactly_step_n(
+        tiny, tmp_path, monkeypatch, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype="fp32", save_every=1, keep_checkpoints=1)
+    (folder / "step-2-backup").mkdir(parents=True)  # the user's, made before the run
+    (folder / "step-2-backup" / "notes.txt").write_text("mine")
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 3, crash)  # step 3 dies: step-2 is the newest checkpoint
+        with pytest.raises(Crash):
+            igrpo.train(cfg)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["step-2", "step-2-backup"]
+    (folder / "step-2.bak").mkdir()  # the user's too: not a checkpoint, though it looks like one
+    (folder / "step-2.bak" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    igrpo.train(dataclasses.replace(cfg, resume=True))
+    assert training_steps(folder) == [1, 2, 3, 4]
+    assert (folder / "step-2-backup" / "notes.txt").read_text() == "mine"
+    expected, resumed = final_weights(uninterrupted["fp32"]), final_weights(folder)
+    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
+        "final", "step-2-backup", "step-2.bak", "step-3"]
 
-    class Unreachable:
-        def head(self, *args, **kwargs):
-            raise ConnectionError("Name or service not known")
-    monkeypatch.setattr(huggingface_hub, "get_session", Unreachable)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "")
-    started = time.time()
-    with pytest.raises(SystemExit, match="--model 'no-such-user/no-such-model-xyz'"):
-        igrpo.train(tiny_config(tiny, tmp_path, model="no-such-user/no-such-model-xyz"))
-    assert time.time() - started < 10 and constants.HF_HUB_OFFLINE
+
+def test_a_damaged_newest_trainer_state_is_a_one_line_error_naming_the_file(tiny, tmp_path,
+                                                                           monkeypatch):
+    cfg = tiny_config(tiny, tmp_path, steps=3, save_every=1)
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 3, crash)
+        with pytest.raises(Crash):
+            igrpo.train(cfg)
+    state = tmp_path / "run" / "step-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])  # cut short
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(dataclasses.replace(cfg, resume=True))
+    message = str(stopped.value.code)
+    assert f"--resume: {state} is damaged" in message and "\n" not in message
+    assert training_steps(tmp_path / "run") == [1, 2]
 
 
+def test_a_cut_args_json_is_a_one_line_error_on_resume(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
+    cfg = tiny_config(tiny, tmp_path)
+    igrpo.prepare_output_dir(cfg)
+    args = tmp_path / "run" / "args.json"
+    args.write_text(args.read_text()[:40])  # a disk that filled up, an editor that crashed
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(dataclasses.replace(cfg, resume=True))
+    message = str(stopped.value.code)
+    assert f"--resume: {args} is damaged" in message and "--overwrite" in message
+    assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, and bad input
+# ----------------------------------------------------------------------------------------------
 def test_every_setting_is_a_kebab_case_flag_with_help():
     import dataclasses
     cfg, given = igrpo.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])
@@ -1278,15 +1089,32 @@ def test_every_setting_is_a_kebab_case_flag_with_help():
     assert all(f.metadata["help"] for f in dataclasses.fields(Config))
 
 
+def test_a_config_subclass_gets_its_own_fields_as_flags_too():
+    import argparse
+
+    @dataclasses.dataclass
+    class Bigger(Config):
+        adapter_rank: int = igrpo.setting(0, "a field igrpo.py does not know")
+    cfg, given = igrpo.parse_args(["--adapter-rank", "4", "--lr", "0.5"], config_class=Bigger)
+    assert type(cfg) is Bigger and cfg.adapter_rank == 4 and cfg.lr == 0.5
+    assert given == {"adapter_rank", "lr"}
+    parser = argparse.ArgumentParser()
+    igrpo.add_config_flags(parser, Bigger, flags={"temp": "temperature", "rank": "adapter_rank"})
+    assert vars(parser.parse_args(["--temp", "0.3"])) == dict(temp=0.3, rank=0)
+
+
 BAD_INPUTS = [
-    (dict(dataset="missing.jsonl"), "no such file: missing.jsonl"),
+    (dict(dataset="missing.jsonl"), "--dataset missing.jsonl: no such file"),
     (dict(dataset="no-such-user/no-such-dataset-xyz"), "--dataset 'no-such-user/no-such-dataset-xyz'"),
     (dict(algo="ppo"), "--algo 'ppo'"),
     (dict(num_drafts=4, group_size=4), "--num-drafts 4"),
     (dict(loss="sft"), "--loss 'sft'"),
     (dict(reward="judge"), "--reward judge: give --judge-model or --judge-url"),
     (dict(temperature=0.0), "--temperature 0.0"),
-    (dict(steps=0), "--steps 0: must be at least 1"),
+    (dict(steps=0), "--steps 0: must be >= 1"),
+    (dict(eval_limit=0), "--eval-limit 0: must be >= 1"),
+    (dict(eval_limit=-1), "--eval-limit -1: must be >= 1"),
+    (dict(problem_key="questoin"), "no column 'questoin' (--problem-key) among"),
     (dict(beta=-1.0), "--beta -1.0: must be >= 0"),
     (dict(min_lr_ratio=5.0), "--min-lr-ratio 5.0: must be in [0, 1]"),
     (dict(warmup_ratio=-1.0), "--warmup-ratio -1.0: must be in [0, 1)"),
@@ -1299,8 +1127,22 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
 def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message, monkeypatch):
     monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded before the error"))
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(SystemExit, match=re.escape(message)) as stopped:
         igrpo.train(tiny_config(tiny, tmp_path, **overrides))
+    assert "\n" not in str(stopped.value.code)
+
+
+@pytest.mark.parametrize("option,value", [("--temperature", "nan"), ("--lr", "inf"),
+                                          ("--beta", "-inf"), ("--max-grad-norm", "inf")])
+def test_a_number_flag_that_is_nan_or_infinite_is_refused_with_one_line(tiny, tmp_path, monkeypatch,
+                                                                      option, value):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
+    argv = ["--model", str(tiny / "model"), "--dataset", str(tiny / "train.jsonl"),
+            "--output-dir", str(tmp_path / "run"), f"{option}={value}"]
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.main(argv)
+    assert stopped.value.code == f"igrpo: error: {option} {float(value)}: must be a finite number"
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(tiny, tmp_path, monkeypatch):
@@ -1312,8 +1154,10 @@ def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(
 
 def test_a_dataset_without_a_model_is_an_error_not_ignored_by_the_toy(monkeypatch):
     monkeypatch.setattr(toy, "prepare", lambda *args: pytest.fail("the toy was built"))
-    with pytest.raises(SystemExit, match="--dataset missing.jsonl needs --model"):
+    with pytest.raises(SystemExit, match="--model: name a causal LM to train"):
         igrpo.main(["--dataset", "missing.jsonl"])
+    with pytest.raises(SystemExit, match="--dataset missing.jsonl needs --model"):
+        igrpo.check_config(Config(dataset="missing.jsonl"))
 
 
 def test_unknown_model_name_is_a_clear_error(tiny, tmp_path):
@@ -1340,6 +1184,24 @@ def test_a_csv_dataset_is_an_unsupported_format_not_bad_json(tiny, tmp_path):
         igrpo.train(tiny_config(tiny, tmp_path, dataset=str(tmp_path / "problems.csv")))
 
 
+@pytest.mark.parametrize("option", ["dataset", "eval_dataset"])
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.jsonl", '{"problem": "Gr\u00fc\u00dfe: 1+1?", "answer": "2"}\n'.encode("latin-1"),
+     "not UTF-8 text"),
+    ("fake.parquet", b'{"problem": "1+1?", "answer": "2"}\n', "cannot be read as parquet"),
+])
+def test_a_dataset_file_that_cannot_be_read_is_a_one_line_error_naming_it(
+        tiny, tmp_path, monkeypatch, option, name, content, message):
+    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(tiny_config(tiny, tmp_path, **{option: str(path)}))
+    flag = "--" + option.replace("_", "-")
+    assert str(stopped.value.code).startswith(f"igrpo: error: {flag} {path}: {message}")
+    assert "\n" not in str(stopped.value.code)
+
+
 def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):
     rows = [{"q": "What is 1+1?", "sol": "We get \\boxed{2}."}]
     (tmp_path / "a.jsonl").write_text(json.dumps(rows[0]) + "\n")
@@ -1349,25 +1211,3 @@ def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):
     cfg = Config(problem_key="q", answer_key="sol")
     for suffix in ("jsonl", "json", "parquet"):
         assert igrpo.load_problems(str(tmp_path / f"a.{suffix}"), cfg) == [{"problem": "What is 1+1?", "answer": "2"}]
-
-
-def test_a_resumed_overlapped_run_refines_the_drafts_it_carried_and_ends_like_an_uninterrupted_one(
-        tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
-    runs = {}
-    for name in ("uninterrupted", "resumed"):
-        cfg = tiny_config(tiny, tmp_path, steps=3, overlap_drafts=True, save_every=1,
-                          output_dir=str(tmp_path / name))
-        if name == "resumed":
-            def crash():
-                raise Crash("killed")
-            with monkeypatch.context() as patch:
-                rollout_that(patch, 3, crash)  # step 3 dies; step-2 holds the drafts of step 2
-                with pytest.raises(Crash):
-                    igrpo.train(cfg)
-            assert torch.load(tmp_path / name / "step-2" / "trainer_state.pt")["drafted"][0]["best"]
-            cfg = dataclasses.replace(cfg, resume=True)
-        igrpo.train(cfg)
-        runs[name] = final_weights(tmp_path / name)
-    expected = runs["uninterrupted"]
-    assert all(torch.equal(expected[name], runs["resumed"][name]) for name in expected)

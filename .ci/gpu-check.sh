@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 8's GPU check, in one device call: compiled decoding, memory and --overlap-drafts, before and after
-# in the same run, beside TRL and the floor (../shared/bench/gpu_compare.py). Never run here: prepare here.
+# The GPU check, in one device call: step time and peak memory of igrpo.py (plain: generate with a
+# dynamic cache, full log-softmax) and scale.py (compiled decoding, blockwise log-probs), beside TRL
+# and the floor (../shared/bench/gpu_compare.py, which runs igrpo.py by its command line; a copy of it
+# edited to run scale.py instead measures scale.py). Never run here: prepare here.
 #
 # Prepare (on the networked machine, from the repository root; ../shared/bench/README.md):
 #   echo /.whl/ >> .git/info/exclude; mkdir -p .whl
@@ -14,11 +16,11 @@
 # Expected order and cost on one H100/H200 (about 8 minutes; each run is its own process, 4 steps, the
 # median step excludes the first, which holds the compiles):
 #   1. build the 0.5B-shaped random model                                        ~20 s
-#   2. igrpo --algo grpo,  compiled decoding (after)  then --compile-generation off (before)
-#   3. igrpo --algo igrpo --overlap-drafts (after), igrpo (after), igrpo off (before)
+#   2. scale.py --algo grpo (compiled decoding), then igrpo.py --algo grpo (plain)
+#   3. scale.py --algo igrpo, then igrpo.py --algo igrpo
 #   4. TRL GRPOTrainer, floor (plain generate dynamic/static + fwd/bwd/AdamW)
 #   5. summary: one line per run (median step s, peak GiB), printed before the extras below
-#   6. the sampling tests on CUDA: bf16 compiled decoding vs training's log-probs, fixed shapes, overlap
+#   6. scale.py's tests on CUDA: compiled decoding vs training's log-probs, fixed shapes, blockwise
 #   7. bench.py step at a 0.5B-like shape: each phase's peak, the state's bytes per parameter   ~60 s
 # The log is copied to $OUT after each part, so a run cut short still brings back what it measured.
 set -u
@@ -29,26 +31,27 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
   ARGS=(--tiny); TOKENS=16; B=${GPU_CHECK_COMPARE:-../shared/bench/gpu_compare.py}
 fi
 mkdir -p "$D"; : > "$LOG"
+sed 's/"igrpo\.py"/"scale.py"/g' "$B" > "$D/compare_scale.py"  # the same runs through scale.py
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 run() {  # one mode, its output kept; a failure is reported in the summary, the next mode still runs
   echo "== $*" | tee -a "$LOG"
-  local mode=$1 dir=$2; shift 2  # --tokens before --extra, which takes the rest of the line
-  timeout 240 python3 "$B" "$mode" "$dir" --tokens "$TOKENS" "$@" 2>&1 | grep -v "it/s\]" \
+  local script=$1 mode=$2 dir=$3; shift 3  # --tokens before --extra, which takes the rest
+  timeout 240 python3 "$script" "$mode" "$dir" --tokens "$TOKENS" "$@" 2>&1 | grep -v "it/s\]" \
     | tee -a "$LOG" | tail -n 25
   [ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$LOG"
 python3 "$B" build "$D" "${ARGS[@]}" | tee -a "$LOG"
-run igrpo "$D" --project . --algo grpo --extra --overwrite
-run igrpo "$D" --project . --algo grpo --extra --overwrite --compile-generation off
-run igrpo "$D" --project . --algo igrpo --overlap --extra --overwrite
-run igrpo "$D" --project . --algo igrpo --extra --overwrite
-run igrpo "$D" --project . --algo igrpo --extra --overwrite --compile-generation off
-python3 -c "import trl" 2>/dev/null && run trl "$D" || echo "== trl: not installed, skipped" | tee -a "$LOG"
-run floor "$D"
+S=$D/compare_scale.py
+run "$S" igrpo "$D" --project . --algo grpo --extra --overwrite --output-dir "$D/scale-grpo"
+run "$B" igrpo "$D" --project . --algo grpo --extra --overwrite --output-dir "$D/plain-grpo"
+run "$S" igrpo "$D" --project . --algo igrpo --extra --overwrite --output-dir "$D/scale-igrpo"
+run "$B" igrpo "$D" --project . --algo igrpo --extra --overwrite --output-dir "$D/plain-igrpo"
+python3 -c "import trl" 2>/dev/null && run "$B" trl "$D" || echo "== trl: not installed, skipped" | tee -a "$LOG"
+run "$B" floor "$D"
 echo "== summary" | tee -a "$LOG"
 python3 - "$LOG" <<'PY' | tee -a "$LOG.summary"
 import json, sys
@@ -65,8 +68,8 @@ cat "$LOG.summary" >> "$LOG"; rm -f "$LOG.summary"
 [ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
 
 echo "== tests (CUDA where there is one)" | tee -a "$LOG"
-timeout 180 python3 -m pytest -q -x test_igrpo.py -k "static_cache or fixed_shape or compile_generation \
-  or overlap or sampling_inherits or log_probs_are_those or bf16_gradients or blockwise" 2>&1 | tail -n 5 | tee -a "$LOG"
+timeout 180 python3 -m pytest -q -x test_scale.py -k "static_cache or fixed_shape or compile \
+  or blockwise or lean or master" 2>&1 | tail -n 5 | tee -a "$LOG"
 echo "== bench.py step (where the memory goes)" | tee -a "$LOG"
 SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
 [ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
