@@ -29,6 +29,7 @@ from tqdm import tqdm
 import igrpo
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"  # the six benchmark files, shipped with the code (data/README.md)
 # name: (file in --data-dir, hub dataset, hub config, hub split, samples per problem in the paper)
 BENCHMARKS = {
     "aime24": ("aime24.jsonl", "HuggingFaceH4/aime_2024", "", "train", 64),
@@ -122,11 +123,24 @@ def unanswered(problem, k, args):
                 samples=empty, refined=[empty] * args.refine_rounds, prompt_too_long=True)
 
 
-def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
+def load_benchmark(name, args, cfg):
+    """(problems, k) of a benchmark name or file; a name neither in --data-dir nor on the hub is
+    one line naming both."""
     source, hub_config, split, paper_k = resolve(name, args.data_dir)
-    k = args.k if args.k is not None else paper_k
     cfg.dataset_config, cfg.split = hub_config, split
-    problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
+    try:
+        problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
+    except SystemExit as error:
+        if name not in BENCHMARKS or source != BENCHMARKS[name][1]:
+            raise
+        igrpo.fail(f"--benchmarks {name}: no {BENCHMARKS[name][0]} in --data-dir "
+                   f"{args.data_dir or '(none given)'}, and from the hub: "
+                   f"{str(error).removeprefix('igrpo: error: ')}")
+    return problems, args.k if args.k is not None else paper_k
+
+
+def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
+    problems, k = load_benchmark(name, args, cfg)
     path = out / f"{label(name)}.jsonl"
     done = finished_rows(path) if path.exists() else {}  # resume: settings.json vouches they match
     todo = [problems[i] | {"index": i} for i in range(len(problems)) if i not in done]
@@ -231,7 +245,6 @@ def print_table(results):
 
 
 def parse_args(argv=None):
-    default_data = HERE.parent / "shared" / "data"
     parser = argparse.ArgumentParser(
         description="Evaluate a causal LM with the iGRPO paper's protocol.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -239,8 +252,8 @@ def parse_args(argv=None):
                         help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
-    parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",
-                        help="folder with the local benchmark copies; "
+    parser.add_argument("--data-dir", default=str(DATA),
+                        help="folder with the local benchmark copies (the shipped data/); "
                              "names not found there load from the hub")
     parser.add_argument("--k", type=int, default=None,
                         help="samples per problem (default: the paper's, 64 AIME, 8 others)")

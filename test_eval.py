@@ -15,7 +15,9 @@ import torch
 import eval as evaluation
 import igrpo
 import judge
-from test_igrpo import DATA, tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+
+DATA = evaluation.DATA  # the benchmark files shipped in data/
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,17 +45,35 @@ def test_majority_vote_pools_equivalent_spellings():
 # ----------------------------------------------------------------------------------------------
 # End to end on the shipped benchmark files
 # ----------------------------------------------------------------------------------------------
-def run_eval(tiny, tmp_path, *extra):
-    return evaluation.main(["--model", str(tiny / "model"), "--data-dir", str(DATA), "--chat-template", "off",
+def run_eval(tiny, tmp_path, *extra):  # --data-dir: the default, the shipped data/
+    return evaluation.main(["--model", str(tiny / "model"), "--chat-template", "off",
                             "--max-completion-tokens", "6", "--output-dir", str(tmp_path / "eval"), *extra])
 
 
 SUMMARY_KEYS = {"problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate", "mean_completion_tokens"}
 
 
+def test_the_shipped_data_folder_is_the_default_and_holds_each_benchmark_with_its_stated_count():
+    assert evaluation.parse_args(["--model", "m"]).data_dir == str(Path(evaluation.__file__).parent / "data")
+    stated = {}  # file -> problems, from data/README.md's table
+    for line in (DATA / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) > 3 and cells[1].endswith(".jsonl"):
+            stated[cells[1]] = int(cells[2])
+    assert set(stated) == {file for file, *_ in evaluation.BENCHMARKS.values()}
+    for file, count in stated.items():
+        rows = [json.loads(line) for line in (DATA / file).read_text().splitlines()]
+        assert len(rows) == count and all(row["problem"] and row["answer"] for row in rows), file
+
+
+def test_a_benchmark_neither_in_data_dir_nor_on_the_hub_is_one_line_naming_data_dir(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--benchmarks aime24: no aime24.jsonl in --data-dir \S*empty, "
+                                         r"and from the hub: .*HuggingFaceH4/aime_2024"):
+        run_eval(tiny, tmp_path, "--benchmarks", "aime24", "--data-dir", str(tmp_path / "empty"))
+
+
 def test_eval_writes_a_summary_and_every_completion_for_two_shipped_benchmarks(tiny, tmp_path):
-    if not DATA.exists():
-        pytest.skip(f"{DATA} is not beside this checkout")
     results = run_eval(tiny, tmp_path, "--benchmarks", "gsm8k,aime24", "--limit", "2", "--k", "3")
     assert set(results) == {"gsm8k", "aime24"}
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
