@@ -16,11 +16,14 @@ own.
 
 A rerun with the same --output-dir and settings resumes: problems already in
 OUTPUT_DIR/<benchmark>.jsonl are skipped; other settings (model, k, temperature, budget, ...) are
-refused.
+refused. Nothing is written before the first completion, and rows are appended as they finish: a
+kill or Ctrl-C keeps every finished problem, and the same command resumes.
 """
 import argparse
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,6 +100,43 @@ def generate(model, tokenizer, prompts, k, cfg):
     return samples.texts, samples.lengths.tolist()
 
 
+@dataclass
+class Benchmark:
+    """One benchmark of this run: its problems, samples per problem, completions file, and the rows
+    already there (a previous run's, then this run's as they finish)."""
+    label: str
+    source: str
+    problems: list
+    k: int
+    path: Path
+    done: dict
+
+
+def check_names(names, data_dir):
+    """Every benchmark name checked before anything loads."""
+    for name in names:
+        resolve(name, data_dir)
+
+
+def prepare(name, args, cfg, out):
+    """A benchmark of this run, loaded (a name neither in --data-dir nor on the hub is one line
+    naming both), with the rows a previous run left in its completions file."""
+    source, hub_config, split, paper_k = resolve(name, args.data_dir)
+    cfg.dataset_config, cfg.split = hub_config, split
+    try:
+        problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
+    except SystemExit as error:
+        if name not in BENCHMARKS or source != BENCHMARKS[name][1]:
+            raise
+        igrpo.fail(f"--benchmarks {name}: no {BENCHMARKS[name][0]} in --data-dir "
+                   f"{args.data_dir or '(none given)'}, and from the hub: "
+                   f"{str(error).removeprefix('igrpo: error: ')}")
+    path = out / f"{label(name)}.jsonl"
+    done = finished_rows(path) if path.exists() else {}
+    k = args.k if args.k is not None else paper_k
+    return Benchmark(label(name), source, problems, k, path, done)
+
+
 def finished_rows(path):
     """Problems a previous run already wrote; a last line cut short by a kill mid-write is
     redone."""
@@ -111,8 +151,35 @@ def finished_rows(path):
             print(f"{path}: the last line is cut short (a run killed mid-write?); "
                   "its problem is redone")
             continue
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) \
+                or not {"problem", "answer"} <= row.keys():
+            igrpo.fail(f"{path}: line {number} is not a row eval.py writes (index, problem, "
+                       "answer); delete the file to redo this benchmark")
         rows[row["index"]] = row
     return rows
+
+
+def mend_last_line(path):
+    """Before appending: a last line cut short by a kill is dropped (finished_rows redoes its
+    problem); a whole row that lost only its newline gets it back."""
+    text = path.read_bytes() if path.exists() else b""
+    if not text or text.endswith(b"\n"):
+        return
+    head, newline, last = text.rpartition(b"\n")
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        os.truncate(path, len(head) + len(newline))
+        return
+    with open(path, "ab") as file:
+        file.write(b"\n")
+
+
+def write_atomically(path, text):
+    """Written beside, then renamed over: a kill leaves the old file or the new, never half."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def unanswered(problem, k, args):
@@ -123,70 +190,50 @@ def unanswered(problem, k, args):
                 samples=empty, refined=[empty] * args.refine_rounds, prompt_too_long=True)
 
 
-def load_benchmark(name, args, cfg):
-    """(problems, k) of a benchmark name or file; a name neither in --data-dir nor on the hub is
-    one line naming both."""
-    source, hub_config, split, paper_k = resolve(name, args.data_dir)
-    cfg.dataset_config, cfg.split = hub_config, split
-    try:
-        problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
-    except SystemExit as error:
-        if name not in BENCHMARKS or source != BENCHMARKS[name][1]:
-            raise
-        igrpo.fail(f"--benchmarks {name}: no {BENCHMARKS[name][0]} in --data-dir "
-                   f"{args.data_dir or '(none given)'}, and from the hub: "
-                   f"{str(error).removeprefix('igrpo: error: ')}")
-    return problems, args.k if args.k is not None else paper_k
+def complete(model, tokenizer, chunk, k, args, cfg):
+    """The rows of a chunk of problems: k graded samples each, and each refined args.refine_rounds
+    times."""
+    prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
+    texts, lengths = generate(model, tokenizer, prompts, k, cfg)
+    rows = []
+    for j, p in enumerate(chunk):
+        row_span = slice(j * k, (j + 1) * k)  # problem j's k samples in texts and lengths
+        samples = [grade(t, p["answer"], n) for t, n in zip(texts[row_span], lengths[row_span])]
+        rows.append(dict(index=p["index"], problem=p["problem"], answer=p["answer"],
+                         refined=[], samples=samples))
+    previous = [s["completion"] for row in rows for s in row["samples"]]
+    # beyond the paper: refine each sample with igrpo's template
+    for _ in range(args.refine_rounds):
+        drafts = [igrpo.cut_draft(tokenizer, text, cfg.max_draft_tokens) for text in previous]
+        messages = [igrpo.refine_message(rows[i // k]["problem"], draft)
+                    for i, draft in enumerate(drafts)]
+        refine = [igrpo.build_prompt(tokenizer, message, cfg) for message in messages]
+        previous, lengths = generate(model, tokenizer, refine, 1, cfg)
+        for j, row in enumerate(rows):
+            row_span = slice(j * k, (j + 1) * k)
+            row["refined"].append([grade(t, row["answer"], n)
+                                   for t, n in zip(previous[row_span], lengths[row_span])])
+    return rows
 
 
-def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
-    problems, k = load_benchmark(name, args, cfg)
-    path = out / f"{label(name)}.jsonl"
-    done = finished_rows(path) if path.exists() else {}  # resume: settings.json vouches they match
-    todo = [problems[i] | {"index": i} for i in range(len(problems)) if i not in done]
+def evaluate_benchmark(model, tokenizer, bench, args, cfg, folder):
+    todo = [problem | {"index": i} for i, problem in enumerate(bench.problems)
+            if i not in bench.done]
     context = igrpo.max_positions(model)
     too_long = [p for p in todo
                 if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
     if too_long:
-        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context "
+        print(f"{bench.label}: {len(too_long)} of {len(todo)} prompts fill the model's context "
               f"({context} positions): scored as unanswered")
+        folder.append(bench, [unanswered(p, bench.k, args) for p in too_long])
     todo = [p for p in todo if p not in too_long]
-    per_call = max(1, cfg.generation_batch_size // k)
-    bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
-    with open(path, "w") as file, bar:
-        for row in list(done.values()) + [unanswered(p, k, args) for p in too_long]:
-            done[row["index"]] = row
-            file.write(json.dumps(row) + "\n")
+    per_call = max(1, cfg.generation_batch_size // bench.k)
+    with tqdm(total=len(todo), desc=bench.label, unit="problem", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start:start + per_call]
-            prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
-            texts, lengths = generate(model, tokenizer, prompts, k, cfg)
-            rows = []
-            for j, p in enumerate(chunk):
-                row_span = slice(j * k, (j + 1) * k)  # problem j's k samples in texts and lengths
-                samples = [grade(t, p["answer"], n)
-                           for t, n in zip(texts[row_span], lengths[row_span])]
-                rows.append(dict(index=p["index"], problem=p["problem"], answer=p["answer"],
-                                 refined=[], samples=samples))
-            previous = [s["completion"] for row in rows for s in row["samples"]]
-            # beyond the paper: refine each sample with igrpo's template
-            for _ in range(args.refine_rounds):
-                drafts = [igrpo.cut_draft(tokenizer, text, cfg.max_draft_tokens)
-                          for text in previous]
-                messages = [igrpo.refine_message(rows[i // k]["problem"], draft)
-                            for i, draft in enumerate(drafts)]
-                refine = [igrpo.build_prompt(tokenizer, message, cfg) for message in messages]
-                previous, lengths = generate(model, tokenizer, refine, 1, cfg)
-                for j, row in enumerate(rows):
-                    row_span = slice(j * k, (j + 1) * k)
-                    row["refined"].append([grade(t, row["answer"], n)
-                                           for t, n in zip(previous[row_span], lengths[row_span])])
-            for row in rows:
-                done[row["index"]] = row
-                file.write(json.dumps(row) + "\n")
-            file.flush()
+            folder.append(bench, complete(model, tokenizer, chunk, bench.k, args, cfg))
             bar.update(len(chunk))
-    return summarize([done[i] for i in range(len(problems))], k)
+    return summarize([bench.done[i] for i in range(len(bench.problems))], bench.k)
 
 
 # What a resumed run must share with the run it continues: everything that changes the completions.
@@ -194,25 +241,72 @@ RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens"
                    "max_draft_tokens", "chat_template", "dtype", "seed")
 
 
-def check_resume(out, args):
-    """A rerun into the same --output-dir resumes only with the settings that wrote the completions
-    there."""
+def resume_settings(args):
     settings = {name: getattr(args, name) for name in RESUME_SETTINGS}
     if Path(args.model).exists():
         settings["model"] = str(Path(args.model).resolve())
+    return settings
+
+
+def check_resume(out, settings):
+    """A rerun into the same --output-dir resumes only with the settings that wrote the completions
+    there. A folder without completions is not a run: anything may start there. True for a run."""
+    if not out.is_dir() or not any(path.stat().st_size for path in out.glob("*.jsonl")):
+        return False
     saved_path = out / "settings.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
-                  for name, value in settings.items() if saved.get(name) != value]
-        if differ:
-            igrpo.fail(f"--output-dir {out} holds completions made with other settings "
-                       f"({'; '.join(differ)}): use another --output-dir, "
-                       "or the same settings to resume")
-    elif any(out.glob("*.jsonl")):
+    if not saved_path.exists():
         igrpo.fail(f"--output-dir {out} holds completions without a settings.json: "
                    "use another --output-dir")
-    saved_path.write_text(json.dumps(settings, indent=2))
+    saved = read_json(saved_path)
+    differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
+              for name, value in settings.items() if saved.get(name) != value]
+    if differ:
+        igrpo.fail(f"--output-dir {out} holds completions made with other settings "
+                   f"({'; '.join(differ)}): use another --output-dir, "
+                   "or the same settings to resume")
+    return True
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        igrpo.fail(f"{path}: not valid JSON ({error}); delete it or use another --output-dir")
+
+
+class RunFolder:
+    """--output-dir as this run writes it. Nothing is written before the first completion, so a run
+    that fails to start leaves nothing that refuses the next; rows are appended as they finish and
+    never rewritten, so a kill loses at most the row being written."""
+
+    def __init__(self, out, settings, args):
+        self.out, self.settings, self.args = out, settings, args
+        check_resume(out, settings)
+        self.benchmarks, self.results, self.started, self.mended = [], {}, False, set()
+
+    def start(self):
+        if not self.started:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.out / "settings.json", json.dumps(self.settings, indent=2))
+            self.started = True
+
+    def append(self, bench, rows):
+        self.start()
+        if bench.path not in self.mended:
+            mend_last_line(bench.path)
+            self.mended.add(bench.path)
+        with open(bench.path, "a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+        bench.done.update((row["index"], row) for row in rows)
+
+    def summary(self):
+        return dict(model=self.args.model, settings=vars(self.args), results=self.results)
+
+    def finish(self, bench, result):
+        self.results[bench.label] = result
+        self.start()
+        write_atomically(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+
 
 
 def summarize(rows, k):
@@ -294,21 +388,18 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = config(args)
-    names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
-    for name in names:
-        resolve(name, args.data_dir)  # every name checked before the model loads
+    names = list(dict.fromkeys(name.strip() for name in args.benchmarks.split(",") if name.strip()))
+    check_names(names, args.data_dir)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resume(out, args)
+    folder = RunFolder(out, resume_settings(args), args)
+    folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
     device, dtype = igrpo.device_and_dtype(cfg.dtype)
     model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
     igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
-    results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out)
-               for name in names}
-    summary = dict(model=args.model, settings=vars(args), results=results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(results)
-    return results
+    for bench in folder.benchmarks:
+        folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
+    print_table(folder.summary()["results"])
+    return folder.results
 
 
 if __name__ == "__main__":

@@ -137,6 +137,44 @@ def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_name
         run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
 
 
+def test_a_whole_last_row_that_lost_its_newline_is_kept_and_the_next_row_starts_a_line(tiny, tmp_path):
+    benchmark, results = small_benchmark(tmp_path), tmp_path / "eval" / "mine.jsonl"
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    results.write_text(results.read_text().rstrip("\n"))
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
+    assert [json.loads(line)["index"] for line in results.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_finished_rows_are_on_disk_whenever_a_resumed_run_generates(tiny, tmp_path, monkeypatch):
+    """So a kill at any moment (no cleanup, no flush) loses none of them."""
+    benchmark, results = small_benchmark(tmp_path, count=6), tmp_path / "eval" / "mine.jsonl"
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+    rows_on_disk, real_sample = [], igrpo.sample
+
+    def sample(*args, **kwargs):
+        rows_on_disk.append(len(results.read_text().splitlines()))
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2", "--generation-batch-size", "2")
+    assert rows_on_disk == [2, 3, 4, 5]  # one problem a call
+
+
+def test_a_model_that_fails_to_load_leaves_nothing_that_refuses_the_corrected_command(tiny, tmp_path):
+    benchmark = small_benchmark(tmp_path)
+    with pytest.raises(SystemExit, match="--model"):
+        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2", "--model", str(tmp_path / "typo"))
+    assert not (tmp_path / "eval").exists()
+    assert run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")["mine"]["problems"] == 4
+
+
+def test_a_folder_without_completions_is_not_a_run_and_is_not_refused(tiny, tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "settings.json").write_text(json.dumps(dict(model="another", k=5)))
+    (tmp_path / "eval" / "mine.jsonl").write_text("")
+    run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2")
+    assert json.loads((tmp_path / "eval" / "settings.json").read_text())["k"] == 2
+
+
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
