@@ -15,7 +15,8 @@ own.
         --refine-rounds 1
 
 A rerun with the same --output-dir and settings resumes: problems already in
-OUTPUT_DIR/<benchmark>.jsonl are skipped; other settings (model, k, temperature, budget, ...) are
+OUTPUT_DIR/<benchmark>.jsonl (the same problem and answer at the same index) are skipped; other
+settings (model, k, temperature, budget, ...), or a file holding another benchmark's problems, are
 refused. Nothing is written before the first completion, and rows are appended as they finish: a
 kill or Ctrl-C keeps every finished problem, and the same command resumes.
 """
@@ -113,9 +114,14 @@ class Benchmark:
 
 
 def check_names(names, data_dir):
-    """Every benchmark name checked before anything loads."""
+    """Every benchmark name checked before anything loads; two never share a completions file."""
     for name in names:
         resolve(name, data_dir)
+    for name in names:
+        sharing = [other for other in names if label(other) == label(name)]
+        if len(sharing) > 1:
+            igrpo.fail(f"--benchmarks: {' and '.join(sharing)} would both write "
+                       f"{label(name)}.jsonl in --output-dir; give the files different names")
 
 
 def prepare(name, args, cfg, out):
@@ -132,14 +138,15 @@ def prepare(name, args, cfg, out):
                    f"{args.data_dir or '(none given)'}, and from the hub: "
                    f"{str(error).removeprefix('igrpo: error: ')}")
     path = out / f"{label(name)}.jsonl"
-    done = finished_rows(path) if path.exists() else {}
+    done = finished_rows(path, problems, source) if path.exists() else {}
     k = args.k if args.k is not None else paper_k
     return Benchmark(label(name), source, problems, k, path, done)
 
 
-def finished_rows(path):
-    """Problems a previous run already wrote; a last line cut short by a kill mid-write is
-    redone."""
+def finished_rows(path, problems, source):
+    """Problems a previous run already wrote, each the same problem (text and gold answer) as this
+    benchmark's at its index: a file name alone does not say which benchmark it holds. A last line
+    cut short by a kill mid-write is redone."""
     rows, lines = {}, path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         try:
@@ -155,7 +162,13 @@ def finished_rows(path):
                 or not {"problem", "answer"} <= row.keys():
             igrpo.fail(f"{path}: line {number} is not a row eval.py writes (index, problem, "
                        "answer); delete the file to redo this benchmark")
-        rows[row["index"]] = row
+        index = row["index"]
+        expected = problems[index] if index < len(problems) else row  # beyond --limit: unused
+        if (row["problem"], row["answer"]) != (expected["problem"], expected["answer"]):
+            igrpo.fail(f"{path}, line {number}: its problem {index + 1} "
+                       f"({row['problem'][:40]!r}) is not {source}'s: the file holds another "
+                       "benchmark's completions; use another --output-dir, or delete the file")
+        rows[index] = row
     return rows
 
 

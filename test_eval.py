@@ -175,6 +175,36 @@ def test_a_folder_without_completions_is_not_a_run_and_is_not_refused(tiny, tmp_
     assert json.loads((tmp_path / "eval" / "settings.json").read_text())["k"] == 2
 
 
+def same_named_benchmarks(tmp_path, folders=("a", "b")):
+    """folder/test.jsonl for each folder, each with other problems."""
+    for offset, folder in enumerate(folders):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text("".join(
+            json.dumps({"problem": f"What is {a + 10 * offset} + 1?", "answer": str(a + 10 * offset + 1)})
+            + "\n" for a in range(2)))
+    return [str(tmp_path / folder / "test.jsonl") for folder in folders]
+
+
+def test_resume_is_keyed_by_the_problems_not_the_file_name(tiny, tmp_path, monkeypatch):
+    first, other = same_named_benchmarks(tmp_path)
+    run_eval(tiny, tmp_path, "--benchmarks", first, "--k", "2")
+    with pytest.raises(SystemExit, match=r"test.jsonl, line 1: its problem 1 \('What is 0 \+ 1\?'\) "
+                                         r"is not \S*b/test.jsonl's: the file holds another benchmark's"):
+        run_eval(tiny, tmp_path, "--benchmarks", other, "--k", "2")
+    (tmp_path / "c").mkdir()
+    copy = tmp_path / "c" / "test.jsonl"
+    copy.write_text(Path(first).read_text())
+    monkeypatch.setattr(igrpo, "sample", lambda *args, **kwargs: pytest.fail("nothing left to generate"))
+    assert run_eval(tiny, tmp_path, "--benchmarks", str(copy), "--k", "2")["test"]["problems"] == 2
+
+
+def test_two_benchmarks_that_would_share_a_completions_file_are_refused(tiny, tmp_path):
+    first, other = same_named_benchmarks(tmp_path)
+    with pytest.raises(SystemExit, match=r"--benchmarks: \S*a/test.jsonl and \S*b/test.jsonl would both "
+                                         r"write test.jsonl in --output-dir"):
+        run_eval(tiny, tmp_path, "--benchmarks", f"{first},{other}")
+
+
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
