@@ -18,7 +18,8 @@ A rerun with the same --output-dir and settings resumes: problems already in
 OUTPUT_DIR/<benchmark>.jsonl (the same problem and answer at the same index) are skipped; other
 settings (model, k, temperature, budget, ...), or a file holding another benchmark's problems, are
 refused. Nothing is written before the first completion, and rows are appended as they finish: a
-kill or Ctrl-C keeps every finished problem, and the same command resumes.
+kill or Ctrl-C keeps every finished problem, and the same command resumes. summary.json holds every
+benchmark evaluated in the folder, a later run's beside the earlier ones.
 """
 import argparse
 import json
@@ -246,7 +247,8 @@ def evaluate_benchmark(model, tokenizer, bench, args, cfg, folder):
             chunk = todo[start:start + per_call]
             folder.append(bench, complete(model, tokenizer, chunk, bench.k, args, cfg))
             bar.update(len(chunk))
-    return summarize([bench.done[i] for i in range(len(bench.problems))], bench.k)
+    return summarize([bench.done[i] for i in range(len(bench.problems))], bench.k) | dict(
+        source=bench.source)
 
 
 # What a resumed run must share with the run it continues: everything that changes the completions.
@@ -294,7 +296,8 @@ class RunFolder:
 
     def __init__(self, out, settings, args):
         self.out, self.settings, self.args = out, settings, args
-        check_resume(out, settings)
+        self.earlier = read_json(out / "summary.json")["results"] \
+            if check_resume(out, settings) and (out / "summary.json").exists() else {}
         self.benchmarks, self.results, self.started, self.mended = [], {}, False, set()
 
     def start(self):
@@ -313,7 +316,10 @@ class RunFolder:
         bench.done.update((row["index"], row) for row in rows)
 
     def summary(self):
-        return dict(model=self.args.model, settings=vars(self.args), results=self.results)
+        """Every benchmark evaluated in this folder: a run's results join those of earlier runs
+        (other --benchmarks, same settings) and replace their own benchmarks' there."""
+        return dict(model=self.args.model, settings=vars(self.args),
+                    results=self.earlier | self.results)
 
     def finish(self, bench, result):
         self.results[bench.label] = result

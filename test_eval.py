@@ -205,6 +205,14 @@ def test_two_benchmarks_that_would_share_a_completions_file_are_refused(tiny, tm
         run_eval(tiny, tmp_path, "--benchmarks", f"{first},{other}")
 
 
+def test_a_run_with_other_benchmarks_adds_them_to_the_summary_beside_the_earlier_ones(tiny, tmp_path):
+    run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2", "--limit", "1")
+    run_eval(tiny, tmp_path, "--benchmarks", "aime24", "--k", "2", "--limit", "1")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert list(summary["results"]) == ["mine", "aime24"]
+    assert summary["results"]["aime24"]["source"] == str(DATA / "aime24.jsonl")
+
+
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
