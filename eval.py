@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,9 @@ class Benchmark:
     k: int
     path: Path
     done: dict
+
+    def finished(self):
+        return sum(index in self.done for index in range(len(self.problems)))
 
 
 def check_names(names, data_dir):
@@ -326,6 +330,14 @@ class RunFolder:
         self.start()
         write_atomically(self.out / "summary.json", json.dumps(self.summary(), indent=2))
 
+    def interrupted(self):
+        """Ctrl-C: one line, what is kept and how to go on, instead of a traceback."""
+        kept = ", ".join(f"{b.label} {b.finished()} of {len(b.problems)}" for b in self.benchmarks
+                         if b.finished())
+        print(f"eval: interrupted; kept in {self.out}: {kept} problems finished. Run the same "
+              "command again to resume" if kept else
+              "eval: interrupted before the first completion; nothing written", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def summarize(rows, k):
@@ -411,12 +423,15 @@ def main(argv=None):
     check_names(names, args.data_dir)
     out = Path(args.output_dir)
     folder = RunFolder(out, resume_settings(args), args)
-    folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
-    device, dtype = igrpo.device_and_dtype(cfg.dtype)
-    model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
-    igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
-    for bench in folder.benchmarks:
-        folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
+    try:
+        folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
+        device, dtype = igrpo.device_and_dtype(cfg.dtype)
+        model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
+        igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
+        for bench in folder.benchmarks:
+            folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
+    except KeyboardInterrupt:
+        folder.interrupted()
     print_table(folder.summary()["results"])
     return folder.results
 

@@ -213,6 +213,41 @@ def test_a_run_with_other_benchmarks_adds_them_to_the_summary_beside_the_earlier
     assert summary["results"]["aime24"]["source"] == str(DATA / "aime24.jsonl")
 
 
+def interrupt_on_call(monkeypatch, number):
+    """Ctrl-C arrives during the number-th generate call."""
+    calls, real_sample = [], igrpo.sample
+
+    def sample(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+
+
+def test_ctrl_c_exits_with_one_line_saying_what_was_kept_and_that_the_same_command_resumes(
+        tiny, tmp_path, monkeypatch, capsys):
+    command = ["--benchmarks", str(small_benchmark(tmp_path)), "--k", "2", "--generation-batch-size", "2"]
+    interrupt_on_call(monkeypatch, 2)
+    with pytest.raises(SystemExit) as stop:
+        run_eval(tiny, tmp_path, *command)
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"eval: interrupted; kept in {tmp_path / 'eval'}: mine 1 of 4 problems finished. "
+        "Run the same command again to resume"]
+    monkeypatch.undo()
+    assert run_eval(tiny, tmp_path, *command)["mine"]["problems"] == 4
+
+
+def test_ctrl_c_before_the_first_completion_says_nothing_was_written(tiny, tmp_path, monkeypatch, capsys):
+    interrupt_on_call(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2")
+    assert "eval: interrupted before the first completion; nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
