@@ -11,6 +11,7 @@ and the no-answer rate and mean completion tokens. Prompts and the answer checke
 own.
 
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks gsm8k,math500 --limit 20 --k 2
+    python eval.py --model runs/toy-igrpo-seed0 --benchmarks aime24   # a run folder: its final/
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks my_problems.jsonl \
         --refine-rounds 1
 
@@ -369,12 +370,29 @@ def print_table(results):
         print(f"{name:<12}" + "".join(f"{cell:>{len(c) + 2}}" for cell, c in zip(cells, columns)))
 
 
+def checkpoint(model):
+    """--model as given (a hub name or model folder), or a training run folder's final/."""
+    folder = Path(model)
+    if not folder.is_dir() or any((folder / name).is_file()
+                                  for name in ("config.json", "adapter_config.json")):
+        return model
+    if (folder / "final").is_dir():
+        print(f"--model {model}: a training run folder; evaluating its final checkpoint, "
+              f"{folder / 'final'}")
+        return str(folder / "final")
+    what = ("a training run folder without final/ (still training, or stopped early?)"
+            if (folder / "metrics.jsonl").is_file() else "no config.json: not a model folder")
+    igrpo.fail(f"--model {model}: {what}; pass a model folder such as a run's final/ "
+               f"(or a step-N checkpoint)")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate a causal LM with the iGRPO paper's protocol.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
+                        help="hub name, model folder (e.g. runs/toy-igrpo-seed0/final), or a "
+                             "training run folder (its final/)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
     parser.add_argument("--data-dir", default=str(DATA),
@@ -391,6 +409,7 @@ def parse_args(argv=None):
                         help="summary.json and one JSONL per benchmark")
     igrpo.add_config_flags(parser, CONFIG_FLAGS)
     args = parser.parse_args(argv)
+    args.model = checkpoint(args.model)
     igrpo.check_config(config(args))
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail 
 import http.server
 import itertools
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -246,6 +247,27 @@ def test_ctrl_c_before_the_first_completion_says_nothing_was_written(tiny, tmp_p
         run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2")
     assert "eval: interrupted before the first completion; nothing written" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_training_run_folder_as_model_evaluates_its_final_checkpoint_and_says_so(tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "toy-igrpo-seed0"
+    shutil.copytree(tiny / "model", run / "final")
+    (run / "metrics.jsonl").write_text("")
+    run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "1", "--model", str(run))
+    said = [line for line in capsys.readouterr().out.splitlines() if "final" in line]
+    assert said == [f"--model {run}: a training run folder; evaluating its final checkpoint, {run / 'final'}"]
+    assert json.loads((tmp_path / "eval" / "settings.json").read_text())["model"] == str(run / "final")
+
+
+def test_a_run_folder_without_final_or_a_folder_without_a_model_is_one_line_pointing_to_final(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit, match=r"--model \S*run: no config.json: not a model folder; pass a model "
+                                         r"folder such as a run's final/"):
+        run_eval(tiny, tmp_path, "--benchmarks", "aime24", "--model", str(run))
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"run: a training run folder without final/ \(still training"):
+        run_eval(tiny, tmp_path, "--benchmarks", "aime24", "--model", str(run))
 
 
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
