@@ -8,7 +8,8 @@ samples per problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
           c correct
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
 and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's
-own.
+own. The printed table gives accuracies and rates in percent; summary.json and the per-benchmark
+rows keep them as fractions (0.5 for 50%).
 
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks gsm8k,math500 --limit 20 --k 2
     python eval.py --model runs/toy-igrpo-seed0 --benchmarks aime24   # a run folder: its final/
@@ -360,14 +361,27 @@ def summarize(rows, k):
     return summary
 
 
+# The printed table, for a person: accuracies and rates in percent, as the README and the paper
+# give them. summary.json and the rows keep fractions (0.5, not 50).
+HEADINGS = dict(problems="problems", k="k", avg_at_k="avg@k %", pass_at_k="pass@k %",
+                maj_at_k="maj@k %", no_answer_rate="no answer %", mean_completion_tokens="tokens")
+
+
+def cell(row, column):
+    value = row.get(column)
+    if value is None or column in ("problems", "k"):
+        return "" if value is None else str(value)
+    return f"{value:.1f}" if column == "mean_completion_tokens" else f"{100 * value:.1f}"
+
+
 def print_table(results):
-    columns = ["problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate",
-               "mean_completion_tokens"]
-    columns += sorted({c for r in results.values() for c in r if c.startswith("refined_")})
-    print(f"{'benchmark':<12}" + "".join(f"{c:>{len(c) + 2}}" for c in columns))
+    columns = list(HEADINGS) + sorted({c for r in results.values() for c in r
+                                       if c.startswith("refined_")})
+    headings = [HEADINGS.get(c) or f"refined {c.split('_')[1]} avg@k %" for c in columns]
+    print(f"{'benchmark':<12}" + "".join(f"{h:>{len(h) + 2}}" for h in headings))
     for name, row in results.items():
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        print(f"{name:<12}" + "".join(f"{cell:>{len(c) + 2}}" for cell, c in zip(cells, columns)))
+        print(f"{name:<12}" + "".join(f"{cell(row, c):>{len(h) + 2}}"
+                                      for c, h in zip(columns, headings)))
 
 
 def checkpoint(model):

@@ -270,6 +270,18 @@ def test_a_run_folder_without_final_or_a_folder_without_a_model_is_one_line_poin
         run_eval(tiny, tmp_path, "--benchmarks", "aime24", "--model", str(run))
 
 
+def test_the_printed_table_gives_accuracies_in_percent_while_the_summary_keeps_fractions(tiny, tmp_path, capsys):
+    evaluation.print_table({"gsm8k": dict(problems=2, k=4, avg_at_k=0.375, pass_at_k=0.5, maj_at_k=0.5,
+                                          no_answer_rate=0.125, mean_completion_tokens=12.5,
+                                          refined_1_avg_at_k=0.625)})
+    header, row = capsys.readouterr().out.splitlines()
+    assert all(h in header for h in ("avg@k %", "pass@k %", "refined 1 avg@k %"))
+    assert row.split() == ["gsm8k", "2", "4", "37.5", "50.0", "50.0", "12.5", "12.5", "62.5"]
+    results = run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path, count=1)), "--k", "2")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]["mine"]
+    assert summary["avg_at_k"] == results["mine"]["avg_at_k"] and 0 <= summary["no_answer_rate"] <= 1
+
+
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
