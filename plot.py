@@ -16,11 +16,10 @@ lowest to the highest seed, over the steps every seed has reached. A run still b
 as far as it goes.
 """
 import argparse
+import difflib
 import json
 import re
 from pathlib import Path
-
-import igrpo
 
 # (metric, panel title); "drafts" is iGRPO's Stage 1 next to its Stage 2
 PANELS = [("reward", "training reward (iGRPO: the refinements')"),
@@ -33,11 +32,31 @@ PANELS = [("reward", "training reward (iGRPO: the refinements')"),
 IGNORED_SETTINGS = ("seed", "output_dir", "save_every")
 
 
+def fail(message):
+    """Bad input stops plot.py with one line that names the problem."""
+    raise SystemExit(f"plot: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line; a mistyped flag is named with the closest real one."""
+
+    def error(self, message):
+        unknown = message.removeprefix("unrecognized arguments: ").split()
+        flags = [word for word in unknown if word.startswith("-")]
+        if message.startswith("unrecognized arguments: ") and flags:
+            flag = flags[0].split("=")[0]
+            known = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1)
+            message = f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else
+                                                f"; the flags are {', '.join(known)}")
+        self.exit(2, f"plot: error: {message}\n")
+
+
 def pyplot():
     try:
         import matplotlib
     except ImportError:
-        igrpo.fail("plot.py needs matplotlib, an optional dependency: pip install matplotlib")
+        fail("plot.py needs matplotlib, an optional dependency: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
@@ -59,14 +78,14 @@ def read_metrics(path):
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            igrpo.fail(f"{path}, line {number}: not valid JSON")
+            fail(f"{path}, line {number}: not valid JSON")
     return rows
 
 
 def read_run(folder):
     folder = Path(folder)
     if not (folder / "metrics.jsonl").is_file():
-        igrpo.fail(f"{folder}: no metrics.jsonl (not a training run folder)")
+        fail(f"{folder}: no metrics.jsonl (not a training run folder)")
     args_path = folder / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     return dict(folder=folder, args=args, rows=read_metrics(folder / "metrics.jsonl"))
@@ -180,10 +199,10 @@ def read_summary(path):
     path = Path(path)
     file = path / "summary.json" if path.is_dir() else path
     if not file.is_file():
-        igrpo.fail(f"{path}: no summary.json (not an eval.py output folder)")
+        fail(f"{path}: no summary.json (not an eval.py output folder)")
     summary = json.loads(file.read_text())
     if not isinstance(summary.get("results"), dict):
-        igrpo.fail(f"{file}: no 'results' object (not written by eval.py?)")
+        fail(f"{file}: no 'results' object (not written by eval.py?)")
     return summary
 
 
@@ -214,7 +233,7 @@ def plot_eval(paths, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Plot training runs (metrics.jsonl) or eval.py summaries.")
     parser.add_argument("folders", nargs="+",
                         help="run folders (metrics.jsonl), or eval.py output folders "
@@ -224,15 +243,15 @@ def main(argv=None):
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over N steps (1: off)")
     args = parser.parse_args(argv)
     if args.smooth < 1:
-        igrpo.fail(f"--smooth {args.smooth}: must be at least 1 (1: off)")
+        fail(f"--smooth {args.smooth}: must be at least 1 (1: off)")
     for folder in args.folders:
         if not Path(folder).exists():
-            igrpo.fail(f"{folder}: no such folder")
+            fail(f"{folder}: no such folder")
     is_eval = [not (Path(f) / "metrics.jsonl").is_file() and (Path(f).name == "summary.json" or
                                                                (Path(f) / "summary.json").is_file())
                for f in args.folders]
     if any(is_eval) and not all(is_eval):
-        igrpo.fail("give either training run folders (metrics.jsonl) "
+        fail("give either training run folders (metrics.jsonl) "
                    "or eval.py folders (summary.json), not both")
     first = Path(args.folders[0])
     out = args.out or str((first if first.is_dir() else first.parent) / "plot.png")

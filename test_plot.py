@@ -3,6 +3,9 @@ import builtins
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -102,6 +105,23 @@ def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit, match="plot.py needs matplotlib, an optional dependency: pip install"):
         plot.main([str(write_run(tmp_path / "run"))])
+
+
+def test_a_mistyped_flag_is_one_line_naming_it_and_the_closest_real_flag_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(write_run(tmp_path / "run")), "--smoth", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "plot: error: unknown flag --smoth; did you mean --smooth?\n"
+
+
+def test_plot_errors_are_its_own_one_line_and_plot_does_not_import_igrpo(tmp_path):
+    with pytest.raises(SystemExit, match=r"^plot: error: \S*nowhere: no such folder$"):
+        plot.main([str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"^plot: error: --smooth 0: must be at least 1"):
+        plot.main([str(write_run(tmp_path / "run")), "--smooth", "0"])
+    imports = subprocess.run([sys.executable, "-c", "import sys, plot; print(sorted(sys.modules))"],
+                             cwd=Path(plot.__file__).parent, capture_output=True, text=True, check=True)
+    assert "'igrpo'" not in imports.stdout
 
 
 # ----------------------------------------------------------------------------------------------
