@@ -295,6 +295,16 @@ def read_json(path):
         igrpo.fail(f"{path}: not valid JSON ({error}); delete it or use another --output-dir")
 
 
+def training_algo(model):
+    """The algorithm of the igrpo.py run a checkpoint folder sits in (its args.json), else None:
+    plot.py gives each algorithm its own colour."""
+    args_path = Path(model).parent / "args.json"
+    try:
+        return json.loads(args_path.read_text()).get("algo") if args_path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # not igrpo.py's args.json: no algorithm
+        return None
+
+
 class RunFolder:
     """--output-dir as this run writes it. Nothing is written before the first completion, so a run
     that fails to start leaves nothing that refuses the next; rows are appended as they finish and
@@ -324,8 +334,8 @@ class RunFolder:
     def summary(self):
         """Every benchmark evaluated in this folder: a run's results join those of earlier runs
         (other --benchmarks, same settings) and replace their own benchmarks' there."""
-        return dict(model=self.args.model, settings=vars(self.args),
-                    results=self.earlier | self.results)
+        return dict(model=self.args.model, algo=training_algo(self.args.model),
+                    settings=vars(self.args), results=self.earlier | self.results)
 
     def finish(self, bench, result):
         self.results[bench.label] = result

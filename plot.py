@@ -19,6 +19,7 @@ import argparse
 import difflib
 import json
 import re
+import zlib
 from pathlib import Path
 
 # (metric, panel title); "drafts" is iGRPO's Stage 1 next to its Stage 2
@@ -30,6 +31,11 @@ PANELS = [("reward", "training reward (iGRPO: the refinements')"),
           ("step_seconds", "step time (s)")]
 # these never make two runs a different setting
 IGNORED_SETTINGS = ("seed", "output_dir", "save_every")
+# One colour per algorithm in every figure (GRPO blue, iGRPO orange, as in docs/toy-compare.png);
+# anything else takes one of the others, picked by its label, so it too keeps its colour.
+ALGO_COLORS = {"grpo": "#1f77b4", "igrpo": "#ff7f0e"}
+OTHER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf"]
 
 
 def fail(message):
@@ -144,6 +150,32 @@ def across_seeds(members, metric, smooth=1):
 # ----------------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------------
+def shade(color, step):
+    """step 0: the colour itself; then alternately darker and lighter (the same hue)."""
+    rgb = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    amount, target = min(0.8, 0.35 * ((step + 1) // 2)), 0.0 if step % 2 else 1.0
+    return "#" + "".join(f"{round(255 * (c + (target - c) * amount)):02x}" for c in rgb)
+
+
+def colors(keys):
+    """A colour for each (algorithm or None, label) of a figure. An algorithm's is its own in every
+    figure (a second setting of it: a shade of it); another label's is picked by a hash of the
+    label, or the next one free in this figure."""
+    chosen, taken, settings_of = [], set(), {}
+    for algo, label in keys:
+        if algo in ALGO_COLORS:
+            settings_of[algo] = settings_of.get(algo, -1) + 1
+            color = shade(ALGO_COLORS[algo], settings_of[algo])
+        else:
+            start = zlib.crc32(label.encode())
+            picks = [OTHER_COLORS[(start + i) % len(OTHER_COLORS)]
+                     for i in range(len(OTHER_COLORS))]
+            color = next((c for c in picks if c not in taken), picks[0])
+        chosen.append(color)
+        taken.add(color)
+    return chosen
+
+
 def draw_line(axis, members, metric, smooth, color, label, style="-"):
     steps, mean, low, high = across_seeds(members, metric, smooth)
     if not steps:
@@ -159,12 +191,11 @@ def draw_line(axis, members, metric, smooth, color, label, style="-"):
 def plot_training(run_folders, out, smooth=1):
     plt = pyplot()
     groups = group_by_setting([read_run(f) for f in run_folders])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = colors([(members[0]["args"].get("algo"), label) for label, members in groups])
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     for axis, (metric, title) in zip(axes.flat, PANELS):
         drawn = False
-        for index, (label, members) in enumerate(groups):
-            color = colors[index % len(colors)]
+        for (label, members), color in zip(groups, palette):
             if metric == "drafts":  # GRPO's draft rewards are null: it draws nothing here
                 drawn |= draw_line(axis, members, "draft_reward", smooth, color,
                                    f"{label}: drafts", ":")
@@ -214,13 +245,15 @@ def plot_eval(paths, out):
     width = 0.8 / len(summaries)
     figure_width = max(5, 1.4 * len(benchmarks) * max(1, len(summaries) / 2))
     figure, axis = plt.subplots(figsize=(figure_width, 4))
-    for index, (path, summary) in enumerate(zip(paths, summaries)):
+    labels = [summary.get("model") or str(path) for path, summary in zip(paths, summaries)]
+    palette = colors([(s.get("algo"), label) for s, label in zip(summaries, labels)])
+    for index, (summary, label, color) in enumerate(zip(summaries, labels, palette)):
         results = summary["results"]
         positions = [b + (index - (len(summaries) - 1) / 2) * width for b in range(len(benchmarks))]
         heights = [100 * results[name]["avg_at_k"] if name in results else 0 for name in benchmarks]
-        bars = axis.bar(positions, heights, width, label=summary.get("model") or str(path))
-        labels = [f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)]
-        axis.bar_label(bars, labels=labels, fontsize=7)
+        bars = axis.bar(positions, heights, width, label=label, color=color)
+        values = [f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)]
+        axis.bar_label(bars, labels=values, fontsize=7)
     ks = sorted({r.get("k") for s in summaries for r in s["results"].values()}, key=str)
     axis.set_xticks(range(len(benchmarks)), benchmarks)
     axis.set_ylabel(f"avg@k (%), k = {', '.join(map(str, ks))}")

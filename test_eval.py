@@ -259,6 +259,17 @@ def test_a_training_run_folder_as_model_evaluates_its_final_checkpoint_and_says_
     assert json.loads((tmp_path / "eval" / "settings.json").read_text())["model"] == str(run / "final")
 
 
+def test_the_summary_names_the_algorithm_of_the_run_a_checkpoint_comes_from(tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "model", run / "final")
+    (run / "args.json").write_text(json.dumps(dict(algo="igrpo", seed=0)))
+    benchmark = str(small_benchmark(tmp_path, count=1))
+    run_eval(tiny, tmp_path, "--benchmarks", benchmark, "--k", "1", "--model", str(run / "final"))
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["algo"] == "igrpo"
+    run_eval(tiny, tmp_path, "--benchmarks", benchmark, "--k", "1", "--output-dir", str(tmp_path / "hub"))
+    assert json.loads((tmp_path / "hub" / "summary.json").read_text())["algo"] is None
+
+
 def test_a_run_folder_without_final_or_a_folder_without_a_model_is_one_line_pointing_to_final(tiny, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -124,6 +124,56 @@ def test_plot_errors_are_its_own_one_line_and_plot_does_not_import_igrpo(tmp_pat
     assert "'igrpo'" not in imports.stdout
 
 
+def drawn_colors(monkeypatch):
+    """label -> the colours of every line and bar drawn under it, from here on."""
+    import matplotlib.axes
+    seen = {}
+    for method in ("plot", "bar"):
+        real = getattr(matplotlib.axes.Axes, method)
+
+        def drawing(self, *args, real=real, **kwargs):
+            seen.setdefault(kwargs.get("label"), set()).add(kwargs.get("color"))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(matplotlib.axes.Axes, method, drawing)
+    return seen
+
+
+def eval_folder(folder, model, algo):
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(dict(model=model, algo=algo, results={
+        "gsm8k": dict(k=2, avg_at_k=0.5)})))
+    return folder
+
+
+def test_each_algorithm_has_its_own_colour_in_every_figure(tmp_path, monkeypatch):
+    seen = drawn_colors(monkeypatch)
+    igrpo_run, grpo_run = write_run(tmp_path / "igrpo"), write_run(tmp_path / "grpo", algo="grpo")
+    plot.plot_training([igrpo_run], tmp_path / "alone.png")
+    igrpo_alone = seen.pop("igrpo, loss=grpo")
+    plot.plot_training([igrpo_run, grpo_run], tmp_path / "igrpo-first.png")
+    plot.plot_training([grpo_run, igrpo_run], tmp_path / "grpo-first.png")
+    plot.plot_eval([eval_folder(tmp_path / "a", "Qwen/Qwen2.5-Math-1.5B", None),
+                    eval_folder(tmp_path / "b", "runs/b/final", "igrpo"),
+                    eval_folder(tmp_path / "c", "runs/c/final", "grpo")], tmp_path / "evals.png")
+    igrpo_color, grpo_color = plot.ALGO_COLORS["igrpo"], plot.ALGO_COLORS["grpo"]
+    assert igrpo_alone == seen["igrpo, loss=grpo"] == seen["runs/b/final"] == {igrpo_color}
+    assert seen["grpo, loss=grpo"] == seen["runs/c/final"] == {grpo_color} != {igrpo_color}
+    assert len(seen["Qwen/Qwen2.5-Math-1.5B"]) == 1
+    assert not seen["Qwen/Qwen2.5-Math-1.5B"] & {igrpo_color, grpo_color}
+
+
+def test_a_second_setting_of_an_algorithm_is_a_shade_of_it_and_other_labels_keep_their_colour():
+    import colorsys
+
+    def hue(color):
+        return colorsys.rgb_to_hsv(*(int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+    first, second, mine = plot.colors([("igrpo", "lr=1e-4"), ("igrpo", "lr=1e-5"), (None, "mine")])
+    assert first == plot.ALGO_COLORS["igrpo"] and second != first
+    assert hue(second) == pytest.approx(hue(first), abs=0.01)
+    assert plot.colors([(None, "mine")]) == [mine] == plot.colors([("grpo", "x"), (None, "mine")])[1:]
+    assert len(set(plot.colors([(None, f"model-{i}") for i in range(8)]))) == 8  # all apart in one figure
+
+
 # ----------------------------------------------------------------------------------------------
 # The toy world
 # ----------------------------------------------------------------------------------------------
