@@ -289,10 +289,15 @@ def check_resume(out, settings):
 
 
 def read_json(path):
+    """settings.json or summary.json of --output-dir; anything else there is one line naming it."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        igrpo.fail(f"{path}: not valid JSON ({error}); delete it or use another --output-dir")
+        igrpo.fail(f"{path}: not valid JSON ({error}); delete it, or use another --output-dir")
+    if not isinstance(value, dict):
+        igrpo.fail(f"{path}: not a JSON object (not written by eval.py?); delete it, or use "
+                   "another --output-dir")
+    return value
 
 
 def training_algo(model):
@@ -312,8 +317,12 @@ class RunFolder:
 
     def __init__(self, out, settings, args):
         self.out, self.settings, self.args = out, settings, args
-        self.earlier = read_json(out / "summary.json")["results"] \
-            if check_resume(out, settings) and (out / "summary.json").exists() else {}
+        earlier = out / "summary.json"
+        self.earlier = read_json(earlier).get("results", {}) \
+            if check_resume(out, settings) and earlier.exists() else {}
+        if not isinstance(self.earlier, dict):
+            igrpo.fail(f"{earlier}: 'results' is not an object (not written by eval.py?); delete "
+                       "it, or use another --output-dir")
         self.benchmarks, self.results, self.started, self.mended = [], {}, False, set()
 
     def start(self):

@@ -176,6 +176,19 @@ def test_a_folder_without_completions_is_not_a_run_and_is_not_refused(tiny, tmp_
     assert json.loads((tmp_path / "eval" / "settings.json").read_text())["k"] == 2
 
 
+@pytest.mark.parametrize("file,text,message", [
+    ("settings.json", "{oops", r"settings.json: not valid JSON"),
+    ("summary.json", "[]", r"summary.json: not a JSON object \(not written by eval.py\?\)"),
+    ("summary.json", '{"results": 3}', r"summary.json: 'results' is not an object"),
+])
+def test_a_broken_settings_or_summary_file_is_one_line_naming_it(tiny, tmp_path, file, text, message):
+    benchmark = str(small_benchmark(tmp_path, count=1))
+    run_eval(tiny, tmp_path, "--benchmarks", benchmark, "--k", "1")
+    (tmp_path / "eval" / file).write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        run_eval(tiny, tmp_path, "--benchmarks", benchmark, "--k", "1")
+
+
 def same_named_benchmarks(tmp_path, folders=("a", "b")):
     """folder/test.jsonl for each folder, each with other problems."""
     for offset, folder in enumerate(folders):
