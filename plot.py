@@ -13,7 +13,8 @@ args.json); and eval.py's avg@k per benchmark as a bar chart (from summary.json)
 Runs are labelled by their args.json (algo, loss, and any other setting that tells them apart).
 Runs that differ only in --seed are drawn as one line, the mean over seeds, with a band from the
 lowest to the highest seed, over the steps every seed has reached. A run still being written is read
-as far as it goes.
+as far as it goes. Each algorithm keeps one colour in every figure, GRPO blue and iGRPO orange (a
+bar: the algorithm eval.py's summary.json names); anything else keeps a colour picked by its label.
 """
 import argparse
 import difflib
