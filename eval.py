@@ -8,19 +8,27 @@ samples per problem (64 for AIME24/25, 8 for the rest). Reports, per benchmark:
           c correct
   maj@k   accuracy of the majority answer, equivalent spellings counted as one answer
 and the no-answer rate and mean completion tokens. Prompts and the answer checker are igrpo.py's
-own.
+own. The printed table gives accuracies and rates in percent; summary.json and the per-benchmark
+rows keep them as fractions (0.5 for 50%).
 
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks gsm8k,math500 --limit 20 --k 2
+    python eval.py --model runs/toy-igrpo-seed0 --benchmarks aime24   # a run folder: its final/
     python eval.py --model runs/toy-igrpo-seed0/final --benchmarks my_problems.jsonl \
         --refine-rounds 1
 
 A rerun with the same --output-dir and settings resumes: problems already in
-OUTPUT_DIR/<benchmark>.jsonl are skipped; other settings (model, k, temperature, budget, ...) are
-refused.
+OUTPUT_DIR/<benchmark>.jsonl (the same problem and answer at the same index) are skipped; other
+settings (model, k, temperature, budget, ...), or a file holding another benchmark's problems, are
+refused. Nothing is written before the first completion, and rows are appended as they finish: a
+kill or Ctrl-C keeps every finished problem, and the same command resumes. summary.json holds every
+benchmark evaluated in the folder, a later run's beside the earlier ones.
 """
 import argparse
 import json
 import math
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +37,7 @@ from tqdm import tqdm
 import igrpo
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"  # the six benchmark files, shipped with the code (data/README.md)
 # name: (file in --data-dir, hub dataset, hub config, hub split, samples per problem in the paper)
 BENCHMARKS = {
     "aime24": ("aime24.jsonl", "HuggingFaceH4/aime_2024", "", "train", 64),
@@ -96,9 +105,55 @@ def generate(model, tokenizer, prompts, k, cfg):
     return samples.texts, samples.lengths.tolist()
 
 
-def finished_rows(path):
-    """Problems a previous run already wrote; a last line cut short by a kill mid-write is
-    redone."""
+@dataclass
+class Benchmark:
+    """One benchmark of this run: its problems, samples per problem, completions file, and the rows
+    already there (a previous run's, then this run's as they finish)."""
+    label: str
+    source: str
+    problems: list
+    k: int
+    path: Path
+    done: dict
+
+    def finished(self):
+        return sum(index in self.done for index in range(len(self.problems)))
+
+
+def check_names(names, data_dir):
+    """Every benchmark name checked before anything loads; two never share a completions file."""
+    for name in names:
+        resolve(name, data_dir)
+    for name in names:
+        sharing = [other for other in names if label(other) == label(name)]
+        if len(sharing) > 1:
+            igrpo.fail(f"--benchmarks: {' and '.join(sharing)} would both write "
+                       f"{label(name)}.jsonl in --output-dir; give the files different names")
+
+
+def prepare(name, args, cfg, out):
+    """A benchmark of this run, loaded (a name neither in --data-dir nor on the hub is one line
+    naming both), with the rows a previous run left in its completions file."""
+    source, hub_config, split, paper_k = resolve(name, args.data_dir)
+    cfg.dataset_config, cfg.split = hub_config, split
+    try:
+        problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
+    except SystemExit as error:
+        if name not in BENCHMARKS or source != BENCHMARKS[name][1]:
+            raise
+        igrpo.fail(f"--benchmarks {name}: no {BENCHMARKS[name][0]} in --data-dir "
+                   f"{args.data_dir or '(none given)'}, and from the hub: "
+                   f"{str(error).removeprefix('igrpo: error: ')}")
+    path = out / f"{label(name)}.jsonl"
+    done = finished_rows(path, problems, source) if path.exists() else {}
+    k = args.k if args.k is not None else paper_k
+    return Benchmark(label(name), source, problems, k, path, done)
+
+
+def finished_rows(path, problems, source):
+    """Problems a previous run already wrote, each the same problem (text and gold answer) as this
+    benchmark's at its index: a file name alone does not say which benchmark it holds. A last line
+    cut short by a kill mid-write is redone."""
     rows, lines = {}, path.read_text().splitlines()
     for number, line in enumerate(lines, 1):
         try:
@@ -110,8 +165,41 @@ def finished_rows(path):
             print(f"{path}: the last line is cut short (a run killed mid-write?); "
                   "its problem is redone")
             continue
-        rows[row["index"]] = row
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) \
+                or not {"problem", "answer"} <= row.keys():
+            igrpo.fail(f"{path}: line {number} is not a row eval.py writes (index, problem, "
+                       "answer); delete the file to redo this benchmark")
+        index = row["index"]
+        expected = problems[index] if index < len(problems) else row  # beyond --limit: unused
+        if (row["problem"], row["answer"]) != (expected["problem"], expected["answer"]):
+            igrpo.fail(f"{path}, line {number}: its problem {index + 1} "
+                       f"({row['problem'][:40]!r}) is not {source}'s: the file holds another "
+                       "benchmark's completions; use another --output-dir, or delete the file")
+        rows[index] = row
     return rows
+
+
+def mend_last_line(path):
+    """Before appending: a last line cut short by a kill is dropped (finished_rows redoes its
+    problem); a whole row that lost only its newline gets it back."""
+    text = path.read_bytes() if path.exists() else b""
+    if not text or text.endswith(b"\n"):
+        return
+    head, newline, last = text.rpartition(b"\n")
+    try:
+        json.loads(last)
+    except json.JSONDecodeError:
+        os.truncate(path, len(head) + len(newline))
+        return
+    with open(path, "ab") as file:
+        file.write(b"\n")
+
+
+def write_atomically(path, text):
+    """Written beside, then renamed over: a kill leaves the old file or the new, never half."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 def unanswered(problem, k, args):
@@ -122,57 +210,51 @@ def unanswered(problem, k, args):
                 samples=empty, refined=[empty] * args.refine_rounds, prompt_too_long=True)
 
 
-def evaluate_benchmark(model, tokenizer, name, args, cfg, out):
-    source, hub_config, split, paper_k = resolve(name, args.data_dir)
-    k = args.k if args.k is not None else paper_k
-    cfg.dataset_config, cfg.split = hub_config, split
-    problems = igrpo.load_problems(source, cfg, flag="benchmarks", limit=args.limit)
-    path = out / f"{label(name)}.jsonl"
-    done = finished_rows(path) if path.exists() else {}  # resume: settings.json vouches they match
-    todo = [problems[i] | {"index": i} for i in range(len(problems)) if i not in done]
+def complete(model, tokenizer, chunk, k, args, cfg):
+    """The rows of a chunk of problems: k graded samples each, and each refined args.refine_rounds
+    times."""
+    prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
+    texts, lengths = generate(model, tokenizer, prompts, k, cfg)
+    rows = []
+    for j, p in enumerate(chunk):
+        row_span = slice(j * k, (j + 1) * k)  # problem j's k samples in texts and lengths
+        samples = [grade(t, p["answer"], n) for t, n in zip(texts[row_span], lengths[row_span])]
+        rows.append(dict(index=p["index"], problem=p["problem"], answer=p["answer"],
+                         refined=[], samples=samples))
+    previous = [s["completion"] for row in rows for s in row["samples"]]
+    # beyond the paper: refine each sample with igrpo's template
+    for _ in range(args.refine_rounds):
+        drafts = [igrpo.cut_draft(tokenizer, text, cfg.max_draft_tokens) for text in previous]
+        messages = [igrpo.refine_message(rows[i // k]["problem"], draft)
+                    for i, draft in enumerate(drafts)]
+        refine = [igrpo.build_prompt(tokenizer, message, cfg) for message in messages]
+        previous, lengths = generate(model, tokenizer, refine, 1, cfg)
+        for j, row in enumerate(rows):
+            row_span = slice(j * k, (j + 1) * k)
+            row["refined"].append([grade(t, row["answer"], n)
+                                   for t, n in zip(previous[row_span], lengths[row_span])])
+    return rows
+
+
+def evaluate_benchmark(model, tokenizer, bench, args, cfg, folder):
+    todo = [problem | {"index": i} for i, problem in enumerate(bench.problems)
+            if i not in bench.done]
     context = igrpo.max_positions(model)
     too_long = [p for p in todo
                 if context and igrpo.prompt_length(tokenizer, p["problem"], cfg) >= context]
     if too_long:
-        print(f"{label(name)}: {len(too_long)} of {len(todo)} prompts fill the model's context "
+        print(f"{bench.label}: {len(too_long)} of {len(todo)} prompts fill the model's context "
               f"({context} positions): scored as unanswered")
+        folder.append(bench, [unanswered(p, bench.k, args) for p in too_long])
     todo = [p for p in todo if p not in too_long]
-    per_call = max(1, cfg.generation_batch_size // k)
-    bar = tqdm(total=len(todo), desc=label(name), unit="problem", dynamic_ncols=True)
-    with open(path, "w") as file, bar:
-        for row in list(done.values()) + [unanswered(p, k, args) for p in too_long]:
-            done[row["index"]] = row
-            file.write(json.dumps(row) + "\n")
+    per_call = max(1, cfg.generation_batch_size // bench.k)
+    with tqdm(total=len(todo), desc=bench.label, unit="problem", dynamic_ncols=True) as bar:
         for start in range(0, len(todo), per_call):
             chunk = todo[start:start + per_call]
-            prompts = [igrpo.build_prompt(tokenizer, p["problem"], cfg) for p in chunk]
-            texts, lengths = generate(model, tokenizer, prompts, k, cfg)
-            rows = []
-            for j, p in enumerate(chunk):
-                row_span = slice(j * k, (j + 1) * k)  # problem j's k samples in texts and lengths
-                samples = [grade(t, p["answer"], n)
-                           for t, n in zip(texts[row_span], lengths[row_span])]
-                rows.append(dict(index=p["index"], problem=p["problem"], answer=p["answer"],
-                                 refined=[], samples=samples))
-            previous = [s["completion"] for row in rows for s in row["samples"]]
-            # beyond the paper: refine each sample with igrpo's template
-            for _ in range(args.refine_rounds):
-                drafts = [igrpo.cut_draft(tokenizer, text, cfg.max_draft_tokens)
-                          for text in previous]
-                messages = [igrpo.refine_message(rows[i // k]["problem"], draft)
-                            for i, draft in enumerate(drafts)]
-                refine = [igrpo.build_prompt(tokenizer, message, cfg) for message in messages]
-                previous, lengths = generate(model, tokenizer, refine, 1, cfg)
-                for j, row in enumerate(rows):
-                    row_span = slice(j * k, (j + 1) * k)
-                    row["refined"].append([grade(t, row["answer"], n)
-                                           for t, n in zip(previous[row_span], lengths[row_span])])
-            for row in rows:
-                done[row["index"]] = row
-                file.write(json.dumps(row) + "\n")
-            file.flush()
+            folder.append(bench, complete(model, tokenizer, chunk, bench.k, args, cfg))
             bar.update(len(chunk))
-    return summarize([done[i] for i in range(len(problems))], k)
+    return summarize([bench.done[i] for i in range(len(bench.problems))], bench.k) | dict(
+        source=bench.source)
 
 
 # What a resumed run must share with the run it continues: everything that changes the completions.
@@ -180,25 +262,103 @@ RESUME_SETTINGS = ("model", "k", "temperature", "top_p", "max_completion_tokens"
                    "max_draft_tokens", "chat_template", "dtype", "seed")
 
 
-def check_resume(out, args):
-    """A rerun into the same --output-dir resumes only with the settings that wrote the completions
-    there."""
+def resume_settings(args):
     settings = {name: getattr(args, name) for name in RESUME_SETTINGS}
     if Path(args.model).exists():
         settings["model"] = str(Path(args.model).resolve())
+    return settings
+
+
+def check_resume(out, settings):
+    """A rerun into the same --output-dir resumes only with the settings that wrote the completions
+    there. A folder without completions is not a run: anything may start there. True for a run."""
+    if not out.is_dir() or not any(path.stat().st_size for path in out.glob("*.jsonl")):
+        return False
     saved_path = out / "settings.json"
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
-                  for name, value in settings.items() if saved.get(name) != value]
-        if differ:
-            igrpo.fail(f"--output-dir {out} holds completions made with other settings "
-                       f"({'; '.join(differ)}): use another --output-dir, "
-                       "or the same settings to resume")
-    elif any(out.glob("*.jsonl")):
+    if not saved_path.exists():
         igrpo.fail(f"--output-dir {out} holds completions without a settings.json: "
                    "use another --output-dir")
-    saved_path.write_text(json.dumps(settings, indent=2))
+    saved = read_json(saved_path)
+    differ = [f"--{name.replace('_', '-')} {saved.get(name)} there, {value} here"
+              for name, value in settings.items() if saved.get(name) != value]
+    if differ:
+        igrpo.fail(f"--output-dir {out} holds completions made with other settings "
+                   f"({'; '.join(differ)}): use another --output-dir, "
+                   "or the same settings to resume")
+    return True
+
+
+def read_json(path):
+    """settings.json or summary.json of --output-dir; anything else there is one line naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        igrpo.fail(f"{path}: not valid JSON ({error}); delete it, or use another --output-dir")
+    if not isinstance(value, dict):
+        igrpo.fail(f"{path}: not a JSON object (not written by eval.py?); delete it, or use "
+                   "another --output-dir")
+    return value
+
+
+def training_algo(model):
+    """The algorithm of the igrpo.py run a checkpoint folder sits in (its args.json), else None:
+    plot.py gives each algorithm its own colour."""
+    args_path = Path(model).parent / "args.json"
+    try:
+        return json.loads(args_path.read_text()).get("algo") if args_path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # not igrpo.py's args.json: no algorithm
+        return None
+
+
+class RunFolder:
+    """--output-dir as this run writes it. Nothing is written before the first completion, so a run
+    that fails to start leaves nothing that refuses the next; rows are appended as they finish and
+    never rewritten, so a kill loses at most the row being written."""
+
+    def __init__(self, out, settings, args):
+        self.out, self.settings, self.args = out, settings, args
+        earlier = out / "summary.json"
+        self.earlier = read_json(earlier).get("results", {}) \
+            if check_resume(out, settings) and earlier.exists() else {}
+        if not isinstance(self.earlier, dict):
+            igrpo.fail(f"{earlier}: 'results' is not an object (not written by eval.py?); delete "
+                       "it, or use another --output-dir")
+        self.benchmarks, self.results, self.started, self.mended = [], {}, False, set()
+
+    def start(self):
+        if not self.started:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.out / "settings.json", json.dumps(self.settings, indent=2))
+            self.started = True
+
+    def append(self, bench, rows):
+        self.start()
+        if bench.path not in self.mended:
+            mend_last_line(bench.path)
+            self.mended.add(bench.path)
+        with open(bench.path, "a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+        bench.done.update((row["index"], row) for row in rows)
+
+    def summary(self):
+        """Every benchmark evaluated in this folder: a run's results join those of earlier runs
+        (other --benchmarks, same settings) and replace their own benchmarks' there."""
+        return dict(model=self.args.model, algo=training_algo(self.args.model),
+                    settings=vars(self.args), results=self.earlier | self.results)
+
+    def finish(self, bench, result):
+        self.results[bench.label] = result
+        self.start()
+        write_atomically(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+
+    def interrupted(self):
+        """Ctrl-C: one line, what is kept and how to go on, instead of a traceback."""
+        kept = ", ".join(f"{b.label} {b.finished()} of {len(b.problems)}" for b in self.benchmarks
+                         if b.finished())
+        print(f"eval: interrupted; kept in {self.out}: {kept} problems finished. Run the same "
+              "command again to resume" if kept else
+              "eval: interrupted before the first completion; nothing written", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def summarize(rows, k):
@@ -220,27 +380,56 @@ def summarize(rows, k):
     return summary
 
 
+# The printed table, for a person: accuracies and rates in percent, as the README and the paper
+# give them. summary.json and the rows keep fractions (0.5, not 50).
+HEADINGS = dict(problems="problems", k="k", avg_at_k="avg@k %", pass_at_k="pass@k %",
+                maj_at_k="maj@k %", no_answer_rate="no answer %", mean_completion_tokens="tokens")
+
+
+def cell(row, column):
+    value = row.get(column)
+    if value is None or column in ("problems", "k"):
+        return "" if value is None else str(value)
+    return f"{value:.1f}" if column == "mean_completion_tokens" else f"{100 * value:.1f}"
+
+
 def print_table(results):
-    columns = ["problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate",
-               "mean_completion_tokens"]
-    columns += sorted({c for r in results.values() for c in r if c.startswith("refined_")})
-    print(f"{'benchmark':<12}" + "".join(f"{c:>{len(c) + 2}}" for c in columns))
+    columns = list(HEADINGS) + sorted({c for r in results.values() for c in r
+                                       if c.startswith("refined_")})
+    headings = [HEADINGS.get(c) or f"refined {c.split('_')[1]} avg@k %" for c in columns]
+    print(f"{'benchmark':<12}" + "".join(f"{h:>{len(h) + 2}}" for h in headings))
     for name, row in results.items():
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
-        print(f"{name:<12}" + "".join(f"{cell:>{len(c) + 2}}" for cell, c in zip(cells, columns)))
+        print(f"{name:<12}" + "".join(f"{cell(row, c):>{len(h) + 2}}"
+                                      for c, h in zip(columns, headings)))
+
+
+def checkpoint(model):
+    """--model as given (a hub name or model folder), or a training run folder's final/."""
+    folder = Path(model)
+    if not folder.is_dir() or any((folder / name).is_file()
+                                  for name in ("config.json", "adapter_config.json")):
+        return model
+    if (folder / "final").is_dir():
+        print(f"--model {model}: a training run folder; evaluating its final checkpoint, "
+              f"{folder / 'final'}")
+        return str(folder / "final")
+    what = ("a training run folder without final/ (still training, or stopped early?)"
+            if (folder / "metrics.jsonl").is_file() else "no config.json: not a model folder")
+    igrpo.fail(f"--model {model}: {what}; pass a model folder such as a run's final/ "
+               f"(or a step-N checkpoint)")
 
 
 def parse_args(argv=None):
-    default_data = HERE.parent / "shared" / "data"
     parser = argparse.ArgumentParser(
         description="Evaluate a causal LM with the iGRPO paper's protocol.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="hub name or local folder (e.g. runs/toy-igrpo-seed0/final)")
+                        help="hub name, model folder (e.g. runs/toy-igrpo-seed0/final), or a "
+                             "training run folder (its final/)")
     parser.add_argument("--benchmarks", default="aime24,aime25,amc23,math500,gsm8k,minerva",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, or paths to .jsonl files")
-    parser.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else "",
-                        help="folder with the local benchmark copies; "
+    parser.add_argument("--data-dir", default=str(DATA),
+                        help="folder with the local benchmark copies (the shipped data/); "
                              "names not found there load from the hub")
     parser.add_argument("--k", type=int, default=None,
                         help="samples per problem (default: the paper's, 64 AIME, 8 others)")
@@ -253,6 +442,7 @@ def parse_args(argv=None):
                         help="summary.json and one JSONL per benchmark")
     igrpo.add_config_flags(parser, CONFIG_FLAGS)
     args = parser.parse_args(argv)
+    args.model = checkpoint(args.model)
     igrpo.check_config(config(args))
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
@@ -281,21 +471,21 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = config(args)
-    names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
-    for name in names:
-        resolve(name, args.data_dir)  # every name checked before the model loads
+    names = list(dict.fromkeys(name.strip() for name in args.benchmarks.split(",") if name.strip()))
+    check_names(names, args.data_dir)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_resume(out, args)
-    device, dtype = igrpo.device_and_dtype(cfg.dtype)
-    model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
-    igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
-    results = {label(name): evaluate_benchmark(model, tokenizer, name, args, cfg, out)
-               for name in names}
-    summary = dict(model=args.model, settings=vars(args), results=results)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(results)
-    return results
+    folder = RunFolder(out, resume_settings(args), args)
+    try:
+        folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
+        device, dtype = igrpo.device_and_dtype(cfg.dtype)
+        model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
+        igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
+        for bench in folder.benchmarks:
+            folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
+    except KeyboardInterrupt:
+        folder.interrupted()
+    print_table(folder.summary()["results"])
+    return folder.results
 
 
 if __name__ == "__main__":

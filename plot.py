@@ -13,14 +13,15 @@ args.json); and eval.py's avg@k per benchmark as a bar chart (from summary.json)
 Runs are labelled by their args.json (algo, loss, and any other setting that tells them apart).
 Runs that differ only in --seed are drawn as one line, the mean over seeds, with a band from the
 lowest to the highest seed, over the steps every seed has reached. A run still being written is read
-as far as it goes.
+as far as it goes. Each algorithm keeps one colour in every figure, GRPO blue and iGRPO orange (a
+bar: the algorithm eval.py's summary.json names); anything else keeps a colour picked by its label.
 """
 import argparse
+import difflib
 import json
 import re
+import zlib
 from pathlib import Path
-
-import igrpo
 
 # (metric, panel title); "drafts" is iGRPO's Stage 1 next to its Stage 2
 PANELS = [("reward", "training reward (iGRPO: the refinements')"),
@@ -31,13 +32,38 @@ PANELS = [("reward", "training reward (iGRPO: the refinements')"),
           ("step_seconds", "step time (s)")]
 # these never make two runs a different setting
 IGNORED_SETTINGS = ("seed", "output_dir", "save_every")
+# One colour per algorithm in every figure (GRPO blue, iGRPO orange, as in docs/toy-compare.png);
+# anything else takes one of the others, picked by its label, so it too keeps its colour.
+ALGO_COLORS = {"grpo": "#1f77b4", "igrpo": "#ff7f0e"}
+OTHER_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf"]
+
+
+def fail(message):
+    """Bad input stops plot.py with one line that names the problem."""
+    raise SystemExit(f"plot: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line; a mistyped flag is named with the closest real one."""
+
+    def error(self, message):
+        unknown = message.removeprefix("unrecognized arguments: ").split()
+        flags = [word for word in unknown if word.startswith("-")]
+        if message.startswith("unrecognized arguments: ") and flags:
+            flag = flags[0].split("=")[0]
+            known = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(flag, known, n=1)
+            message = f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else
+                                                f"; the flags are {', '.join(known)}")
+        self.exit(2, f"plot: error: {message}\n")
 
 
 def pyplot():
     try:
         import matplotlib
     except ImportError:
-        igrpo.fail("plot.py needs matplotlib, an optional dependency: pip install matplotlib")
+        fail("plot.py needs matplotlib, an optional dependency: pip install matplotlib")
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
@@ -59,14 +85,14 @@ def read_metrics(path):
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            igrpo.fail(f"{path}, line {number}: not valid JSON")
+            fail(f"{path}, line {number}: not valid JSON")
     return rows
 
 
 def read_run(folder):
     folder = Path(folder)
     if not (folder / "metrics.jsonl").is_file():
-        igrpo.fail(f"{folder}: no metrics.jsonl (not a training run folder)")
+        fail(f"{folder}: no metrics.jsonl (not a training run folder)")
     args_path = folder / "args.json"
     args = json.loads(args_path.read_text()) if args_path.is_file() else {}
     return dict(folder=folder, args=args, rows=read_metrics(folder / "metrics.jsonl"))
@@ -125,6 +151,32 @@ def across_seeds(members, metric, smooth=1):
 # ----------------------------------------------------------------------------------------------
 # Drawing
 # ----------------------------------------------------------------------------------------------
+def shade(color, step):
+    """step 0: the colour itself; then alternately darker and lighter (the same hue)."""
+    rgb = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    amount, target = min(0.8, 0.35 * ((step + 1) // 2)), 0.0 if step % 2 else 1.0
+    return "#" + "".join(f"{round(255 * (c + (target - c) * amount)):02x}" for c in rgb)
+
+
+def colors(keys):
+    """A colour for each (algorithm or None, label) of a figure. An algorithm's is its own in every
+    figure (a second setting of it: a shade of it); another label's is picked by a hash of the
+    label, or the next one free in this figure."""
+    chosen, taken, settings_of = [], set(), {}
+    for algo, label in keys:
+        if algo in ALGO_COLORS:
+            settings_of[algo] = settings_of.get(algo, -1) + 1
+            color = shade(ALGO_COLORS[algo], settings_of[algo])
+        else:
+            start = zlib.crc32(label.encode())
+            picks = [OTHER_COLORS[(start + i) % len(OTHER_COLORS)]
+                     for i in range(len(OTHER_COLORS))]
+            color = next((c for c in picks if c not in taken), picks[0])
+        chosen.append(color)
+        taken.add(color)
+    return chosen
+
+
 def draw_line(axis, members, metric, smooth, color, label, style="-"):
     steps, mean, low, high = across_seeds(members, metric, smooth)
     if not steps:
@@ -140,12 +192,11 @@ def draw_line(axis, members, metric, smooth, color, label, style="-"):
 def plot_training(run_folders, out, smooth=1):
     plt = pyplot()
     groups = group_by_setting([read_run(f) for f in run_folders])
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = colors([(members[0]["args"].get("algo"), label) for label, members in groups])
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     for axis, (metric, title) in zip(axes.flat, PANELS):
         drawn = False
-        for index, (label, members) in enumerate(groups):
-            color = colors[index % len(colors)]
+        for (label, members), color in zip(groups, palette):
             if metric == "drafts":  # GRPO's draft rewards are null: it draws nothing here
                 drawn |= draw_line(axis, members, "draft_reward", smooth, color,
                                    f"{label}: drafts", ":")
@@ -180,10 +231,10 @@ def read_summary(path):
     path = Path(path)
     file = path / "summary.json" if path.is_dir() else path
     if not file.is_file():
-        igrpo.fail(f"{path}: no summary.json (not an eval.py output folder)")
+        fail(f"{path}: no summary.json (not an eval.py output folder)")
     summary = json.loads(file.read_text())
     if not isinstance(summary.get("results"), dict):
-        igrpo.fail(f"{file}: no 'results' object (not written by eval.py?)")
+        fail(f"{file}: no 'results' object (not written by eval.py?)")
     return summary
 
 
@@ -195,13 +246,15 @@ def plot_eval(paths, out):
     width = 0.8 / len(summaries)
     figure_width = max(5, 1.4 * len(benchmarks) * max(1, len(summaries) / 2))
     figure, axis = plt.subplots(figsize=(figure_width, 4))
-    for index, (path, summary) in enumerate(zip(paths, summaries)):
+    labels = [summary.get("model") or str(path) for path, summary in zip(paths, summaries)]
+    palette = colors([(s.get("algo"), label) for s, label in zip(summaries, labels)])
+    for index, (summary, label, color) in enumerate(zip(summaries, labels, palette)):
         results = summary["results"]
         positions = [b + (index - (len(summaries) - 1) / 2) * width for b in range(len(benchmarks))]
         heights = [100 * results[name]["avg_at_k"] if name in results else 0 for name in benchmarks]
-        bars = axis.bar(positions, heights, width, label=summary.get("model") or str(path))
-        labels = [f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)]
-        axis.bar_label(bars, labels=labels, fontsize=7)
+        bars = axis.bar(positions, heights, width, label=label, color=color)
+        values = [f"{h:.1f}" if name in results else "" for h, name in zip(heights, benchmarks)]
+        axis.bar_label(bars, labels=values, fontsize=7)
     ks = sorted({r.get("k") for s in summaries for r in s["results"].values()}, key=str)
     axis.set_xticks(range(len(benchmarks)), benchmarks)
     axis.set_ylabel(f"avg@k (%), k = {', '.join(map(str, ks))}")
@@ -214,7 +267,7 @@ def plot_eval(paths, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Plot training runs (metrics.jsonl) or eval.py summaries.")
     parser.add_argument("folders", nargs="+",
                         help="run folders (metrics.jsonl), or eval.py output folders "
@@ -224,15 +277,15 @@ def main(argv=None):
     parser.add_argument("--smooth", type=int, default=1, help="trailing mean over N steps (1: off)")
     args = parser.parse_args(argv)
     if args.smooth < 1:
-        igrpo.fail(f"--smooth {args.smooth}: must be at least 1 (1: off)")
+        fail(f"--smooth {args.smooth}: must be at least 1 (1: off)")
     for folder in args.folders:
         if not Path(folder).exists():
-            igrpo.fail(f"{folder}: no such folder")
+            fail(f"{folder}: no such folder")
     is_eval = [not (Path(f) / "metrics.jsonl").is_file() and (Path(f).name == "summary.json" or
                                                                (Path(f) / "summary.json").is_file())
                for f in args.folders]
     if any(is_eval) and not all(is_eval):
-        igrpo.fail("give either training run folders (metrics.jsonl) "
+        fail("give either training run folders (metrics.jsonl) "
                    "or eval.py folders (summary.json), not both")
     first = Path(args.folders[0])
     out = args.out or str((first if first.is_dir() else first.parent) / "plot.png")

@@ -1,21 +1,24 @@
-"""The specification of eval.py and judge.py, as tests. Offline: tiny local models, a fake endpoint on 127.0.0.1."""
+"""The specification of eval.py and judge.py, as tests. Offline: tiny local models, a fake
+endpoint on 127.0.0.1."""
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF
 
 import http.server
 import itertools
 import json
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 import eval as evaluation
 import igrpo
 import judge
-from test_igrpo import DATA, tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+
+DATA = evaluation.DATA  # the benchmark files shipped in data/
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,43 +30,73 @@ def brute_force_pass_at_k(outcomes, k):
     return sum(any(s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 7) for c in range(n + 1) for k in range(1, n + 1)])
+@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 7) for c in range(n + 1)
+                                   for k in range(1, n + 1)])
 def test_pass_at_k_matches_brute_force_over_subsets(n, c, k):
     outcomes = [True] * c + [False] * (n - c)
     assert evaluation.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(outcomes, k))
 
 
 def test_majority_vote_pools_equivalent_spellings():
-    assert evaluation.majority_correct(["\\frac{1}{2}", "0.5", "3", "3", None], "1/2")  # 2 votes vs 2: first wins
+    # 2 votes vs 2: the first wins
+    assert evaluation.majority_correct(["\\frac{1}{2}", "0.5", "3", "3", None], "1/2")
     assert evaluation.majority_correct(["7", "\\frac12", "0.5", "1/2"], "0.5")
     assert not evaluation.majority_correct(["7", "7", "0.5"], "0.5")
     assert not evaluation.majority_correct([None, None], "1")
 
 
 # ----------------------------------------------------------------------------------------------
-# End to end on the shipped benchmark files
+# The shipped benchmark files
 # ----------------------------------------------------------------------------------------------
-def run_eval(tiny, tmp_path, *extra):
-    return evaluation.main(["--model", str(tiny / "model"), "--data-dir", str(DATA), "--chat-template", "off",
-                            "--max-completion-tokens", "6", "--output-dir", str(tmp_path / "eval"), *extra])
+def run_eval(tiny, tmp_path, *extra):  # --data-dir: the default, the shipped data/
+    return evaluation.main(["--model", str(tiny / "model"), "--chat-template", "off",
+                            "--max-completion-tokens", "6", "--output-dir", str(tmp_path / "eval"),
+                            *extra])
 
 
-SUMMARY_KEYS = {"problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate", "mean_completion_tokens"}
+def evaluate(tiny, tmp_path, benchmark, *extra):
+    return run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), *extra)
 
 
-def test_eval_writes_a_summary_and_every_completion_for_two_shipped_benchmarks(tiny, tmp_path):
-    if not DATA.exists():
-        pytest.skip(f"{DATA} is not beside this checkout")
-    results = run_eval(tiny, tmp_path, "--benchmarks", "gsm8k,aime24", "--limit", "2", "--k", "3")
-    assert set(results) == {"gsm8k", "aime24"}
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    for name in ("gsm8k", "aime24"):
-        assert SUMMARY_KEYS <= set(summary["results"][name])
-        assert summary["results"][name]["problems"] == 2 and summary["results"][name]["k"] == 3
-        rows = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}.jsonl")]
-        assert len(rows) == 2 and all(len(r["samples"]) == 3 for r in rows)
-        assert {"completion", "extracted", "correct", "tokens"} <= set(rows[0]["samples"][0])
-    assert summary["results"]["gsm8k"]["avg_at_k"] <= summary["results"]["gsm8k"]["pass_at_k"]
+def saved(tmp_path, name, folder="eval"):
+    """A JSON file eval.py wrote in the output folder."""
+    return json.loads((tmp_path / folder / name).read_text())
+
+
+def written_rows(tmp_path, name="mine.jsonl"):
+    return [json.loads(line) for line in (tmp_path / "eval" / name).read_text().splitlines()]
+
+
+def small_benchmark(tmp_path, count=4):
+    benchmark = tmp_path / "mine.jsonl"
+    benchmark.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)})
+                                 + "\n" for a in range(count)))
+    return benchmark
+
+
+SUMMARY_KEYS = {"problems", "k", "avg_at_k", "pass_at_k", "maj_at_k", "no_answer_rate",
+                "mean_completion_tokens"}
+
+
+def test_the_shipped_data_folder_is_the_default_and_holds_each_benchmark_with_its_stated_count():
+    shipped = Path(evaluation.__file__).parent / "data"
+    assert evaluation.parse_args(["--model", "m"]).data_dir == str(shipped)
+    stated = {}  # file -> problems, from data/README.md's table
+    for line in (DATA / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) > 3 and cells[1].endswith(".jsonl"):
+            stated[cells[1]] = int(cells[2])
+    assert set(stated) == {file for file, *_ in evaluation.BENCHMARKS.values()}
+    for file, count in stated.items():
+        rows = [json.loads(line) for line in (DATA / file).read_text().splitlines()]
+        assert len(rows) == count and all(row["problem"] and row["answer"] for row in rows), file
+
+
+def test_a_benchmark_neither_in_data_dir_nor_on_the_hub_is_one_line_naming_data_dir(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"--benchmarks aime24: no aime24.jsonl in --data-dir "
+                                         r"\S*empty, and from the hub: .*HuggingFaceH4/aime_2024"):
+        evaluate(tiny, tmp_path, "aime24", "--data-dir", str(tmp_path / "empty"))
 
 
 def test_paper_sample_counts_are_the_defaults():
@@ -71,77 +104,278 @@ def test_paper_sample_counts_are_the_defaults():
     assert {evaluation.BENCHMARKS[n][4] for n in ("amc23", "math500", "gsm8k", "minerva")} == {8}
 
 
-def test_a_rerun_resumes_and_generates_only_unfinished_problems(tiny, tmp_path, monkeypatch):
-    benchmark = tmp_path / "mine.jsonl"
-    benchmark.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
-                                 for a in range(4)))
-    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
-    asked = []
-    real_sample = igrpo.sample
-    monkeypatch.setattr(igrpo, "sample", lambda m, t, prompts, *a, **kw: asked.extend(prompts) or real_sample(m, t, prompts, *a, **kw))
-    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
-    assert len(asked) == 2 and all("What is 2 + 1?" in p or "What is 3 + 1?" in p for p in asked)
-    assert results["mine"]["problems"] == 4
-    assert len((tmp_path / "eval" / "mine.jsonl").read_text().splitlines()) == 4
-
-
-def small_benchmark(tmp_path, count=4):
-    benchmark = tmp_path / "mine.jsonl"
-    benchmark.write_text("".join(json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
-                                 for a in range(count)))
-    return benchmark
-
-
-def test_a_rerun_with_other_settings_is_refused_naming_what_differs(tiny, tmp_path):
-    benchmark = small_benchmark(tmp_path)
-    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "1", "--k", "2")
-    differ = r"other settings \(--k 2 there, 3 here; --temperature 0.6 there, 1.0 here\)"
-    with pytest.raises(SystemExit, match=differ):
-        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "3", "--temperature", "1.0")
-    (tmp_path / "eval" / "settings.json").unlink()  # completions whose settings nobody can vouch for
-    with pytest.raises(SystemExit, match="holds completions without a settings.json"):
-        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
-
-
-def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_named(tiny, tmp_path, capsys):
-    benchmark, results = small_benchmark(tmp_path), tmp_path / "eval" / "mine.jsonl"
-    run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
-    lines = results.read_text().splitlines()
-    results.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])  # killed mid-write
-    rerun = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
-    assert rerun["mine"]["problems"] == 2
-    assert "the last line is cut short" in capsys.readouterr().out
-    assert [json.loads(line)["index"] for line in results.read_text().splitlines()] == [0, 1]
-    results.write_text("{not json\n" + results.read_text())
-    with pytest.raises(SystemExit, match=r"mine.jsonl: line 1 is not valid JSON"):
-        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--limit", "2", "--k", "2")
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+def test_eval_writes_a_summary_and_every_completion_for_two_shipped_benchmarks(tiny, tmp_path):
+    results = evaluate(tiny, tmp_path, "gsm8k,aime24", "--limit", "2", "--k", "3")
+    assert set(results) == {"gsm8k", "aime24"}
+    summary = saved(tmp_path, "summary.json")
+    for name in ("gsm8k", "aime24"):
+        assert SUMMARY_KEYS <= set(summary["results"][name])
+        assert summary["results"][name]["problems"] == 2 and summary["results"][name]["k"] == 3
+        rows = written_rows(tmp_path, f"{name}.jsonl")
+        assert len(rows) == 2 and all(len(r["samples"]) == 3 for r in rows)
+        assert {"completion", "extracted", "correct", "tokens"} <= set(rows[0]["samples"][0])
+    assert summary["results"]["gsm8k"]["avg_at_k"] <= summary["results"]["gsm8k"]["pass_at_k"]
 
 
 def test_a_prompt_that_fills_the_models_context_is_scored_unanswered(tiny, tmp_path):
     benchmark = small_benchmark(tmp_path, count=1)
     with open(benchmark, "a") as file:  # the tiny model reads 256 positions
-        file.write(json.dumps({"problem": "What is " + " + ".join(["1"] * 300) + "?", "answer": "9"}) + "\n")
-    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2")
+        problem = "What is " + " + ".join(["1"] * 300) + "?"
+        file.write(json.dumps({"problem": problem, "answer": "9"}) + "\n")
+    results = evaluate(tiny, tmp_path, benchmark, "--k", "2")
     assert results["mine"]["problems"] == 2 and results["mine"]["no_answer_rate"] >= 0.5
-    rows = [json.loads(line) for line in (tmp_path / "eval" / "mine.jsonl").read_text().splitlines()]
-    rows.sort(key=lambda row: row["index"])
+    rows = sorted(written_rows(tmp_path), key=lambda row: row["index"])
     assert [row.get("prompt_too_long", False) for row in rows] == [False, True]
 
 
 def test_the_progress_bar_counts_problems_not_generate_calls(tiny, tmp_path, capsys):
-    run_eval(tiny, tmp_path, "--benchmarks", str(small_benchmark(tmp_path)), "--k", "2")  # one generate call
+    evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "2")  # one generate call
     assert "4/4 [" in capsys.readouterr().err
 
 
 def test_refine_rounds_report_the_refined_accuracy_beside_the_single_pass(tiny, tmp_path):
     benchmark = tmp_path / "mine.jsonl"
     benchmark.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n")
-    results = run_eval(tiny, tmp_path, "--benchmarks", str(benchmark), "--k", "2", "--refine-rounds", "1")
+    results = evaluate(tiny, tmp_path, benchmark, "--k", "2", "--refine-rounds", "1")
     assert {"avg_at_k", "refined_1_avg_at_k"} <= set(results["mine"])
-    row = json.loads((tmp_path / "eval" / "mine.jsonl").read_text())
+    row, = written_rows(tmp_path)
     assert len(row["refined"]) == 1 and len(row["refined"][0]) == 2
 
 
+def test_the_printed_table_gives_accuracies_in_percent_while_the_summary_keeps_fractions(
+        tiny, tmp_path, capsys):
+    evaluation.print_table({"gsm8k": dict(problems=2, k=4, avg_at_k=0.375, pass_at_k=0.5,
+                                          maj_at_k=0.5, no_answer_rate=0.125,
+                                          mean_completion_tokens=12.5, refined_1_avg_at_k=0.625)})
+    header, row = capsys.readouterr().out.splitlines()
+    assert all(h in header for h in ("avg@k %", "pass@k %", "refined 1 avg@k %"))
+    assert row.split() == ["gsm8k", "2", "4", "37.5", "50.0", "50.0", "12.5", "12.5", "62.5"]
+    results = evaluate(tiny, tmp_path, small_benchmark(tmp_path, count=1), "--k", "2")
+    summary = saved(tmp_path, "summary.json")["results"]["mine"]
+    assert summary["avg_at_k"] == results["mine"]["avg_at_k"]
+    assert 0 <= summary["no_answer_rate"] <= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: what a rerun into the same --output-dir finds there
+# ----------------------------------------------------------------------------------------------
+def test_a_rerun_resumes_and_generates_only_unfinished_problems(tiny, tmp_path, monkeypatch):
+    benchmark = small_benchmark(tmp_path)
+    evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+    asked, real_sample = [], igrpo.sample
+
+    def sample(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return real_sample(model, tokenizer, prompts, *args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+    results = evaluate(tiny, tmp_path, benchmark, "--k", "2")
+    assert len(asked) == 2 and all("What is 2 + 1?" in p or "What is 3 + 1?" in p for p in asked)
+    assert results["mine"]["problems"] == 4
+    assert len(written_rows(tmp_path)) == 4
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_what_differs(tiny, tmp_path):
+    benchmark = small_benchmark(tmp_path)
+    evaluate(tiny, tmp_path, benchmark, "--limit", "1", "--k", "2")
+    differ = r"other settings \(--k 2 there, 3 here; --temperature 0.6 there, 1.0 here\)"
+    with pytest.raises(SystemExit, match=differ):
+        evaluate(tiny, tmp_path, benchmark, "--k", "3", "--temperature", "1.0")
+    (tmp_path / "eval" / "settings.json").unlink()  # completions nobody can vouch for
+    with pytest.raises(SystemExit, match="holds completions without a settings.json"):
+        evaluate(tiny, tmp_path, benchmark, "--k", "2")
+
+
+def test_a_last_line_cut_by_a_kill_is_redone_and_a_broken_line_elsewhere_is_named(
+        tiny, tmp_path, capsys):
+    benchmark, results = small_benchmark(tmp_path), tmp_path / "eval" / "mine.jsonl"
+    evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+    lines = results.read_text().splitlines()
+    results.write_text(lines[0] + "\n" + lines[1][:len(lines[1]) // 2])  # killed mid-write
+    rerun = evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+    assert rerun["mine"]["problems"] == 2
+    assert "the last line is cut short" in capsys.readouterr().out
+    assert [row["index"] for row in written_rows(tmp_path)] == [0, 1]
+    results.write_text("{not json\n" + results.read_text())
+    with pytest.raises(SystemExit, match=r"mine.jsonl: line 1 is not valid JSON"):
+        evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+
+
+def test_a_whole_last_row_that_lost_its_newline_is_kept_and_the_next_row_starts_a_line(
+        tiny, tmp_path):
+    benchmark, results = small_benchmark(tmp_path), tmp_path / "eval" / "mine.jsonl"
+    evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+    results.write_text(results.read_text().rstrip("\n"))
+    evaluate(tiny, tmp_path, benchmark, "--k", "2")
+    assert [row["index"] for row in written_rows(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_finished_rows_are_on_disk_whenever_a_resumed_run_generates(tiny, tmp_path, monkeypatch):
+    """So a kill at any moment (no cleanup, no flush) loses none of them."""
+    benchmark = small_benchmark(tmp_path, count=6)
+    evaluate(tiny, tmp_path, benchmark, "--limit", "2", "--k", "2")
+    rows_on_disk, real_sample = [], igrpo.sample
+
+    def sample(*args, **kwargs):
+        rows_on_disk.append(len(written_rows(tmp_path)))
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+    evaluate(tiny, tmp_path, benchmark, "--k", "2", "--generation-batch-size", "2")
+    assert rows_on_disk == [2, 3, 4, 5]  # one problem a call
+
+
+def test_a_model_that_fails_to_load_leaves_nothing_that_refuses_the_corrected_command(
+        tiny, tmp_path):
+    benchmark = small_benchmark(tmp_path)
+    with pytest.raises(SystemExit, match="--model"):
+        evaluate(tiny, tmp_path, benchmark, "--k", "2", "--model", str(tmp_path / "typo"))
+    assert not (tmp_path / "eval").exists()
+    assert evaluate(tiny, tmp_path, benchmark, "--k", "2")["mine"]["problems"] == 4
+
+
+def test_a_folder_without_completions_is_not_a_run_and_is_not_refused(tiny, tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "settings.json").write_text(json.dumps(dict(model="another", k=5)))
+    (tmp_path / "eval" / "mine.jsonl").write_text("")
+    evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "2")
+    assert saved(tmp_path, "settings.json")["k"] == 2
+
+
+@pytest.mark.parametrize("file,text,message", [
+    ("settings.json", "{oops", r"settings.json: not valid JSON"),
+    ("summary.json", "[]", r"summary.json: not a JSON object \(not written by eval.py\?\)"),
+    ("summary.json", '{"results": 3}', r"summary.json: 'results' is not an object"),
+])
+def test_a_broken_settings_or_summary_file_is_one_line_naming_it(
+        tiny, tmp_path, file, text, message):
+    benchmark = small_benchmark(tmp_path, count=1)
+    evaluate(tiny, tmp_path, benchmark, "--k", "1")
+    (tmp_path / "eval" / file).write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        evaluate(tiny, tmp_path, benchmark, "--k", "1")
+
+
+def same_named_benchmarks(tmp_path, folders=("a", "b")):
+    """folder/test.jsonl for each folder, each with other problems."""
+    for offset, folder in enumerate(folders):
+        (tmp_path / folder).mkdir()
+        numbers = [a + 10 * offset for a in range(2)]
+        (tmp_path / folder / "test.jsonl").write_text("".join(
+            json.dumps({"problem": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n"
+            for a in numbers))
+    return [str(tmp_path / folder / "test.jsonl") for folder in folders]
+
+
+def test_resume_is_keyed_by_the_problems_not_the_file_name(tiny, tmp_path, monkeypatch):
+    first, other = same_named_benchmarks(tmp_path)
+    evaluate(tiny, tmp_path, first, "--k", "2")
+    with pytest.raises(SystemExit, match=r"test.jsonl, line 1: its problem 1 "
+                                         r"\('What is 0 \+ 1\?'\) is not \S*b/test.jsonl's: "
+                                         r"the file holds another benchmark's"):
+        evaluate(tiny, tmp_path, other, "--k", "2")
+    (tmp_path / "c").mkdir()
+    copy = tmp_path / "c" / "test.jsonl"
+    copy.write_text(Path(first).read_text())
+    monkeypatch.setattr(igrpo, "sample", lambda *args, **kwargs: pytest.fail("nothing to generate"))
+    assert evaluate(tiny, tmp_path, copy, "--k", "2")["test"]["problems"] == 2
+
+
+def test_two_benchmarks_that_would_share_a_completions_file_are_refused(tiny, tmp_path):
+    first, other = same_named_benchmarks(tmp_path)
+    with pytest.raises(SystemExit, match=r"--benchmarks: \S*a/test.jsonl and \S*b/test.jsonl would "
+                                         r"both write test.jsonl in --output-dir"):
+        evaluate(tiny, tmp_path, f"{first},{other}")
+
+
+def test_a_run_with_other_benchmarks_adds_them_to_the_summary_beside_the_earlier_ones(
+        tiny, tmp_path):
+    evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "2", "--limit", "1")
+    evaluate(tiny, tmp_path, "aime24", "--k", "2", "--limit", "1")
+    summary = saved(tmp_path, "summary.json")
+    assert list(summary["results"]) == ["mine", "aime24"]
+    assert summary["results"]["aime24"]["source"] == str(DATA / "aime24.jsonl")
+
+
+def interrupt_on_call(monkeypatch, number):
+    """Ctrl-C arrives during the number-th generate call."""
+    calls, real_sample = [], igrpo.sample
+
+    def sample(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "sample", sample)
+
+
+def test_ctrl_c_exits_with_one_line_saying_what_was_kept_and_that_the_same_command_resumes(
+        tiny, tmp_path, monkeypatch, capsys):
+    command = [small_benchmark(tmp_path), "--k", "2", "--generation-batch-size", "2"]
+    interrupt_on_call(monkeypatch, 2)
+    with pytest.raises(SystemExit) as stop:
+        evaluate(tiny, tmp_path, *command)
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"eval: interrupted; kept in {tmp_path / 'eval'}: mine 1 of 4 problems finished. "
+        "Run the same command again to resume"]
+    monkeypatch.undo()
+    assert evaluate(tiny, tmp_path, *command)["mine"]["problems"] == 4
+
+
+def test_ctrl_c_before_the_first_completion_says_nothing_was_written(
+        tiny, tmp_path, monkeypatch, capsys):
+    interrupt_on_call(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "2")
+    assert "eval: interrupted before the first completion; nothing written" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --model
+# ----------------------------------------------------------------------------------------------
+def test_a_training_run_folder_as_model_evaluates_its_final_checkpoint_and_says_so(
+        tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "toy-igrpo-seed0"
+    shutil.copytree(tiny / "model", run / "final")
+    (run / "metrics.jsonl").write_text("")
+    evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "1", "--model", str(run))
+    said = [line for line in capsys.readouterr().out.splitlines() if "final" in line]
+    assert said == [f"--model {run}: a training run folder; evaluating its final checkpoint, "
+                    f"{run / 'final'}"]
+    assert saved(tmp_path, "settings.json")["model"] == str(run / "final")
+
+
+def test_a_run_folder_without_final_or_a_folder_without_a_model_is_one_line_pointing_to_final(
+        tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit, match=r"--model \S*run: no config.json: not a model folder; "
+                                         r"pass a model folder such as a run's final/"):
+        evaluate(tiny, tmp_path, "aime24", "--model", str(run))
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"run: a training run folder without final/ \(still "):
+        evaluate(tiny, tmp_path, "aime24", "--model", str(run))
+
+
+def test_the_summary_names_the_algorithm_of_the_run_a_checkpoint_comes_from(tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny / "model", run / "final")
+    (run / "args.json").write_text(json.dumps(dict(algo="igrpo", seed=0)))
+    benchmark = small_benchmark(tmp_path, count=1)
+    evaluate(tiny, tmp_path, benchmark, "--k", "1", "--model", str(run / "final"))
+    assert saved(tmp_path, "summary.json")["algo"] == "igrpo"
+    evaluate(tiny, tmp_path, benchmark, "--k", "1", "--output-dir", str(tmp_path / "hub"))
+    assert saved(tmp_path, "summary.json", folder="hub")["algo"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,message", [
     (["--benchmarks", "aime2099"], "unknown benchmark 'aime2099'"),
     (["--benchmarks", "missing.jsonl"], "no such file: missing.jsonl"),
@@ -156,9 +390,10 @@ def test_eval_bad_input_gives_one_clear_message(tiny, tmp_path, args, message):
 
 def test_eval_row_without_an_answer_is_named(tiny, tmp_path):
     benchmark = tmp_path / "bad.jsonl"
-    benchmark.write_text(json.dumps({"problem": "What is 1 + 1?"}) + "\n" + json.dumps({"problem": "2?", "answer": "2"}) + "\n")
+    rows = [{"problem": "What is 1 + 1?"}, {"problem": "2?", "answer": "2"}]
+    benchmark.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(SystemExit, match="row 1: empty or missing 'answer'"):
-        run_eval(tiny, tmp_path, "--benchmarks", str(benchmark))
+        evaluate(tiny, tmp_path, benchmark)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +401,8 @@ def test_eval_row_without_an_answer_is_named(tiny, tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply,score", [
     ("Score: 1", 1.0), ("score: 0.25", 0.25), ("**Score:** 0.8\n", 0.8), ("I'd say 7/10", 0.7),
-    ("Reasoning... Score = 0. Actually, Score: 1", 1.0), ("0.5", 0.5), ("The answer is wrong.", None),
+    ("Reasoning... Score = 0. Actually, Score: 1", 1.0), ("0.5", 0.5),
+    ("The answer is wrong.", None),
     ("Score: 7", None), ("", None), ("Score: 9/10", 0.9),
 ])
 def test_judge_scores_are_parsed_from_messy_replies(reply, score):
@@ -180,7 +416,8 @@ class FakeJudge(http.server.BaseHTTPRequestHandler):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = request["messages"][0]["content"]
         FakeJudge.replies.append(prompt)
-        content = "Score: 1" if "Reference answer: 2" in prompt and "\\boxed{2}" in prompt else "Score: 0"
+        right = "Reference answer: 2" in prompt and "\\boxed{2}" in prompt
+        content = "Score: 1" if right else "Score: 0"
         body = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -209,8 +446,11 @@ def test_a_judge_endpoint_scores_solutions_in_one_batch(endpoint):
 def test_judge_rewards_replace_the_checker_or_are_averaged_with_it(endpoint):
     score = judge.url_judge(endpoint, "judge")
     texts, golds, problems = ["\\boxed{2}", "\\boxed{3}"], ["2", "2"], ["What is 1+1?"] * 2
-    assert igrpo.score(texts, golds, igrpo.Config(reward="judge"), problems=problems, judge=score)[0].tolist() == [1.0, 0.0]
-    mixed = igrpo.score(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems, judge=score)[0]
+    judged = igrpo.score(texts, golds, igrpo.Config(reward="judge"), problems=problems,
+                         judge=score)[0]
+    assert judged.tolist() == [1.0, 0.0]
+    mixed = igrpo.score(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems,
+                        judge=score)[0]
     assert mixed.tolist() == [0.0, 0.5]
 
 
@@ -226,10 +466,11 @@ def test_training_with_a_tiny_local_judge_runs_end_to_end(tiny, tmp_path):
     assert record["judge_unparsed"] >= 0 and "reward" in record
 
 
-def test_training_with_a_judge_endpoint_uses_it_for_drafts_and_refinements(tiny, tmp_path, endpoint):
+def test_training_with_a_judge_endpoint_uses_it_for_drafts_and_refinements(
+        tiny, tmp_path, endpoint):
     FakeJudge.replies.clear()
-    cfg = tiny_config(tiny, tmp_path, reward="judge", judge_url=endpoint, steps=1, prompts_per_step=2,
-                      group_size=4, num_drafts=2)
+    cfg = tiny_config(tiny, tmp_path, reward="judge", judge_url=endpoint, steps=1,
+                      prompts_per_step=2, group_size=4, num_drafts=2)
     igrpo.train(cfg)
     graded = [r for r in FakeJudge.replies if "Solution to grade" in r]
     assert len(graded) == 2 * 4  # 2 problems x (2 drafts + 2 refinements)

@@ -3,6 +3,9 @@ import builtins
 import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -24,8 +27,8 @@ def write_run(folder, algo="igrpo", seed=0, steps=4, evals=(0, 4), torn=False):
     for step in range(1, steps + 1):
         drafts = (0.4 + 0.01 * step, 0.7) if algo == "igrpo" else (None, None)
         rows.append(dict(step=step, reward=0.5 + 0.01 * step + 0.01 * seed, draft_reward=drafts[0],
-                         best_draft_reward=drafts[1], entropy=0.3, mean_completion_length=20.0 + step,
-                         step_seconds=1.0))
+                         best_draft_reward=drafts[1], entropy=0.3,
+                         mean_completion_length=20.0 + step, step_seconds=1.0))
     rows += [dict(step=steps, eval_accuracy=0.6)] if steps in evals else []
     text = "".join(json.dumps(r) + "\n" for r in rows)
     (folder / "metrics.jsonl").write_text(text + ('{"step": 5, "rew' if torn else ""))
@@ -57,7 +60,8 @@ def test_a_broken_line_before_the_last_is_an_error_naming_file_and_line(tmp_path
 
 
 def test_plot_handles_runs_without_eval_rows_and_grpo_null_draft_rewards(tmp_path):
-    runs = [write_run(tmp_path / "grpo", algo="grpo", evals=()), write_run(tmp_path / "igrpo", evals=())]
+    runs = [write_run(tmp_path / "grpo", algo="grpo", evals=()),
+            write_run(tmp_path / "igrpo", evals=())]
     assert plot.series(plot.read_run(runs[0])["rows"], "draft_reward") == ([], [])
     plot.plot_training(runs, tmp_path / "both.png", smooth=3)
     assert png_written(tmp_path / "both.png")
@@ -71,7 +75,7 @@ def test_runs_that_differ_only_in_seed_are_one_line_with_a_min_max_band(tmp_path
                                               "igrpo, loss=grpo (seeds 0, 1, 2)"]
     steps, mean, low, high = plot.across_seeds(groups[0][1], "reward")
     assert steps == [1, 2, 3, 4]
-    assert mean[0] == pytest.approx(0.52) and low[0] == pytest.approx(0.51) and high[0] == pytest.approx(0.53)
+    assert (mean[0], low[0], high[0]) == pytest.approx((0.52, 0.51, 0.53))
 
 
 def test_smoothing_is_a_trailing_mean_and_off_by_default(tmp_path):
@@ -83,7 +87,8 @@ def test_smoothing_is_a_trailing_mean_and_off_by_default(tmp_path):
 def test_eval_summaries_become_an_avg_at_k_bar_chart(tmp_path):
     for name, accuracy in (("a", 0.25), ("b", 0.5)):
         (tmp_path / name).mkdir()
-        results = {"gsm8k": dict(k=2, avg_at_k=accuracy), "math500": dict(k=2, avg_at_k=accuracy / 2)}
+        results = {"gsm8k": dict(k=2, avg_at_k=accuracy),
+                   "math500": dict(k=2, avg_at_k=accuracy / 2)}
         summary = dict(model=f"model-{name}", results=results)
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "evals.png")])
@@ -100,8 +105,78 @@ def test_missing_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(SystemExit, match="plot.py needs matplotlib, an optional dependency: pip install"):
+    with pytest.raises(SystemExit,
+                       match="plot.py needs matplotlib, an optional dependency: pip install"):
         plot.main([str(write_run(tmp_path / "run"))])
+
+
+def test_a_mistyped_flag_is_one_line_naming_it_and_the_closest_real_flag_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(write_run(tmp_path / "run")), "--smoth", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "plot: error: unknown flag --smoth; did you mean --smooth?\n"
+
+
+def test_plot_errors_are_its_own_one_line_and_plot_does_not_import_igrpo(tmp_path):
+    with pytest.raises(SystemExit, match=r"^plot: error: \S*nowhere: no such folder$"):
+        plot.main([str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"^plot: error: --smooth 0: must be at least 1"):
+        plot.main([str(write_run(tmp_path / "run")), "--smooth", "0"])
+    imports = subprocess.run([sys.executable, "-c", "import sys, plot; print(sorted(sys.modules))"],
+                             cwd=Path(plot.__file__).parent, capture_output=True, text=True,
+                             check=True)
+    assert "'igrpo'" not in imports.stdout
+
+
+def drawn_colors(monkeypatch):
+    """label -> the colours of every line and bar drawn under it, from here on."""
+    import matplotlib.axes
+    seen = {}
+    for method in ("plot", "bar"):
+        real = getattr(matplotlib.axes.Axes, method)
+
+        def drawing(self, *args, real=real, **kwargs):
+            seen.setdefault(kwargs.get("label"), set()).add(kwargs.get("color"))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(matplotlib.axes.Axes, method, drawing)
+    return seen
+
+
+def eval_folder(folder, model, algo):
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(dict(model=model, algo=algo, results={
+        "gsm8k": dict(k=2, avg_at_k=0.5)})))
+    return folder
+
+
+def test_each_algorithm_has_its_own_colour_in_every_figure(tmp_path, monkeypatch):
+    seen = drawn_colors(monkeypatch)
+    igrpo_run, grpo_run = write_run(tmp_path / "igrpo"), write_run(tmp_path / "grpo", algo="grpo")
+    plot.plot_training([igrpo_run], tmp_path / "alone.png")
+    igrpo_alone = seen.pop("igrpo, loss=grpo")
+    plot.plot_training([igrpo_run, grpo_run], tmp_path / "igrpo-first.png")
+    plot.plot_training([grpo_run, igrpo_run], tmp_path / "grpo-first.png")
+    plot.plot_eval([eval_folder(tmp_path / "a", "Qwen/Qwen2.5-Math-1.5B", None),
+                    eval_folder(tmp_path / "b", "runs/b/final", "igrpo"),
+                    eval_folder(tmp_path / "c", "runs/c/final", "grpo")], tmp_path / "evals.png")
+    igrpo_color, grpo_color = plot.ALGO_COLORS["igrpo"], plot.ALGO_COLORS["grpo"]
+    assert igrpo_alone == seen["igrpo, loss=grpo"] == seen["runs/b/final"] == {igrpo_color}
+    assert seen["grpo, loss=grpo"] == seen["runs/c/final"] == {grpo_color} != {igrpo_color}
+    assert len(seen["Qwen/Qwen2.5-Math-1.5B"]) == 1
+    assert not seen["Qwen/Qwen2.5-Math-1.5B"] & {igrpo_color, grpo_color}
+
+
+def test_a_second_setting_of_an_algorithm_is_a_shade_of_it_and_other_labels_keep_their_colour():
+    import colorsys
+
+    def hue(color):
+        return colorsys.rgb_to_hsv(*(int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+    first, second, mine = plot.colors([("igrpo", "lr=1e-4"), ("igrpo", "lr=1e-5"), (None, "mine")])
+    assert first == plot.ALGO_COLORS["igrpo"] and second != first
+    assert hue(second) == pytest.approx(hue(first), abs=0.01)
+    assert plot.colors([(None, "mine")]) == [mine]
+    assert plot.colors([("grpo", "x"), (None, "mine")])[1] == mine
+    assert len(set(plot.colors([(None, f"model-{i}") for i in range(8)]))) == 8  # all apart
 
 
 # ----------------------------------------------------------------------------------------------
