@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import igrpo
+import scale
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"  # the six benchmark files, shipped with the code (data/README.md)
@@ -100,8 +101,12 @@ def grade(completion, gold, tokens):
 
 
 def generate(model, tokenizer, prompts, k, cfg):
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=k,
-                           temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+    """k samples of each prompt; --compile-generation (on by default on CUDA): scale.py's
+    fixed-shape calls with a static KV cache."""
+    sample = scale.compiled_sample if scale.compiles_generation(cfg, model.device) else \
+        igrpo.sample
+    samples = sample(model, tokenizer, prompts, cfg, per_prompt=k,
+                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
     return samples.texts, samples.lengths.tolist()
 
 
@@ -440,7 +445,7 @@ def parse_args(argv=None):
                              "through iGRPO's template")
     parser.add_argument("--output-dir", default="runs/eval",
                         help="summary.json and one JSONL per benchmark")
-    igrpo.add_config_flags(parser, CONFIG_FLAGS)
+    igrpo.add_config_flags(parser, scale.ScaleConfig, CONFIG_FLAGS)
     args = parser.parse_args(argv)
     args.model = checkpoint(args.model)
     igrpo.check_config(config(args))
@@ -453,8 +458,8 @@ def parse_args(argv=None):
     return args
 
 
-# igrpo.py's settings that eval.py shares, by eval.py's flag name: defaults and help come from
-# igrpo.Config
+# igrpo.py's (and scale.py's) settings that eval.py shares, by eval.py's flag name: defaults and
+# help come from scale.ScaleConfig
 CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p",
                     max_completion_tokens="max_completion_tokens",
                     max_draft_tokens="max_draft_tokens", chat_template="chat_template",
@@ -464,7 +469,7 @@ CONFIG_FLAGS = dict(temperature="eval_temperature", top_p="eval_top_p",
 
 
 def config(args):
-    return igrpo.Config(**{field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()})
+    return scale.ScaleConfig(**{field: getattr(args, flag) for flag, field in CONFIG_FLAGS.items()})
 
 
 def main(argv=None):
@@ -478,7 +483,7 @@ def main(argv=None):
     try:
         folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
         device, dtype = igrpo.device_and_dtype(cfg.dtype)
-        model, tokenizer = igrpo.load_model(args.model, cfg, dtype, device)
+        model, tokenizer = scale.lean_load_model(args.model, cfg, dtype, device)  # LoRA folders too
         igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
         for bench in folder.benchmarks:
             folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
