@@ -1096,39 +1096,45 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 # Appendix. Answer checking: how a completion is graded (math_reward's answers_match)
-# Helpers follow the function that calls them, as in the rest of the file.
-# It never evaluates model text: a parser of our own builds sympy objects from bounded input, and
-# every call has a 1-second wall-clock limit.
+# Helpers follow the function that calls them, as in the rest of the file. Model text is never
+# evaluated: our own parser builds sympy objects from bounded input; each call has a 1-s limit.
 #
-# Grading policy.
-# - The answer: the last \boxed{}/\fbox{}, joined with the boxes before it on the same line when
-#   only list connectors lie between them (`\boxed{-2} and \boxed{1}` is the list -2, 1); else the
-#   last explicit marker ("final answer is", "the answer is", "Answer:", "####", <answer></answer>);
-#   else none, which scores 0. A gold that is a full solution is read by the same rules.
-# - Cosmetics never matter: units (spaced, or in \text/\mbox), \text, spacing, \left/\right, \dfrac,
-#   \cfrac, math delimiters, degrees, percent, case, Unicode forms. Digit groups join (12,345,
-#   12{,}345, 12,\!345, 1\,000). `;`, "and", "or" separate list items like commas.
-#   0.\overline{3} is 1/3; a number word (zero to ninety-nine) is its number.
-# - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits, so
-#   0.333 != 1/3 and 3.14 != pi. Expressions match when equal at three rational points (the same
-#   variables required).
-# - Lists and sets are unordered multisets; tuples, intervals and matrices are ordered (interval
-#   ends' brackets must agree). An inequality in one unknown is that unknown labelled with its
-#   interval: a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), and so is x \in (-\infty,1).
-# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare
-#   value on either side; labels on both sides must agree. Other equations match side by side, or
-#   as the same equation rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects
-#   is compared as text.
+# Grading policy. A false accept pays the policy for a wrong answer: a reading in doubt is wrong.
+# - The answer: the last \boxed{}/\fbox{}, with the boxes before it on its line that only list
+#   connectors separate (`\boxed{-2} and \boxed{1}`, `\boxed{4} for part (a) and \boxed{9}` are
+#   lists); else the last marker ("final answer is", "the answer is", "Answer:", "####",
+#   <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty answer
+#   is no answer, even against an empty gold.
+# - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
+#   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, case, Unicode, a stray
+#   trailing backslash. Digit groups join (12,345 12{,}345 12,\!345 1\,000; 2-digit Indian groups
+#   1,\!00,\!000). `;`, "and", "or" separate items like commas (1, 2, and 3). 0.\overline{3} is
+#   1/3; a number word (zero to ninety-nine) is its number; of `x \approx 0.7` only x counts.
+# - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits
+#   (0.333 != 1/3, 3.14 != pi); expressions at three rational points, the same variables required.
+#   In a trig function, degrees are angles: \cos(90^\circ - x) is \sin x.
+# - Lists, sets ({4, 9} too) and a piecewise function's rows are unordered multisets; a \pm b is the
+#   items a+b, a-b. Tuples, intervals and matrices are ordered (brackets must agree).
+# - An inequality in one unknown, or in a function's value g(x), is that name labelled with its
+#   interval: a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), like x \in (-\infty,1).
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value
+#   on either side; labels on both sides must agree, but y and g(t) both name the function. Other
+#   equations match side by side, or rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our
+#   parser rejects is compared as text.
 # Ambiguous readings, decided (each one is a row of the case table):
+# - 7 3/4 is the mixed number 31/4, like 1\frac14; never 7 * 3/4. 7 5/4 and 7 3 read as nothing.
+# - Multiple choice: the letters must agree, and the option texts where both sides give one; the
+#   text alone also matches ((B) Carlos: B, Carlos). Words may precede the letter ("clearly B"),
+#   a negation may not ("not B"); two letters are no answer.
+# - Clock times: 14:05 = 14:05:00 = 2:05 PM; without AM/PM a time is on the 24-hour clock.
+# - A numeral in a base (1203_5 = 1203_{5}) matches only as written, never across bases.
 # - A comma between digit groups is a thousands separator only outside brackets: (1,234) and
-#   (12,102) are pairs, 12,345 and f(x)=1,000 are numbers; the explicit marks {,} ,\! \, join
-#   digits anywhere.
+#   (12,102) are pairs, 12,345 and f(x)=1,000 numbers; {,} ,\! \, join digits anywhere.
 # - Bare values against values under different labels are in the labels' order (4, 5 for AB=4,
 #   CD=5; 5, 4 is wrong); under one repeated label (x=2, x=3) they are an unordered solution list.
-# - A single name on the left is a label even before an expression: 2x+3 matches the gold
-#   y = 2x + 3.
+# - A single name on the left is a label even before an expression: 2x+3 matches y = 2x + 3.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
-# - Inequalities: the unknown is a label, so t<1 is not x<1 (and a<d<c is not a<b<c) but both match
+# - Inequalities: the unknown is a label, so t<1 is not x<1 (a<d<c is not a<b<c) but both match
 #   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
 # - Boxes on different lines, or with other words between them, are not joined: the last box counts.
 # ----------------------------------------------------------------------------------------------
@@ -1147,17 +1153,15 @@ def answers_match(pred, gold):
         with time_limit(1.0):
             # gold_answer (with the data): a full solution's final answer, else the text itself
             pred, gold = normalize(gold_answer(str(pred))), normalize(gold_answer(str(gold)))
-            return match_normalized(pred, gold)
+            return bool(pred and gold) and match_normalized(pred, gold)  # empty is no answer
     except Exception:  # timeout, deep recursion, any sympy error: what we cannot grade is wrong
         return False
 
 
 @contextlib.contextmanager
 def time_limit(seconds):
-    """A hard wall-clock bound on one grading call. Signals reach the main thread only; elsewhere
-    the input bounds suffice."""
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if not on_main_thread or not hasattr(signal, "setitimer"):
+    """A hard wall-clock bound on one call; off the main thread (no signals) input bounds do."""
+    if threading.current_thread() != threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
@@ -1175,7 +1179,7 @@ def time_limit(seconds):
 # Which answer: the last box (with the boxes of the same list before it), else the last marker.
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 BOX_CONNECTOR = re.compile(  # what may lie between the boxes of one list answer
-    r"(?:[ \t$,;&~]|\\[(),;!]|\\q?quad|\\text\{ *(?:and|or) *\}|and|or|[a-zA-Z] *=)*",
+    r"(?:[ \t$,;&~}]|\\[(),;!]|\\q?quad|\\text\{|and|or|[a-zA-Z] *=|for part \(\w\))*",
     re.IGNORECASE)
 MARKER = re.compile(  # without a box: the last of these
     r"<answer>(?P<tag>[^<]{1,400})</answer>"
@@ -1233,10 +1237,10 @@ def final_boxes(text, boxes):
 
 
 # One spelling per answer, so that cosmetics never decide a grade.
-UNICODE = {"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ",
-           "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/"}
-COSMETIC = [  # (pattern, replacement), in order
-    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mbox|hbox"
+UNICODE = str.maketrans({"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ",
+                         "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/", "≈": "\\approx "})
+COSMETIC = [(re.compile(pattern), replacement) for pattern, replacement in [  # in order
+    (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mathcal|mbox|hbox"
      r"|operatorname)\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
     (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""),
     (r"(?<!\\)\\[()\[\]]", ""),
@@ -1246,42 +1250,48 @@ COSMETIC = [  # (pattern, replacement), in order
     (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
-    (r"\s+", " ")]
+    (r"\\approx[^,;]*", ""),  # the exact value before its approximation is the answer
+    (r"_(?<=\d_)\{(\d+)\}", r"_\1"),  # 1203_{5} -> 1203_5 (a literal first: fast on long answers)
+    (r"\s+", " ")]]
 LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
 REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
+TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)")
+DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°)")
 
 
 def normalize(answer):
-    """One spelling per answer: Unicode, digit groups, cosmetics, list connectors, repeating
-    decimals, number words."""
-    answer = unicodedata.normalize("NFKC", answer)
-    for symbol, latex in UNICODE.items():
-        answer = answer.replace(symbol, latex)
+    """One spelling per answer (the policy's cosmetics): the rules that follow compare meaning."""
+    if not answer.isascii():  # full-width digits, −, π, √ (ASCII has no other spelling)
+        answer = unicodedata.normalize("NFKC", answer).translate(UNICODE)
     answer = join_digit_groups(answer)
+    if TRIG.search(answer):  # \cos(90^\circ - x): degrees inside a trig function are angles
+        answer = DEGREES.sub(r"{\1\\pi/180}", answer)
     for pattern, replacement in COSMETIC:
-        answer = re.sub(pattern, replacement, answer)
-    answer = LIST_CONNECTOR.sub(", ", answer)
+        answer = pattern.sub(replacement, answer)
+    answer = LIST_CONNECTOR.sub(", ", answer).replace(",,", ",")  # 1, 2, and 3
     answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
-    return number_word_as_digits(answer.strip().rstrip(".").strip())
+    answer = number_word_as_digits(answer.strip().rstrip(". \\"))  # a stray backslash: 5\\ -> 5
+    if answer[:1] == "{" and "," in answer and closing_braces(answer).get(0) == len(answer) - 1:
+        answer = "\\" + answer[:-1] + "\\}"  # {4, 9} is the set \{4, 9\}
+    return answer
 
 
-DIGIT_GROUP_MARK = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ )(?=\d{3}(?!\d))")  # 12{,}345  1\,000
+GROUP_MARK = r"(?:\{,\}|,\\!|\\,|\\ )"
+DIGIT_GROUP_MARK = re.compile(  # 12{,}345  1\,000, and Indian 2-digit groups: 1,\!00,\!000
+    rf"(?<=\d){GROUP_MARK}(?=(?:\d\d{GROUP_MARK})*\d{{3}}(?!\d))")
 THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
 
 
 def join_digit_groups(answer):
-    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets (inside them a comma separates
-    items)."""
+    """12{,}345 -> 12345 anywhere; 12,345 -> 12345 outside brackets (in them a comma separates)."""
     answer = DIGIT_GROUP_MARK.sub("", answer)
     without_commas = lambda found: found.group().replace(",", "")
     if not THOUSANDS.search(answer) or not re.search(r"[()\[\]]|\\[{}]", answer):
         return THOUSANDS.sub(without_commas, answer)  # nothing to join, or no brackets in the way
     depth, depth_at = 0, []  # bracket depth at each character: ( [ \{ open, ) ] \} close
     for index, char in enumerate(answer):
-        escaped = index > 0 and answer[index - 1] == "\\"
-        opens = char in "([" or (char == "{" and escaped)
-        closes = char in ")]" or (char == "}" and escaped)
-        depth += opens - closes
+        counted = char in "()[]" or (char in "{}" and index > 0 and answer[index - 1] == "\\")
+        depth += (char in "([{") - (char in ")]}") if counted else 0
         depth_at.append(depth)
 
     def join_outside_brackets(found):
@@ -1316,7 +1326,10 @@ def number_word_as_digits(answer):
 
 
 # Comparing two normalized answers: the rules of the grading policy, in the order they apply.
-CHOICE = re.compile(r"\(?([A-E])\)?")
+CHOICE = re.compile(r"(?:(?!(?i:not|never|no) )[a-zA-Z][a-z]+ )*"  # "clearly B", never "not B"
+                    r"\(? ?([A-E]) ?(?:\)|$|[.:] ) ?([^\s,(<>=][^(]*)?")  # (C), C, (B) Carlos
+CLOCK = re.compile(r"(\d{1,2}):([0-5]\d)(?::([0-5]\d))?(?: ?([ap])\.? ?m\.?)?", re.IGNORECASE)
+BASE_NUMERAL = re.compile(r"\d[0-9A-Za-z]*_\d+")  # 1203_5: digits in base 5
 
 
 def match_normalized(pred, gold):
@@ -1325,10 +1338,16 @@ def match_normalized(pred, gold):
         return True
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
-    gold_choice = CHOICE.fullmatch(gold.replace(" ", ""))  # multiple choice: (C), C, \text{(C)}
+    pred, gold = (plus_minus_as_list(text) if "\\pm" in text else text for text in (pred, gold))
+    gold_choice = CHOICE.fullmatch(gold)  # multiple choice: (C), C, \text{(C)}, (B) Carlos
     if gold_choice:
-        pred_choice = CHOICE.fullmatch(pred.replace(" ", ""))
-        return bool(pred_choice) and pred_choice.group(1) == gold_choice.group(1)
+        pred_choice = CHOICE.fullmatch(pred)
+        if not pred_choice:  # the option's text alone
+            return bool(gold_choice[2]) and match_normalized(pred, gold_choice[2])
+        texts = pred_choice[2], gold_choice[2]  # must agree where both sides give one
+        return pred_choice[1] == gold_choice[1] and (not all(texts) or match_normalized(*texts))
+    if clock_seconds(gold) is not None:
+        return clock_seconds(pred) == clock_seconds(gold)
     pred, gold = inequality_as_interval(pred), inequality_as_interval(gold)
     pred_sides, gold_sides = split_top_level(pred, "="), split_top_level(gold, "=")
     if len(pred_sides) == 2 and len(gold_sides) == 2:
@@ -1340,18 +1359,32 @@ def match_normalized(pred, gold):
         return match_normalized(pred_label[1], gold)  # "x = 5" for the value 5
     if len(pred_sides) == 2 or len(gold_sides) == 2:  # an equation against a value
         return False
-    if "\\begin{" in gold:
-        pred_cells, gold_cells = matrix_cells(pred), matrix_cells(gold)
-        return bool(pred_cells and gold_cells) and same_shape_cells_match(pred_cells, gold_cells)
     gold_items, pred_items = answer_items(gold), answer_items(pred)
     if gold_items or pred_items:
-        both_lists = gold_items is not None and pred_items is not None
-        return both_lists and items_match(pred_items, gold_items)
-    gold_value = parse_math(strip_units(gold, pred))
-    pred_value = parse_math(strip_units(pred, gold))
-    if gold_value is None or pred_value is None:
-        return False
-    return values_equal(pred_value, gold_value)
+        return None not in (gold_items, pred_items) and items_match(pred_items, gold_items)
+    values = parse_math(strip_units(pred, gold)), parse_math(strip_units(gold, pred))
+    return None not in values and values_equal(*values)
+
+
+def plus_minus_as_list(answer):
+    """Item by item, a \\pm b is the two items a + b, a - b: '0, \\pm 3' -> '0, + 3, - 3'. (The set
+    in x = \\{1 \\pm 2\\} is split once its label is off.)"""
+    braced = answer.startswith("\\{") and answer.endswith("\\}")
+    items = []
+    for item in split_top_level(answer[2:-2] if braced else answer, ","):
+        splits = item.count("\\pm") == 1 and "\\{" not in item
+        items += [item.replace("\\pm", "+"), item.replace("\\pm", "-")] if splits else [item]
+    return "\\{" + ", ".join(items) + "\\}" if braced else ", ".join(items)
+
+
+def clock_seconds(answer):
+    """'2:05 PM' and '14:05:00' -> 50700; None if not a clock time. No AM/PM: a 24-hour clock."""
+    found = CLOCK.fullmatch(answer)
+    if not found:
+        return None
+    hours, minutes, seconds, meridiem = found.groups()
+    hours = int(hours) % 12 + 12 * (meridiem.lower() == "p") if meridiem else int(hours)
+    return (hours * 60 + int(minutes)) * 60 + int(seconds or 0)
 
 
 INEQUALITY = re.compile(r"(<|>|\\leq|\\geq)")
@@ -1360,8 +1393,7 @@ FLIPPED = {"<": ">", ">": "<", "\\leq": "\\geq", "\\geq": "\\leq"}
 
 @functools.lru_cache(maxsize=4096)  # list items are compared pairwise: convert each once
 def inequality_as_interval(answer):
-    """An inequality in one unknown -> the unknown labelled with its interval:
-    a < x \\leq b -> x = (a, b]."""
+    """a < x \\leq b -> 'x = (a, b]': an inequality in one unknown is the unknown on an interval."""
     parts = [part.strip() for part in INEQUALITY.split(answer)]
     if len(parts) == 5 and parts[1] in (">", "\\geq") and parts[3] in (">", "\\geq"):
         parts = [FLIPPED.get(part, part) for part in reversed(parts)]  # b > x > a -> a < x < b
@@ -1378,14 +1410,14 @@ def inequality_as_interval(answer):
 
 
 def is_unknown(text):
-    return isinstance(parse_math(text), sympy.Symbol)  # x, t, x_1, \theta; not \pi, e or \infty
+    """x, t, x_1, \\theta, and a function's value g(x); not \\pi, e or \\infty."""
+    return bool(FUNCTION.fullmatch(text)) or isinstance(parse_math(text), sympy.Symbol)
 
 
 def interval(low, low_relation, high, high_relation):
     """low < x <= high -> '(low, high]'."""
-    opening = "(" if low_relation == "<" else "["
-    closing = ")" if high_relation == "<" else "]"
-    return f"{opening}{low}, {high}{closing}"
+    brackets = ("(" if low_relation == "<" else "[") + (")" if high_relation == "<" else "]")
+    return f"{brackets[0]}{low}, {high}{brackets[1]}"
 
 
 def unknown_on_the_left(left, relation, right):
@@ -1424,7 +1456,11 @@ def split_top_level(text, separator):
 
 
 def equations_match(pred_sides, gold_sides):
-    """Side by side either way round, else the same equation rearranged or scaled by a constant."""
+    """Side by side either way round, else the same equation rearranged or scaled by a constant.
+    y and g(t) both name the function: y = t^2 - 1 is g(t) = t^2 - 1."""
+    names = {pred_sides[0], gold_sides[0]}
+    if len(names) == 2 and "y" in names and all(FUNCTION.fullmatch(name) for name in names):
+        return match_normalized(pred_sides[1], gold_sides[1])
     for sides in (pred_sides, pred_sides[::-1]):
         if all(map(match_normalized, sides, gold_sides)):
             return True
@@ -1445,6 +1481,7 @@ def proportional(a, b):
 
 
 NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
+FUNCTION = re.compile(r"y|[a-zA-Z]'*(?:_\{?\w+\}?)?\( ?[a-zA-Z](?: ?, ?[a-zA-Z])* ?\)")  # g(t)
 LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?"            # k  f(x)
                    rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
                    rf"|{NAME}(?::{NAME})+"               # a:b
@@ -1461,26 +1498,13 @@ def split_label(answer):
     return None if statement else sides
 
 
-def matrix_cells(answer):
-    """'\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}' -> [['1', '2'], ['3', '4']]; else None."""
-    found = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", answer.strip(), re.S)
-    if not found:
-        return None
-    rows = [row for row in found.group(1).split("\\\\") if row.strip()]
-    return [[cell.strip() for cell in row.split("&")] for row in rows]
-
-
-def same_shape_cells_match(pred_cells, gold_cells):
-    if [len(row) for row in pred_cells] != [len(row) for row in gold_cells]:
-        return False
-    return all(match_normalized(pred, gold) for pred_row, gold_row in zip(pred_cells, gold_cells)
-               for pred, gold in zip(pred_row, gold_row))
+TABLE = re.compile(r"\\begin\{([pbv]?matrix|cases)\}(.*)\\end\{(?:[pbv]?matrix|cases)\}", re.S)
 
 
 def answer_items(answer):
-    """Lists, sets, tuples and intervals -> (kind, brackets, items); a single value -> None."""
-    if answer.count("\\pm") == 1:  # a \pm b is the list a+b, a-b
-        return ("set", "", [answer.replace("\\pm", "+"), answer.replace("\\pm", "-")])
+    """List, set, tuple, interval, matrix, cases -> (kind, brackets, items); a value -> None."""
+    if answer.startswith("\\begin{"):
+        return table_items(answer)
     if "\\cup" in answer:
         return ("set", "", split_top_level(answer, "\\cup"))
     if answer.startswith("\\{") and answer.endswith("\\}"):
@@ -1493,12 +1517,22 @@ def answer_items(answer):
     return ("set", "", parts) if len(parts) > 1 else None
 
 
+def table_items(answer):
+    """A matrix: the tuple of its rows, each a tuple '(1, 2)'. A piecewise function: the set of its
+    rows '(value, condition)', in any order. Else None."""
+    found = TABLE.fullmatch(answer)
+    if not found:
+        return None
+    cell = lambda text: re.sub(r"^(?:if|for|when) |,$", "", text.strip()).strip()  # "x, & if x>0"
+    rows = [f"({', '.join(map(cell, row.split('&')))})"
+            for row in found.group(2).split("\\\\") if row.strip()]
+    return ("set", "cases", rows) if found.group(1) == "cases" else ("tuple", "matrix", rows)
+
+
 def items_match(pred, gold):
     (pred_kind, pred_brackets, pred_list), (gold_kind, gold_brackets, gold_list) = pred, gold
-    if pred_kind != gold_kind or pred_brackets != gold_brackets or len(pred_list) != len(gold_list):
-        return False
-    if len(gold_list) > 30:  # items are compared pairwise: bound the work
-        return False
+    if pred[:2] != gold[:2] or len(pred_list) != len(gold_list) or len(gold_list) > 30:
+        return False  # (more than 30 items: compared pairwise, the work is bounded)
     gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
     # values under different labels (AB=4, CD=5) are in the labels' order
     named_values = None not in gold_labels and len(set(gold_labels)) == len(gold_labels)
@@ -1513,16 +1547,23 @@ def items_match(pred, gold):
     return True
 
 
+UNIT = re.compile(r"(.*?[\d}])(?: [a-zA-Z]+(?: [a-zA-Z]+)?|(?<=\d)(?=[a-z])(?:[ckm]m|kg|mg|ml|mph"
+                  r"|ft|feet|(?:inche|mile|meter|day|hour|hr|min|minute|sec|second|week|month|year"
+                  r"|unit|dollar|cent|degree)s?))(?:/[a-zA-Z]+)?(?:\^\{?\d\}?)?")  # 10 cm, 7days
+
+
 def strip_units(answer, other):
-    """'10 cm' -> '10': a spaced unit word (not the k of 2k) goes when the other side has no
-    letters outside commands."""
-    found = re.fullmatch(r"(.*?[\d}])\s+[a-zA-Z]+( [a-zA-Z]+)?(/[a-zA-Z]+)?(\^\{?\d\}?)?", answer)
+    """'10 cm' -> '10': a spaced unit word (not the k of 2k), or a glued known one (7days), goes
+    when the other side has no letters outside commands."""
+    ends_in_unit = answer[-1:].isalpha() or "^" in answer[-4:]  # else skip the regex's scan
+    found = UNIT.fullmatch(answer) if ends_in_unit else None
     other_has_words = re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", other))
     return found.group(1) if found and not other_has_words else answer
 
 
 # Reading an answer as a sympy value, with our own parser: model text is never evaluated.
-TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"  # 1.5 .5 3e-5
+TOKEN = re.compile(r"\s*(?:(?<![/^])(\d{1,30} +\d{1,30}/\d{1,30})(?![\d.])"      # 7 3/4, mixed
+                   r"|(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"  # 1.5 .5 3e-5
                    r"|\\([a-zA-Z]+)"                                             # \frac \pi
                    r"|([a-zA-Z])"                                                # x y
                    r"|(\*\*|[-+*/^()!{}\[\]_,'|]))")                             # symbols
@@ -1532,7 +1573,7 @@ TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)
 def parse_math(text):
     """An answer as a sympy value, built by our own recursive-descent parser; None if unreadable."""
     tokens = math_tokens(text.strip())
-    if tokens is None:
+    if tokens is None or BASE_NUMERAL.fullmatch(text):  # 1203_5 is read as text: never across bases
         return None
     parser = MathParser(tokens)
     try:
@@ -1549,9 +1590,8 @@ def math_tokens(text):
         found = TOKEN.match(text, position)
         if not found or found.end() == position:
             return None
-        number, command, letter, symbol = found.groups()
-        tokens.append(("num", number) if number else ("cmd", command) if command else
-                      ("var", letter) if letter else ("sym", symbol))
+        kind = ("mixed", "num", "cmd", "var", "sym")[found.lastindex - 1]  # TOKEN's groups
+        tokens.append((kind, found.group(found.lastindex)))
         position = found.end()
     return tokens
 
@@ -1565,11 +1605,8 @@ def unknowns_degree(value):
 GREEK = ("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu "
          "nu xi rho sigma tau upsilon phi varphi chi psi omega "
          "Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega").split()
-FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan,
-             "sec": sympy.sec, "csc": sympy.csc, "cot": sympy.cot,
-             "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
-             "sinh": sympy.sinh, "cosh": sympy.cosh,
-             "ln": sympy.log, "log": sympy.log, "exp": sympy.exp}
+FUNCTIONS = {f: getattr(sympy, f) for f in "sin cos tan sec csc cot sinh cosh exp log".split()}
+FUNCTIONS.update(arcsin=sympy.asin, arccos=sympy.acos, arctan=sympy.atan, ln=sympy.log)
 
 
 class MathParser:
@@ -1578,7 +1615,7 @@ class MathParser:
         term       := unary ((*|/|implicit) unary)*
         unary      := -unary | power
         power      := factor (!)* (^ unary)?
-        factor     := number | variable | (expression) | {expression} | \\frac | \\sqrt | ..."""
+        factor     := number | 7 3/4 | variable | (expression) | {expression} | \\frac | ..."""
 
     def __init__(self, tokens):
         self.tokens, self.index, self.depth = tokens, 0, 0
@@ -1592,6 +1629,11 @@ class MathParser:
             raise ValueError(f"expected {value or kind}")
         self.index += 1
         return token
+
+    def accept(self, *tokens):
+        """Take the next token if it is one of `tokens` (and return it)."""
+        if self.peek() in tokens:
+            return self.take()
 
     def expression(self):
         self.depth += 1
@@ -1607,19 +1649,22 @@ class MathParser:
         value = self.unary()
         while True:
             kind, token = self.peek()
-            if (kind, token) in (("sym", "*"), ("cmd", "cdot"), ("cmd", "times")):
-                self.take()
+            if self.accept(("sym", "*"), ("cmd", "cdot"), ("cmd", "times")):
                 value = value * self.unary()
-            elif (kind, token) in (("sym", "/"), ("cmd", "div")):
-                self.take()
+            elif self.accept(("sym", "/"), ("cmd", "div")):
                 value = value / self.unary()
-            elif (kind in ("num", "var") or (kind == "sym" and token in "({")
+            elif (kind in ("num", "mixed", "var") or (kind == "sym" and token in "({")
                     or (kind == "cmd" and token not in ("cdot", "times", "div"))):  # 2x, 3\pi
-                # a whole number right before \frac is a mixed number: 1\frac14 = 5/4
-                mixed = (isinstance(value, sympy.Integer) and token == "frac"
-                         and self.tokens[self.index - 1][0] == "num")
+                previous = self.tokens[self.index - 1][0]
+                if kind in ("num", "mixed") and previous in ("num", "mixed"):  # 7 3 is no product
+                    raise ValueError("two numbers side by side")
+                # a whole number right before \frac is a mixed number: 1\frac14 = 5/4, -1\frac14
+                mixed = isinstance(value, sympy.Integer) and token == "frac" and previous == "num"
                 right = self.unary()
-                value = value + right if mixed and right.is_Rational else value * right
+                if mixed and right.is_Rational:
+                    value = value + right if value >= 0 else value - right
+                else:
+                    value = value * right
             else:
                 return value
 
@@ -1630,23 +1675,16 @@ class MathParser:
 
     def power(self):
         base = self.factor()
-        while self.peek() == ("sym", "!"):
-            self.take()
+        while self.accept(("sym", "!")):
             if not (base.is_Integer and 0 <= base <= 200):
                 raise ValueError("factorial out of range")
             base = sympy.factorial(base)
-        if self.peek() in (("sym", "^"), ("sym", "**")):
-            self.take()
+        if self.accept(("sym", "^"), ("sym", "**")):
             return safe_power(base, self.unary())
         return base
 
     def group(self):
         kind, token = self.peek()
-        if kind == "sym" and token == "{":
-            self.take()
-            value = self.expression()
-            self.take("sym", "}")
-            return value
         if kind == "num" and "." not in token and len(token) > 1:  # \frac12: single-digit arguments
             self.tokens[self.index] = ("num", token[1:])
             return sympy.Integer(token[0])
@@ -1656,6 +1694,11 @@ class MathParser:
         kind, token = self.take()
         if kind == "num":
             return exact_number(token)
+        if kind == "mixed":  # 7 3/4 is 31/4, never 7 * 3/4; 7 5/4 is no mixed number
+            whole, numerator, denominator = map(exact_number, re.split(r" +|/", token))
+            if not 0 < numerator < denominator:
+                raise ValueError("not a mixed number")
+            return whole + numerator / denominator
         if kind == "var":
             name = self.subscripted(token)
             return {"i": sympy.I, "e": sympy.E}.get(name, sympy.Symbol(name))
@@ -1672,31 +1715,21 @@ class MathParser:
         if name == "frac":
             return self.group() / self.group()
         if name == "sqrt":
-            degree = sympy.Integer(2)
-            if self.peek() == ("sym", "["):
-                self.take()
-                degree = self.expression()
-                self.take("sym", "]")
+            degree = self.factor() if self.peek() == ("sym", "[") else sympy.Integer(2)  # \sqrt[3]
             return safe_power(self.group(), 1 / degree)
-        if name == "pi":
-            return sympy.pi
-        if name == "infty":
-            return sympy.oo
+        if name in ("pi", "infty"):
+            return {"pi": sympy.pi, "infty": sympy.oo}[name]
         if name in GREEK:
             return sympy.Symbol(self.subscripted(name))
         if name in FUNCTIONS:
-            exponent = None
-            if self.peek() == ("sym", "^"):  # \sin^2 x
-                self.take()
-                exponent = self.group()
+            exponent = self.group() if self.accept(("sym", "^")) else None  # \sin^2 x
             value = FUNCTIONS[name](self.power())
-            return safe_power(value, exponent) if exponent is not None else value
+            return value if exponent is None else safe_power(value, exponent)
         raise ValueError(f"unsupported {name!r}")
 
     def subscripted(self, name):
         """x_1, a_{10}, \\theta_0: the subscript is part of the unknown's name."""
-        if self.peek() == ("sym", "_"):
-            self.take()
+        if self.accept(("sym", "_")):
             name += "_" + str(self.group())
         return name
 
