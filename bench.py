@@ -69,7 +69,7 @@ def bench_checker(args):
         igrpo.math_reward(completion, gold)
     for suite, calls in suites.items():
         if not calls:
-            print(f"checker, {suite}: none ({DATA} is not beside this checkout)")
+            print(f"checker, {suite}: none (no benchmark files in {DATA})")
             continue
         times, right = [], 0
         for completion, gold, verdict in calls:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sympy
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"  # the six benchmarks, beside the checkout
+DATA = Path(__file__).resolve().parent / "data"  # the six benchmarks, shipped in data/
 
 GSM8K_GOLD = "She sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs for 9 * 2 = $<<9*2=18>>18.\n#### 72"
 CHECKER_CASES = [
