@@ -102,6 +102,11 @@ class Config:
     keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)")
     resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint")
     overwrite: bool = setting(False, "delete the run in --output-dir and start afresh")
+    log_completions_every: int = setting(10, "write a few problems' completions of every Nth "
+                                             "step to completions.jsonl (0: never)")
+    track: str = setting("none", "none | tensorboard | wandb | trackio: also send the metrics "
+                                 "and completions there (track.py)")
+    run_name: str = setting("", "the run's name in the tracker (default: --output-dir's name)")
 
 
 def fail(message):
@@ -121,7 +126,7 @@ ANSWER_KEYS = ("answer", "solution", "final_answer", "target", "output")
 
 
 def read_rows(name, config="", split="train", flag="dataset"):
-    """The rows of a local .jsonl/.json/.parquet file or a hub dataset; errors name file and line."""
+    """The rows of a local .jsonl/.json/.parquet file or a hub dataset; errors name the file."""
     path, where = Path(name), ""
     if not (path.suffix in (".jsonl", ".json", ".parquet") or path.exists()):
         try:
@@ -146,7 +151,7 @@ def read_rows(name, config="", split="train", flag="dataset"):
             where, rows = f", line {number}", rows + ([json.loads(line)] if line.strip() else [])
         return rows
     except UnicodeDecodeError as error:
-        fail(f"--{flag} {name}: not UTF-8 text (byte {error.start}: {error.object[error.start]:#x})")
+        fail(f"--{flag} {name}: not UTF-8 text (byte {error.start} is {error.object[error.start]})")
     except json.JSONDecodeError as error:
         fail(f"--{flag} {name}{where}: not valid JSON ({error.msg})")
     except Exception as error:  # a .parquet that is not one: pyarrow's error types vary
@@ -378,7 +383,7 @@ def move_gradient(p, to):
 
 
 def master_weights_and_optimizer(model, cfg):
-    """(master weights, AdamW over them). Fused: no whole-model temporaries for Adam's arithmetic."""
+    """(master weights, AdamW over them). Fused: no whole-model temporaries in Adam's arithmetic."""
     master = master_weights(model)
     return master, torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
@@ -516,7 +521,8 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
                    for problem, draft in zip(problems, best)]                      # q' = q + d*
         group_size, generated = cfg.group_size - N, int(drafts.lengths.sum())
         metrics.update(draft_reward=draft_rewards.mean().item(), best_drafts=best,
-                       best_draft_reward=draft_rewards.amax(1).mean().item())
+                       best_draft_reward=draft_rewards.amax(1).mean().item(),
+                       drafts=drafts.texts, draft_rewards=draft_rewards.tolist())
     samples = sample(model, tokenizer, prompts, cfg, per_prompt=group_size)  # Stage 2, or GRPO
     scores = score(samples.texts, repeat(golds, group_size), cfg, samples.lengths,
                    repeat(problems, group_size), judge)
@@ -714,26 +720,28 @@ def train(cfg, judge=None):
     judge = judge or load_judge(cfg, device, dtype)
     master, optimizer = master_weights_and_optimizer(model, cfg)
     start, order = load_checkpoint(resume_from, optimizer, master, cfg)
+    tracker = load_tracker(cfg)
     with open(out / "metrics.jsonl", "a") as metrics:
         if held_out and start == 0 and not resume_from:
-            log_held_out(metrics, 0, model, tokenizer, held_out, cfg)
+            log_held_out(metrics, 0, model, tokenizer, held_out, cfg, tracker)
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
                    desc=cfg.algo, dynamic_ncols=True)
         for step in bar:
             batch, order = next_batch(problems, order, cfg)
             record = training_step(step, model, tokenizer, optimizer, master, batch, cfg,
-                                   judge, ref_model)
-            write_metrics(metrics, record)
+                                   judge, ref_model, tracker)
+            write_metrics(metrics, record, tracker)
             bar.set_postfix(reward=f"{record['reward']:.2f}")
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                log_held_out(metrics, step, model, tokenizer, held_out, cfg)
+                log_held_out(metrics, step, model, tokenizer, held_out, cfg, tracker)
             if step < cfg.steps and should_save(step, cfg):  # after the score: both are resumed
                 save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics,
                                 cfg)
         if not (out / "final").is_dir():  # the weights first: an interrupted score is redone
             save(model, tokenizer, out / "final")
         if held_out and not finished(out, cfg):
-            log_held_out(metrics, cfg.steps, model, tokenizer, held_out, cfg)
+            log_held_out(metrics, cfg.steps, model, tokenizer, held_out, cfg, tracker)
+    tracker and tracker.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  model: {out / 'final'}")
     return held_out_results(out)
 
@@ -743,7 +751,8 @@ def seed(cfg):
     torch.manual_seed(cfg.seed)  # the samples (scale.py's torchrun: each process its own)
 
 
-def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, ref_model):
+def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, ref_model,
+                  tracker=None):
     """One GRPO or iGRPO step on a batch of problems; returns its line of metrics.jsonl."""
     started = time.time()
     samples, rewards, group_size, metrics = rollout(model, tokenizer, batch, cfg, judge)
@@ -756,6 +765,8 @@ def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, 
         param_group["lr"] = learning_rate(step - 1, cfg)
     update = policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model)
     seconds, generated = time.time() - started, metrics["generated_tokens"]
+    if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+        log_completions(step, batch, samples.texts, rewards, advantages, metrics, cfg, tracker)
     return step_record(dict(
         step=step, reward=rewards.mean().item(), accuracy=metrics["accuracy"],
         draft_reward=metrics["draft_reward"], best_draft_reward=metrics["best_draft_reward"],
@@ -841,7 +852,7 @@ def load_judge(cfg, device, dtype):
 
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
-    """Single-pass accuracy from q alone (no drafts at test time), over eval_samples samples each."""
+    """Single-pass accuracy from q alone (no drafts at test time), eval_samples samples each."""
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
     samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples, progress=label,
                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
@@ -849,18 +860,53 @@ def held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
     return sum(map(math_reward, samples.texts, golds)) / len(golds)
 
 
-def log_held_out(metrics, step, model, tokenizer, problems, cfg):
+def log_held_out(metrics, step, model, tokenizer, problems, cfg, tracker=None):
     accuracy = held_out_accuracy(model, tokenizer, problems, cfg)
     tqdm.write(f"held-out accuracy after {step} steps: {accuracy:.1%} ({len(problems)} problems)")
-    write_metrics(metrics, dict(step=step, eval_accuracy=accuracy))
+    write_metrics(metrics, dict(step=step, eval_accuracy=accuracy), tracker)
 
 
-def write_metrics(file, record):
-    """One JSON object per line, flushed, so a plot can follow a live run; NaN and inf are null."""
+def write_metrics(file, record, tracker=None):
+    """One JSON object per line, flushed, so a plot can follow a live run; NaN and inf are null.
+    The tracker (--track) gets the same numbers at the same step."""
     record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
               for k, v in record.items()}
     file.write(json.dumps(record, allow_nan=False) + "\n")
     file.flush()
+    tracker and tracker.log(record)
+
+
+def log_completions(step, batch, texts, rewards, advantages, metrics, cfg, tracker=None,
+                    shown=3, cut=600):
+    """What the model wrote: the first `shown` problems of the step, each with its refinements (or
+    GRPO's group), their rewards and advantages, and for iGRPO its drafts and the best one, as
+    lines of completions.jsonl. A text over `cut` characters keeps its start and end."""
+    def short(text):
+        return text if len(text) <= cut else f"{text[:cut // 2]} [...] {text[-cut // 2:]}"
+    group_size, N, rows = len(texts) // len(batch), cfg.num_drafts, []
+    for i, problem in enumerate(batch[:shown]):
+        row = dict(step=step, problem=short(problem["problem"]), gold=problem["answer"])
+        if "drafts" in metrics:
+            drafts = zip(metrics["drafts"][i * N:(i + 1) * N], metrics["draft_rewards"][i])
+            row.update(drafts=[dict(text=short(text), reward=reward) for text, reward in drafts],
+                       best_draft=short(metrics["best_drafts"][i]))
+        group = range(i * group_size, (i + 1) * group_size)
+        row["refinements" if "drafts" in metrics else "group"] = [
+            dict(text=short(texts[j]), reward=rewards[j].item(), advantage=advantages[j].item())
+            for j in group]
+        rows.append(row)
+    with open(Path(cfg.output_dir) / "completions.jsonl", "a") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    tracker and tracker.log_completions(step, rows)
+
+
+def load_tracker(cfg):
+    """--track: track.py's tracker (it imports nothing from this file), or None."""
+    if cfg.track == "none":
+        return None
+    import track
+    name = cfg.run_name or Path(cfg.output_dir).resolve().name
+    return track.open_tracker(cfg.track, name, dataclasses.asdict(cfg), cfg.output_dir)
 
 
 def held_out_results(out):
@@ -881,7 +927,8 @@ def read_metrics(out):
 # final/ (the model). --resume goes on from the newest, and ends where an unbroken run would.
 # ----------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
-                     "gradient_checkpointing", "save_every", "keep_checkpoints"}
+                     "gradient_checkpointing", "save_every", "keep_checkpoints", "track",
+                     "run_name", "log_completions_every"}
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 
@@ -1023,7 +1070,8 @@ def check_config(cfg):
     """The flags' values checked before anything loads; a bad one stops the run with one line."""
     choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
                    reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
-                   chat_template=("auto", "on", "off"))
+                   chat_template=("auto", "on", "off"),
+                   track=("none", "tensorboard", "wandb", "trackio"))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             fail(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -1047,7 +1095,8 @@ def check_config(cfg):
                   min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                   warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
                   **{name: (getattr(cfg, name) >= 0, ">= 0") for name in
-                     ("eval_every", "save_every", "keep_checkpoints", "overlong_buffer")})
+                     ("eval_every", "save_every", "keep_checkpoints", "overlong_buffer",
+                      "log_completions_every")})
     for name, (ok, rule) in bounds.items():
         if not ok:
             fail(f"{flag(name)} {getattr(cfg, name)}: must be {rule}")
