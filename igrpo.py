@@ -721,7 +721,7 @@ def train(cfg, judge=None):
     master, optimizer = master_weights_and_optimizer(model, cfg)
     start, order = load_checkpoint(resume_from, optimizer, master, cfg)
     tracker = load_tracker(cfg)
-    with open(out / "metrics.jsonl", "a") as metrics:
+    with open(out / "metrics.jsonl", "a") as metrics, writes_explained(out):
         if held_out and start == 0 and not resume_from:
             log_held_out(metrics, 0, model, tokenizer, held_out, cfg, tracker)
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
@@ -744,6 +744,16 @@ def train(cfg, judge=None):
     tracker and tracker.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  model: {out / 'final'}")
     return held_out_results(out)
+
+
+@contextlib.contextmanager
+def writes_explained(out):
+    """A full disk or a folder that turned unwritable mid-run: one line, and what is still safe."""
+    try:
+        yield
+    except OSError as error:
+        fail(f"writing {error.filename or out} failed ({error.strerror or error}); the checkpoints "
+             f"already in {out} are complete: free space or fix permissions, then --resume")
 
 
 def seed(cfg):
@@ -944,7 +954,11 @@ def prepare_output_dir(cfg):
             return out / "final"
         if not checkpoints:
             fail(f"--resume: no checkpoint in {out} (one is written every --save-every steps)")
-        return checkpoints[-1][1]
+        newest = checkpoints[-1][1]
+        if not (newest / "config.json").is_file() or not any(newest.glob("*.safetensors")):
+            fail(f"--resume: {newest} has no model weights (damaged?); delete it to resume from "
+                 "the checkpoint before it")
+        return newest
     if (out / "args.json").exists() or (out / "metrics.jsonl").exists():
         if not cfg.overwrite:
             what = "a finished run:" if finished(out, cfg) else \
@@ -1002,14 +1016,10 @@ def save(model, tokenizer, folder, trainer_state=None):
     folder = Path(folder)
     temporary = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        if trainer_state is not None:
-            torch.save(trainer_state, temporary / "trainer_state.pt")
-    except OSError as error:
-        fail(f"saving {folder} failed ({error.strerror or error}); the files already saved in "
-             f"{folder.parent} are intact, free space or fix permissions, then --resume")
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    if trainer_state is not None:
+        torch.save(trainer_state, temporary / "trainer_state.pt")
     umask = os.umask(0)
     os.umask(umask)
     for path in [temporary, *temporary.rglob("*")]:
@@ -1579,7 +1589,7 @@ def table_items(answer):
 
 
 def items_match(pred, gold):
-    (pred_kind, pred_brackets, pred_list), (gold_kind, gold_brackets, gold_list) = pred, gold
+    (_, _, pred_list), (gold_kind, _, gold_list) = pred, gold
     if pred[:2] != gold[:2] or len(pred_list) != len(gold_list) or len(gold_list) > 30:
         return False  # (more than 30 items: compared pairwise, the work is bounded)
     gold_labels = [(split_label(item) or [None])[0] for item in gold_list]
