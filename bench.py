@@ -114,7 +114,7 @@ def bench_step(args):
     scale.check_scoring(model, "bench")
     model = scale.apply_lora(model, cfg) if cfg.lora_rank else model
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     with scale.attached(cfg, device):
         step_loop(args, cfg, model, tokenizer, device, dtype)
 
@@ -176,7 +176,7 @@ def bench_logprobs(args):
     model, _ = random_model(args, device, dtype)
     scale.check_scoring(model, "bench")
     if args.gradient_checkpointing:  # as in training, so the output layer's share of memory shows
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     B, T = args.micro_batch_size, args.completion
     input_ids = torch.randint(0, args.vocab, (B, 16 + T), device=device)
     attention = torch.ones_like(input_ids)

@@ -828,7 +828,8 @@ def load_policy(cfg, resume_from, device, dtype):
     if cfg.beta > 0:
         ref_model = load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)
     if cfg.gradient_checkpointing:  # backward recomputes each layer's activations
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # older: gradient_...
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model, tokenizer, ref_model
 
 
@@ -864,8 +865,10 @@ def load_judge(cfg, device, dtype):
 def held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
     """Single-pass accuracy from q alone (no drafts at test time), eval_samples samples each."""
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
-    samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples, progress=label,
-                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+    cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # scoring never changes what training samples next
+        samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples,
+                         progress=label, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
     golds = repeat([p["answer"] for p in problems], cfg.eval_samples)
     return sum(map(math_reward, samples.texts, golds)) / len(golds)
 

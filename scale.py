@@ -133,7 +133,8 @@ class OutputLayerLogprobs(torch.autograd.Function):
                 shrink = (log_normalizer - total).exp_()                            # w (n,)
                 negative_entropy.mul_(shrink).sub_(torch.special.entr(shrink))  # entr(w) = -w log w
                 logits.sub_(total[:, None])                      # now log p of the block (n, c)
-                negative_entropy -= torch.special.entr(logits.exp()).sum(-1)  # p = 0 adds 0
+                # -p log p, in place (a third block would not fit the budget); p = 0 adds 0
+                negative_entropy -= torch.special.entr(logits.exp_(), out=logits).sum(-1)
             log_normalizer = total
             del logits  # before the next block's logits exist
         ctx.save_for_backward(features, weight, bias, targets, log_normalizer)
@@ -512,7 +513,8 @@ def sharded_next_batch(problems, order, cfg):
 
 def sharded_held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
     share = problems[process_rank()::process_count()]
-    correct = share and PLAIN["held_out_accuracy"](model, tokenizer, share, cfg, label) * len(share)
+    correct = PLAIN["held_out_accuracy"](model, tokenizer, share, cfg, label) * len(share) \
+        if share else 0
     return summed_over_ranks(correct)[0] / len(problems)
 
 
@@ -586,9 +588,9 @@ def load_checkpoint_of_each_rank(folder, optimizer, master, cfg):
     return start, order
 
 
-def write_metrics_on_rank_0(file, record):
+def write_metrics_on_rank_0(file, record, tracker=None):
     if is_main_process():
-        PLAIN["write_metrics"](file, record)
+        PLAIN["write_metrics"](file, record, tracker)
 
 
 # ----------------------------------------------------------------------------------------------

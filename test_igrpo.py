@@ -952,6 +952,18 @@ def test_metrics_jsonl_has_a_line_per_step_and_a_line_per_held_out_score(tiny, t
         (0, True), (1, False), (1, True), (2, False), (2, True)]
 
 
+def test_held_out_scoring_never_changes_what_training_samples(tiny, tmp_path, monkeypatch,
+                                                              uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "scored-every-step"
+    igrpo.train(long_run_config(tiny, folder, dtype="fp32", eval_every=1))  # 3 more scorings
+    assert len([r for r in metric_lines(folder) if "eval_accuracy" in r]) == 5
+    rewards = [r["reward"] for r in metric_lines(folder) if "reward" in r]
+    assert rewards == [r["reward"] for r in metric_lines(uninterrupted["fp32"]) if "reward" in r]
+    expected, trained = final_weights(uninterrupted["fp32"]), final_weights(folder)
+    assert all(torch.equal(expected[name], trained[name]) for name in expected)
+
+
 def test_an_interrupted_final_scoring_leaves_final_and_resume_redoes_only_the_scoring(
         tiny, tmp_path, monkeypatch, uninterrupted):
     monkeypatch.setattr(igrpo, "math_reward", parity_reward)

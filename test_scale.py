@@ -1,29 +1,523 @@
-"""The specification of igrpo.py's scaling out: LoRA adapters, and torchrun data parallelism (gloo, CPU)."""
+"""The specification of scale.py: igrpo.py's own training with engineered parts swapped in
+(scale.attached), each pinned here against igrpo.py's plain part it replaces: memory-lean blockwise
+log-probs and the output layer's gradient into fp32 master weights, static-cache sampling, LoRA,
+torchrun data parallelism (two gloo processes on the CPU), and long runs (Ctrl-C, non-finite
+updates, collapse warnings, failures that name their fix). Offline: tiny models, no hub."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
-import functools
+import dataclasses
 import json
 import re
+import signal
 import socket
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing
+from safetensors.torch import load_file
 
 import igrpo
+import scale
+from scale import ScaleConfig
 from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
 
 PROMPTS = ["Problem: What is 1 + 1?\n\nSolution:", "Problem: What is 7 + 1?\n\nSolution:"]
-ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25, -0.25])  # 2 problems x 4 completions
+ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25, -0.25])  # 2 problems x 4
 
 
+def scale_config(tiny, tmp_path, **overrides):
+    """tiny_config's settings as a ScaleConfig; overrides may set scale.py's fields too."""
+    return tiny_config(tiny, tmp_path, config_class=ScaleConfig, **overrides)
+
+
+def load_tiny(tiny, dtype=torch.float32, cfg=None, lean=False):
+    """The tiny model and tokenizer: igrpo.load_model's, or (lean) scale.lean_load_model's, which
+    also decides how lean_token_logprobs scores it (check_scoring)."""
+    cfg = cfg or ScaleConfig(chat_template="off")
+    load = scale.lean_load_model if lean else igrpo.load_model
+    return load(str(tiny / "model"), cfg, dtype, "cpu")
+
+
+def parity_reward(completion, gold):
+    """Differs between the completions of a random tiny model, so every update moves the weights."""
+    return float(sum(map(ord, completion)) % 2)
+
+
+def final_weights(folder):
+    return load_file(folder / "final" / "model.safetensors")
+
+
+def training_steps(folder):
+    return [r["step"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "reward" in r]
+
+
+class Crash(Exception):
+    pass
+
+
+def alternate_scores(completions, *_):
+    """igrpo.score, but every group's rewards differ: every step has a gradient."""
+    rewards = torch.arange(len(completions)) % 2.0
+    return igrpo.Scores(rewards, rewards, torch.zeros(len(completions)), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching: scale.py runs igrpo.py's loop with some parts swapped, and changes nothing else
+# ----------------------------------------------------------------------------------------------
+def test_attached_swaps_the_parts_inside_and_restores_igrpos_own_on_exit_even_after_an_error():
+    own = {name: getattr(igrpo, name) for name in scale.PLAIN}
+    assert own == scale.PLAIN  # scale.PLAIN holds igrpo's own parts, not swapped ones
+    handler = signal.getsignal(signal.SIGINT)
+    with scale.attached(ScaleConfig(), "cpu"):  # none of scale's flags
+        assert igrpo.token_logprobs is scale.lean_token_logprobs
+        assert igrpo.load_model is scale.lean_load_model
+        assert igrpo.master_weights is scale.tagged_master_weights
+        assert igrpo.save is scale.save_adapter_or_model
+        assert "compile_generation" in igrpo.RESUMABLE_CHANGES
+        assert igrpo.optimizer_step is not own["optimizer_step"]  # skips non-finite updates
+        assert igrpo.should_save is not own["should_save"]  # saves after a Ctrl-C
+        unchanged = ("sample", "load_policy", "next_batch", "batch_totals", "seed", "write_metrics")
+        assert all(getattr(igrpo, name) is own[name] for name in unchanged)  # one process, no flags
+        assert signal.getsignal(signal.SIGINT) is not handler  # a Ctrl-C sets the run's event
+    assert all(getattr(igrpo, name) is part for name, part in own.items())
+    assert signal.getsignal(signal.SIGINT) is handler
+    with pytest.raises(Crash):
+        with scale.attached(ScaleConfig(compile_generation="on", lora_rank=4), "cpu"):
+            assert igrpo.sample is scale.compiled_sample and igrpo.load_policy is scale.lora_policy
+            raise Crash("mid-run")
+    assert all(getattr(igrpo, name) is part for name, part in own.items())
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_scale_train_without_its_flags_ends_with_the_weights_of_igrpo_train(
+        tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    igrpo.train(tiny_config(tiny, tmp_path, dtype="fp32", steps=2,
+                            output_dir=str(tmp_path / "igrpo")))
+    scale.train(scale_config(tiny, tmp_path, dtype="fp32", steps=2,
+                             output_dir=str(tmp_path / "scale")))
+    plain, scaled = final_weights(tmp_path / "igrpo"), final_weights(tmp_path / "scale")
+    start = load_file(tiny / "model" / "model.safetensors")
+    assert plain.keys() == scaled.keys() == start.keys()
+    assert any(not torch.equal(plain[name], start[name]) for name in plain)  # it trained
+    differences = {name: (plain[name] - scaled[name]).abs().max().item() for name in plain}
+    assert max(differences.values()) < 1e-5, differences
+    assert training_steps(tmp_path / "igrpo") == training_steps(tmp_path / "scale") == [1, 2]
+
+
+def padded_batch(tokenizer):
+    """Two left-padded prompts, each with a completion; the second completion is shorter."""
+    prompts = [tokenizer("What is 3?").input_ids,
+               tokenizer("Problem: What is 3 + 1 and then 5?").input_ids]
+    completions = [tokenizer(" 4. \\boxed{4}").input_ids, tokenizer(" 9").input_ids]
+    P, T, pad = max(map(len, prompts)), max(map(len, completions)), tokenizer.pad_token_id
+    ids = [[pad] * (P - len(p)) + p + c + [pad] * (T - len(c))
+           for p, c in zip(prompts, completions)]
+    attention = [[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (T - len(c))
+                 for p, c in zip(prompts, completions)]
+    mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completions]).bool()
+    return torch.tensor(ids), torch.tensor(attention), P, mask
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("path", ["output layer", "own forward"])
+def test_lean_log_probs_equal_igrpos_plain_ones_in_values_entropies_and_gradients(
+        tiny, monkeypatch, path, temperature):
+    monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 4 * 32 * 64)  # several blocks either way
+    model, tokenizer = load_tiny(tiny, lean=True)
+    assert not model.scored_by_forward  # check_scoring: the output layer reproduces the logits
+    model.scored_by_forward = path == "own forward"
+    ids, attention, P, mask = padded_batch(tokenizer)
+    assert not mask.all() and not attention[:, :P].bool().all()
+    upstream = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    parameters = list(model.parameters())
+    results = {}
+    for name, function in (("plain", igrpo.token_logprobs), ("lean", scale.lean_token_logprobs)):
+        logp, entropy = function(model, ids, attention, P, mask, temperature)
+        grads = torch.autograd.grad((logp * upstream).sum(), parameters)
+        results[name] = logp.detach(), entropy, grads
+    logp, entropy, grads = results["plain"]
+    lean_logp, lean_entropy, lean_grads = results["lean"]
+    assert lean_logp.shape == logp.shape and (lean_logp[~mask] == 0).all()
+    assert torch.allclose(lean_logp, logp, atol=1e-5)
+    assert torch.allclose(lean_entropy, entropy, atol=1e-5) and entropy[mask].min() > 0
+    assert any(g.abs().max() > 0 for g in grads)
+    for (name, _), ours, theirs in zip(model.named_parameters(), lean_grads, grads):
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory-lean log-probs: the output layer a block of vocabulary columns at a time
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("head", ["output layer", "logits given"])
+def test_blockwise_log_probs_have_the_values_and_gradients_of_one_full_log_softmax(
+        monkeypatch, softcap, head):
+    monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 4 * 11 * 15)  # 11 tokens: 4 blocks of 15
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8 if head == "output layer" else 50, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True) if head == "output layer" else None
+    bias = torch.randn(50, requires_grad=True) if head == "output layer" else None
+    targets, upstream = torch.randint(0, 50, (11,)), torch.randn(11)  # any gradient from the loss
+    logp, entropy = scale.OutputLayerLogprobs.apply(hidden, weight, bias, targets,
+                                                    (1.7, softcap, 0.7), True)
+    logits = (hidden if weight is None else hidden @ weight.T + bias) * 1.7
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    reference = torch.log_softmax(logits / 0.7, -1)
+    expected = reference.gather(-1, targets[:, None]).squeeze(-1)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad((logp * upstream).sum(), leaves)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), leaves)
+    assert len(scale.vocabulary_blocks(hidden, weight)) == 4
+    assert torch.allclose(logp, expected, atol=1e-5)
+    assert torch.allclose(entropy, -(reference.exp() * reference).sum(-1), atol=1e-5)
+    assert all(torch.allclose(ours, theirs, atol=1e-5)
+               for ours, theirs in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("head", ["output layer", "logits given"])
+def test_log_probs_hold_two_blocks_of_float32_logits_whatever_the_number_of_tokens(
+        monkeypatch, softcap, head):
+    from bench import peak_memory
+    vocabulary, width = 2000, 16
+    monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 4 * vocabulary * 50)  # (50 tokens, V) a block
+    block = scale.LOGITS_BLOCK_BYTES
+    weight = torch.randn(vocabulary, width, requires_grad=True) if head == "output layer" else None
+    for tokens in (100, 1000):
+        features = torch.randn(tokens, width if weight is not None else vocabulary,
+                               requires_grad=True)
+        targets = torch.randint(0, vocabulary, (tokens,))
+
+        def forward_and_backward():
+            logp, _ = scale.OutputLayerLogprobs.apply(features, weight, None, targets,
+                                                      (1.0, softcap, 0.7), True)
+            logp.sum().backward()
+        features.grad = None
+        if weight is not None:
+            weight.grad = None
+        _, peak = peak_memory(forward_and_backward, "cpu")
+        gradients = features.numel() * 4 * (2 if weight is not None else 1)  # hidden: a fp32 sum
+        gradients += weight.numel() * 4 if weight is not None else 0
+        assert peak < gradients + 2.5 * block, (tokens, peak)  # a full log-softmax: 20 blocks
+
+
+@pytest.mark.parametrize("tokens", [100, 4])  # 4 < the width: the gradient rows set the block
+def test_a_bf16_output_layer_with_master_weights_adds_its_gradient_to_them_and_keeps_no_bf16_copy(
+        monkeypatch, tokens):
+    from bench import peak_memory
+    vocabulary, width = 20000, 64
+    monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 400_000)  # 100 tokens: blocks of 1000 columns
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(vocabulary, width).bfloat16())
+    weight.master = weight.detach().float()  # as tagged_master_weights tags it
+    weight.master.grad = torch.randn(vocabulary, width) * 1e-4  # an earlier micro-batch's
+    earlier = weight.master.grad.clone()
+    features = torch.randn(tokens, width).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocabulary, (tokens,))
+
+    def forward_and_backward():
+        logp, _ = scale.OutputLayerLogprobs.apply(features, weight, None, targets,
+                                                  (1.0, None, 0.7), False)
+        logp.sum().backward()
+    _, peak = peak_memory(forward_and_backward, "cpu")
+    assert weight.grad is None
+    assert peak < 2.5 * scale.LOGITS_BLOCK_BYTES < vocabulary * width * 2  # no (V, H) bf16 gradient
+    logits = (features @ weight.T).float().detach().requires_grad_()  # bf16 logits, as the model's
+    reference = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[:, None]).sum()
+    expected = torch.autograd.grad(reference, logits)[0].T @ features.detach().float()  # (V, H)
+    added = weight.master.grad - earlier
+    assert (added - expected).norm() < 1e-2 * expected.norm()  # one bf16 rounding of each row
+
+
+def test_a_tied_bf16_output_layer_gets_both_of_its_gradients_in_its_fp32_master(tiny):
+    model, _ = load_tiny(tiny, torch.bfloat16, lean=True)
+    plain, _ = load_tiny(tiny, torch.bfloat16)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not model.scored_by_forward  # the output layer's path, which fills the master
+    master = scale.tagged_master_weights(model)
+    ids = torch.arange(1, 17)[None]
+    attention, completion = torch.ones_like(ids), torch.ones(1, 12, dtype=torch.bool)
+    for _ in range(2):  # two micro-batches accumulate
+        scale.lean_token_logprobs(model, ids, attention, 4, completion, 0.7)[0].sum().backward()
+        igrpo.token_logprobs(plain, ids, attention, 4, completion, 0.7)[0].sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.dtype == torch.float32 for m in master)
+    for (name, p), m in zip(plain.named_parameters(), master):  # plain: bf16 sums, rounded more
+        assert (m.grad - p.grad.float()).norm() <= 1e-2 * p.grad.float().norm(), name
+
+
+def shrunk(config):
+    """A causal-LM config at its defaults, shrunk to a tiny model: every size a few units, the
+    vocabulary 256, the sub-configs alike; logit scalings and soft-caps set to 3, so a scorer that
+    skips them is caught."""
+    sizes = dict(hidden_size=64, n_embd=64, d_model=64, n_embed=64, embed_dim=64, dim=64,
+                 num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2, decoder_layers=2,
+                 num_attention_heads=4, n_head=4, num_heads=4, n_heads=4,
+                 decoder_attention_heads=4, num_key_value_heads=4, num_kv_heads=4,
+                 intermediate_size=128, n_inner=128, ffn_dim=128, decoder_ffn_dim=128, d_ff=128,
+                 max_position_embeddings=128)
+    values = config.to_dict()
+    layers = next((values[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                   if isinstance(values.get(k), int)), None)
+    small = {}
+    for name, value in values.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if name in sizes:
+                small[name] = sizes[name]
+            elif "vocab" in name:
+                small[name] = 256
+            elif "head_dim" in name or "rotary_dim" in name or "rope_dim" in name:
+                small[name] = 16
+            elif name.endswith("token_id") and value >= 256:
+                small[name] = 1
+            elif value > 64 and "token" not in name and "id" not in name.split("_"):
+                small[name] = 32
+        elif isinstance(value, float) and ("logit" in name or name.endswith("multiplier")):
+            small[name] = 3.0
+        elif isinstance(value, list) and layers not in (None, 2) and len(value) == layers:
+            small[name] = value[:2]  # per-layer settings
+        elif (isinstance(value, dict) and "model_type" in value
+              and hasattr(getattr(config, name), "to_dict")):
+            small[name] = shrunk(getattr(config, name)).to_dict()  # a sub-config
+    return type(config)(**small)
+
+
+def test_log_probs_match_the_models_own_logits_for_every_causal_lm_architecture(capsys):
+    """Every causal LM of the installed transformers that builds tiny: lean_token_logprobs must
+    equal log_softmax(model(...).logits / T) on the completion tokens, whichever path
+    check_scoring picks. Details go into the assertion messages, never into pytest's output."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    transformers.logging.set_verbosity_error()
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(10).expand(2, -1)  # as generate() numbers an unpadded prompt
+    mask, temperature, table = torch.ones(2, 6, dtype=torch.bool), 0.7, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~200 tiny forwards: one thread is faster, and immune to a busy box
+    try:
+        for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            try:
+                torch.manual_seed(0)
+                config = shrunk(CONFIG_MAPPING[model_type]())
+                model = AutoModelForCausalLM.from_config(config).eval()
+                with torch.no_grad():
+                    logits = model(input_ids=ids, position_ids=positions,
+                                   use_cache=False).logits.float()
+            except Exception as error:  # noqa: BLE001  a config that does not shrink: counted
+                table[model_type] = ("skipped", f"{type(error).__name__}: {str(error)[:90]!r}")
+                continue
+            reference = torch.log_softmax(logits[:, 3:-1] / temperature, -1)
+            reference = reference.gather(-1, ids[:, 4:, None]).squeeze(-1)           # (2, 6)
+            with torch.no_grad():
+                scale.check_scoring(model, model_type)
+                logp = scale.lean_token_logprobs(model, ids, torch.ones_like(ids), 4, mask,
+                                                 temperature)[0]
+            error = (logp - reference).abs().max().item()
+            path = "own forward" if model.scored_by_forward else "output layer"
+            table[model_type] = ("matches" if error < 1e-4 else "DIFFERS",
+                                 f"{path}, max error {error:.1e}")
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()  # check_scoring's lines for the own-forward models: not for pytest's output
+    counts = {r: sum(v[0] == r for v in table.values()) for r in ("matches", "DIFFERS", "skipped")}
+    differs = {name: detail for name, (result, detail) in table.items() if result == "DIFFERS"}
+    assert differs == {}, f"{len(table)} architectures, {counts}"
+    skipped = {name: detail for name, (result, detail) in table.items() if result == "skipped"}
+    assert counts["matches"] >= 100, f"{counts}; skipped: {skipped}"
+    for scaled in ("granite", "granitemoehybrid", "cohere", "falcon_h1", "gemma2", "llama",
+                   "qwen2"):  # the memory-light path, with each model's logit scaling applied
+        assert table[scaled][0] == "matches" and "output layer" in table[scaled][1], \
+            (scaled, table[scaled])
+
+
+def test_logits_changed_in_an_unknown_way_are_scored_through_the_models_own_forward(
+        tiny, monkeypatch, capsys):
+    model, tokenizer = load_tiny(tiny, lean=True)
+    assert not model.scored_by_forward
+    plain_forward, bias = model.forward, torch.linspace(-3, 3, model.config.vocab_size)
+
+    def biased_forward(*args, **kwargs):  # e.g. a final_logits_bias the output layer does not hold
+        output = plain_forward(*args, **kwargs)
+        output.logits = output.logits + bias
+        return output
+    monkeypatch.setattr(model, "forward", biased_forward)
+    scale.check_scoring(model, "--model biased")
+    assert "--model biased: log-probs come from the model's own forward" in capsys.readouterr().out
+    ids = torch.tensor([tokenizer("What is 3 + 1? 4").input_ids])
+    with torch.no_grad():
+        logp = scale.lean_token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 3,
+                                         torch.ones(1, 3, dtype=torch.bool), 0.5)[0]
+        reference = torch.log_softmax(model(ids).logits[0, -4:-1] / 0.5, -1)
+    reference = reference.gather(-1, ids[0, -3:, None]).squeeze(-1)
+    assert model.scored_by_forward and torch.allclose(logp[0], reference, atol=1e-5)
+
+
+def test_a_model_whose_forward_fails_is_refused_before_training(tiny, monkeypatch):
+    model, _ = load_tiny(tiny)
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("expected 4D input")
+    monkeypatch.setattr(model, "forward", broken_forward)
+    with pytest.raises(SystemExit, match="--model odd: its forward pass fails .* 4D input"):
+        scale.check_scoring(model, "--model odd")
+
+
+@pytest.mark.parametrize("architecture,scaling,weight_scale", [
+    ("llama", {}, 40), ("granite", dict(logits_scaling=8.0), 320),
+    ("cohere", dict(logit_scale=0.0625), 600),
+    ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16), 40)])
+def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(
+        architecture, scaling, weight_scale):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=4,
+                                          intermediate_size=128, **scaling)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a trained model's logits span tens of nats, where bf16 rounding shows
+        model.get_output_embeddings().weight.mul_(weight_scale)
+    model = model.to(torch.bfloat16).eval()
+    scale.check_scoring(model, architecture)
+    ids = torch.randint(3, 1999, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids, position_ids=torch.arange(32).expand(2, -1)).logits.float()
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        logp = scale.lean_token_logprobs(model, ids, torch.ones_like(ids), 16, mask, 1.0)[0]
+    reference = torch.log_softmax(logits[:, 15:-1], -1).gather(-1, ids[:, 16:, None]).squeeze(-1)
+    assert logits.abs().max() > 20 and not model.scored_by_forward
+    assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled sampling: a static KV cache in fixed-shape generate calls
+# ----------------------------------------------------------------------------------------------
+def hostile_generation_defaults(model):
+    """A checkpoint generation_config that sets every field shaping the next-token distribution."""
+    from transformers import WatermarkingConfig
+    vocab = model.config.vocab_size
+    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9,
+                   typical_p=0.1, epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0,
+                   encoder_repetition_penalty=3.0, no_repeat_ngram_size=1,
+                   sequence_bias={(5,): 30.0}, min_new_tokens=5, min_length=40,
+                   suppress_tokens=list(range(10, vocab, 2)),
+                   begin_suppress_tokens=list(range(11, vocab, 2)), bad_words_ids=[[7], [8]],
+                   forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
+                   exponential_decay_length_penalty=(1, 3.0),
+                   watermarking_config=WatermarkingConfig(), max_new_tokens=1, max_length=3)
+    for name, value in hostile.items():  # as a generation_config.json would hold them, unchecked
+        setattr(model.generation_config, name, value)
+    return hostile
+
+
+def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
+    prompts = ["Problem: What is 1 + 1?\n\nSolution:", "What is 12 + 1 and 3 + 4?"]
+    drawn = {}
+    for mode in ("off", "on"):  # on the CPU, "on" is the static cache and bucketing, uncompiled
+        cfg = ScaleConfig(chat_template="off", compile_generation=mode)
+        model, tokenizer = load_tiny(tiny, cfg=cfg)
+        torch.manual_seed(3)
+        with scale.attached(cfg, "cpu"):
+            assert (igrpo.sample is scale.compiled_sample) == (mode == "on")
+            drawn[mode] = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=4,
+                                       max_new_tokens=10, temperature=1.0)
+    assert drawn["on"].texts == drawn["off"].texts and len(set(drawn["on"].texts)) > 1
+    assert torch.equal(drawn["on"].completion_mask, drawn["off"].completion_mask)
+
+
+def test_fixed_shape_generate_calls_drop_their_padding_rows(tiny, monkeypatch):
+    cfg = ScaleConfig(chat_template="off", compile_generation="on", generation_batch_size=4)
+    model, tokenizer = load_tiny(tiny, cfg=cfg)
+    shapes, real_generate = [], model.generate
+
+    def generate(**kwargs):
+        config = kwargs["generation_config"]
+        shapes.append((len(kwargs["input_ids"]), config.cache_implementation,
+                       config.max_cache_len))
+        return real_generate(**kwargs)
+    monkeypatch.setattr(model, "generate", generate)
+    prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
+    samples = scale.compiled_sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6,
+                                    temperature=1.0)
+    assert shapes == [(4, "static", 256), (4, "static", 256)]  # 6 rows: 4, then 2 + 2 padding
+    assert samples.input_ids.shape[0] == len(samples.texts) == 6
+    P = samples.prompt_length
+    for row in range(6):
+        prompt = samples.input_ids[row, :P][samples.attention_mask[row, :P] == 1]
+        assert tokenizer.decode(prompt) == prompts[row // 2]
+
+
+def test_static_cache_sampling_inherits_nothing_from_a_hostile_generation_config(tiny):
+    cfg = ScaleConfig(chat_template="off", compile_generation="on")
+    clean, tokenizer = load_tiny(tiny, cfg=cfg)
+    model, _ = load_tiny(tiny, cfg=cfg)
+    hostile_generation_defaults(model)
+    prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
+    options = dict(per_prompt=4, max_new_tokens=8, temperature=0.5)
+    torch.manual_seed(1)
+    ours = scale.compiled_sample(model, tokenizer, prompt * 3, cfg, **options)
+    torch.manual_seed(1)
+    reference = scale.compiled_sample(clean, tokenizer, prompt * 3, cfg, **options)
+    assert ours.texts == reference.texts and int(ours.lengths.min()) > 1  # hostile: one token
+    assert len(set(ours.texts)) > 1
+    assert model.generation_config.top_k == 1  # the checkpoint's own defaults are kept as they were
+
+
+def test_training_log_probs_match_the_static_cache_samplers_within_precision_noise(
+        tiny, monkeypatch):
+    """On CUDA (the GPU check) this runs compiled decoding in bf16; on the CPU, the static cache."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, tolerance = (torch.bfloat16, 0.1) if device == "cuda" else (torch.float32, 1e-4)
+    cfg = ScaleConfig(chat_template="off", compile_generation="on")
+    model, tokenizer = scale.lean_load_model(str(tiny / "model"), cfg, dtype, device)
+    sampler_logits, real_generate = [], model.generate
+
+    def generate(**kwargs):  # the logits the sampler drew from, softmax(logits / T) of them
+        kwargs["generation_config"].update(output_logits=True, return_dict_in_generate=True)
+        output = real_generate(**kwargs)
+        sampler_logits.append(torch.stack(output.logits, 1).float())            # (B, T, V)
+        return output.sequences
+    monkeypatch.setattr(model, "generate", generate)
+    torch.manual_seed(0)
+    samples = scale.compiled_sample(model, tokenizer, ["What is 2 + 2?", "What?"], cfg,
+                                    per_prompt=2, max_new_tokens=6, temperature=0.7)
+    drawn = samples.input_ids[:, samples.prompt_length:]                           # (B, T)
+    sampler = torch.log_softmax(sampler_logits[0][:len(drawn), :drawn.shape[1]] / 0.7, -1)
+    sampler = sampler.gather(-1, drawn[..., None]).squeeze(-1)
+    with torch.no_grad():
+        ours = scale.lean_token_logprobs(model, samples.input_ids, samples.attention_mask,
+                                         samples.prompt_length, samples.completion_mask, 0.7)[0]
+    mask = samples.completion_mask
+    assert mask.sum() > 4 and (ours[mask] - sampler[mask]).abs().max() < tolerance
+
+
+def test_compile_generation_is_on_for_cuda_only_by_default_and_validated(tiny, tmp_path):
+    assert scale.compiles_generation(ScaleConfig(), "cuda")
+    assert not scale.compiles_generation(ScaleConfig(), "cpu")
+    assert scale.compiles_generation(ScaleConfig(compile_generation="on"), "cpu")
+    assert not scale.compiles_generation(ScaleConfig(compile_generation="off"), "cuda")
+    with pytest.raises(SystemExit, match="--compile-generation 'yes'"):
+        scale.train(scale_config(tiny, tmp_path, compile_generation="yes"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------
 def lora_model(tiny, tmp_path, dtype=torch.float32, **overrides):
-    cfg = tiny_config(tiny, tmp_path, lora_rank=4, lora_alpha=8.0, **overrides)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, dtype, "cpu")
-    return igrpo.apply_lora(model, cfg), tokenizer, cfg
+    """The tiny model with adapters, as lora_policy builds it inside a run."""
+    cfg = scale_config(tiny, tmp_path, lora_rank=4, lora_alpha=8.0, **overrides)
+    model, tokenizer = scale.lean_load_model(cfg.model, cfg, dtype, "cpu")
+    return scale.apply_lora(model, cfg), tokenizer, cfg
 
 
 def fixed_samples(model, tokenizer, cfg):
@@ -32,47 +526,58 @@ def fixed_samples(model, tokenizer, cfg):
 
 
 def update(model, samples, cfg, ref_model=None, advantages=ADVANTAGES, optimizer=None):
-    master = igrpo.master_weights(model)
-    optimizer = optimizer or torch.optim.AdamW(master, lr=cfg.lr)
-    keep = torch.ones(len(advantages), dtype=torch.bool)
-    return igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg, ref_model)
+    """One igrpo.policy_update with scale.py's parts attached (torchrun's, under torchrun)."""
+    with scale.attached(cfg, "cpu"):
+        master = igrpo.master_weights(model)
+        optimizer = optimizer or torch.optim.AdamW(master, lr=cfg.lr)
+        keep = torch.ones(len(advantages), dtype=torch.bool)
+        return igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg,
+                                   ref_model)
 
 
 def logprobs(model, samples):
+    """igrpo's plain log-probs: the reference a model's numbers are checked against."""
     with torch.no_grad():
-        return igrpo.token_logprobs(model, samples.input_ids, samples.attention_mask, samples.prompt_length,
-                                    samples.completion_mask, 1.0)[0]
+        return igrpo.token_logprobs(model, samples.input_ids, samples.attention_mask,
+                                    samples.prompt_length, samples.completion_mask, 1.0)[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# LoRA
-# ----------------------------------------------------------------------------------------------
 def test_lora_trains_only_fp32_adapters_over_a_frozen_bf16_base(tiny, tmp_path):
     model, _, _ = lora_model(tiny, tmp_path, torch.bfloat16)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in name and p.dtype == torch.float32 for name, p in trainable.items())
-    assert all(p.dtype == torch.bfloat16 for name, p in model.named_parameters() if not p.requires_grad)
-    master = igrpo.master_weights(model)  # fp32 adapters are their own master weights: no copies
-    assert len(master) == len(trainable) and all(any(m is p for p in trainable.values()) for m in master)
+    assert trainable and all("lora_" in name and p.dtype == torch.float32
+                             for name, p in trainable.items())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    master = scale.tagged_master_weights(model)  # fp32 adapters are their own masters: no copies
+    assert len(master) == len(trainable)
+    assert all(any(m is p for p in trainable.values()) for m in master)
 
 
-def test_a_lora_adapter_on_the_output_layer_shapes_the_log_probs_and_gets_gradients(tiny, tmp_path):
+def test_a_lora_adapter_on_the_output_layer_shapes_the_log_probs_and_gets_gradients(
+        tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 4 * 520 * 2)  # chunks of 2 tokens' logits
     model, tokenizer, cfg = lora_model(tiny, tmp_path, lora_targets="q_proj,v_proj,lm_head")
+    assert type(model.get_output_embeddings()) is not torch.nn.Linear  # the adapter's own forward
     with torch.no_grad():  # as after some updates: the adapters' B is no longer zero
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     ids = torch.tensor([tokenizer("What is 3 + 1? It is 4, so 4.").input_ids])
     mask = torch.ones(1, 6, dtype=torch.bool)
-    logp = igrpo.token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 6, mask, 0.7)[0]
-    reference = torch.log_softmax(model(input_ids=ids).logits[:, -7:-1] / 0.7, -1)
+    logp = scale.lean_token_logprobs(model, ids, torch.ones_like(ids), ids.shape[1] - 6, mask,
+                                     0.7)[0]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=ids).logits[:, -7:-1] / 0.7, -1)
     assert torch.allclose(logp, reference.gather(-1, ids[:, -6:, None]).squeeze(-1), atol=1e-5)
     logp.sum().backward()
-    head_adapters = [p for name, p in model.named_parameters() if "lm_head" in name and p.requires_grad]
-    assert head_adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head_adapters)
+    head_adapters = [p for name, p in model.named_parameters()
+                     if "lm_head" in name and p.requires_grad]
+    assert head_adapters and all(p.grad is not None and p.grad.abs().sum() > 0
+                                 for p in head_adapters)
 
 
-def test_a_lora_update_changes_only_adapters_and_the_frozen_base_stays_bit_identical(tiny, tmp_path):
+def test_a_lora_update_changes_only_adapters_and_the_frozen_base_stays_bit_identical(
+        tiny, tmp_path):
     model, tokenizer, cfg = lora_model(tiny, tmp_path, lr=0.05)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     samples = fixed_samples(model, tokenizer, cfg)
@@ -83,17 +588,18 @@ def test_a_lora_update_changes_only_adapters_and_the_frozen_base_stays_bit_ident
     assert any("lora_B" in name for name in changed)  # B starts at zero; it must have moved
 
 
-def test_k3_kl_to_the_adapter_disabled_reference_is_zero_at_step_zero_and_not_after(tiny, tmp_path):
+def test_k3_kl_to_the_adapters_off_reference_is_zero_at_step_zero_and_not_after(tiny, tmp_path):
     model, tokenizer, cfg = lora_model(tiny, tmp_path, lr=0.05, beta=0.1)
-    base, _ = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
+    base, _ = load_tiny(tiny, cfg=cfg)
     samples = fixed_samples(model, tokenizer, cfg)
-    master = igrpo.master_weights(model)
+    reference = scale.AdaptersOff(model)
+    assert list(reference.parameters()) == []  # no second copy of the weights
+    master = scale.tagged_master_weights(model)
     optimizer = torch.optim.AdamW(master, lr=cfg.lr)
-    kls = [update(model, samples, cfg, model, optimizer=optimizer)["kl"] for _ in range(3)]
+    kls = [update(model, samples, cfg, reference, optimizer=optimizer)["kl"] for _ in range(3)]
     assert kls[0] == 0.0 and kls[2] > 0.0
-    with igrpo.reference_policy(model, model):  # the reference is the base model exactly, with no copy
-        assert torch.allclose(logprobs(model, samples), logprobs(base, samples), atol=1e-6)
-    assert not torch.allclose(logprobs(model, samples), logprobs(base, samples), atol=1e-3)  # back on
+    assert torch.allclose(logprobs(reference, samples), logprobs(base, samples), atol=1e-6)
+    assert not torch.allclose(logprobs(model, samples), logprobs(base, samples), atol=1e-3)  # on
 
 
 def test_saved_adapter_and_merged_model_reload_with_the_trained_log_probs(tiny, tmp_path):
@@ -104,26 +610,40 @@ def test_saved_adapter_and_merged_model_reload_with_the_trained_log_probs(tiny, 
     for _ in range(2):
         update(model, samples, cfg)
     trained = logprobs(model, samples)
-    igrpo.save(model, tokenizer, tmp_path / "adapter")
-    igrpo.save_merged(tmp_path / "adapter", tmp_path / "merged", cfg, torch.float32)
-    assert not (tmp_path / "adapter" / "model.safetensors").exists()  # the adapter alone, not the base again
-    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model), tmp_path / "adapter")
-    by_igrpo, _ = igrpo.load_model(str(tmp_path / "adapter"), cfg, torch.float32, "cpu")  # what eval.py calls
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    final = tmp_path / "run" / "final"
+    scale.save_adapter_or_model(model, tokenizer, final)
+    scale.save_merged(cfg)
+    assert (final / "adapter_config.json").is_file()
+    assert not (final / "model.safetensors").exists()  # the adapter alone, not the base again
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model), final)
+    by_scale, _ = scale.lean_load_model(str(final), cfg, torch.float32, "cpu")  # eval.py's
+    by_igrpo, _ = igrpo.load_model(str(final), cfg, torch.float32, "cpu")  # transformers' peft
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final-merged")
     base = AutoModelForCausalLM.from_pretrained(cfg.model)
     assert not torch.allclose(logprobs(base, samples), trained, atol=1e-3)
-    for reloaded in (by_peft.get_base_model(), by_igrpo, merged):
+    for reloaded in (by_peft.get_base_model(), by_scale, by_igrpo, merged):
         assert torch.allclose(logprobs(reloaded, samples), trained, atol=1e-5)
 
 
-def test_a_short_one_process_lora_run_with_kl_saves_the_adapter_and_the_merged_model(tiny, tmp_path):
-    igrpo.train(tiny_config(tiny, tmp_path, lora_rank=4, beta=0.01, save_merged=True,
-                            gradient_checkpointing=True))
+def test_a_short_one_process_lora_run_with_kl_saves_the_adapter_and_the_merged_model(
+        tiny, tmp_path):
+    scale.train(scale_config(tiny, tmp_path, lora_rank=4, beta=0.01, save_merged=True,
+                             gradient_checkpointing=True))
     assert not torch.distributed.is_initialized()  # without torchrun no process group is created
     steps = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(steps) == 2 and all(step["kl"] is not None for step in steps)
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "final-merged" / "config.json").is_file()
+
+
+def test_overwrite_deletes_the_old_runs_merged_model_too_but_nothing_else(tiny, tmp_path):
+    out = tmp_path / "run"
+    for name in ("step-3", ".step-4.tmp", "final", "final-merged", "notes"):
+        (out / name).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    with scale.attached(ScaleConfig(), "cpu"):
+        assert igrpo.prepare_output_dir(scale_config(tiny, tmp_path, overwrite=True)) is None
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -134,13 +654,13 @@ def test_a_short_one_process_lora_run_with_kl_saves_the_adapter_and_the_merged_m
 ])
 def test_bad_lora_settings_stop_with_a_clear_message(tiny, tmp_path, overrides, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
-        igrpo.train(tiny_config(tiny, tmp_path, **overrides))
+        scale.train(scale_config(tiny, tmp_path, **overrides))
 
 
 def test_lora_without_peft_installed_is_a_clear_error(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
-    with pytest.raises(SystemExit, match=re.escape("--lora-rank: LoRA needs the optional peft package")):
-        igrpo.train(tiny_config(tiny, tmp_path, lora_rank=4))
+    with pytest.raises(SystemExit, match=re.escape("--lora-rank: LoRA needs the optional peft")):
+        scale.train(scale_config(tiny, tmp_path, lora_rank=4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,58 +674,71 @@ def spawn_two_ranks(worker, *args):
 
 
 def join_as(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
 
 
 def train_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    real_save = igrpo.save
+    real_save, writes = scale.save_adapter_or_model, []
 
-    def save_and_record(model, tokenizer, folder, *state):  # every rank's weights, for the test to compare
+    def save_and_record(model, tokenizer, folder, *state):  # every rank's weights, to compare
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
                    tmp_path / f"weights-{folder.name}-rank{rank}.pt")
         real_save(model, tokenizer, folder, *state)
-    igrpo.save = save_and_record
-    alternate = lambda completions, *_: igrpo.Scores(*(torch.arange(len(completions)) % 2.0,) * 2,
-                                                     torch.zeros(0), 0)
-    igrpo.score = alternate  # every group's rewards differ, so every step has a gradient
-    cfg = tiny_config(tiny, tmp_path, lora_rank=4, beta=0.01, lr=0.05, save_every=1, eval_limit=3,
-                      eval_dataset=str(tiny / "train.jsonl"), output_dir=str(tmp_path / f"run-rank{rank}"))
-    igrpo.train(cfg)
+    scale.save_adapter_or_model = save_and_record
+
+    def recorded(name, write):
+        def call(*args, **kwargs):
+            writes.append(name)
+            return write(*args, **kwargs)
+        return call
+    for name in ("save", "write_metrics", "prepare_output_dir"):  # igrpo's parts that write
+        scale.PLAIN[name] = recorded(name, scale.PLAIN[name])
+
+    igrpo.score = alternate_scores
+    cfg = scale_config(tiny, tmp_path, lora_rank=4, beta=0.01, lr=0.05, save_every=1,
+                       eval_limit=1, eval_dataset=str(tiny / "train.jsonl"))  # rank 1: none
+    scale.train(cfg)
+    torch.save(writes, tmp_path / f"writes-rank{rank}.pt")
 
 
 def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_writes(tiny, tmp_path):
+    """LoRA with KL, checkpoints, and held-out scoring with fewer problems than ranks."""
     spawn_two_ranks(train_on_rank, tiny, tmp_path)
-    assert not (tmp_path / "run-rank1").exists()
-    run = tmp_path / "run-rank0"
+    writes = [torch.load(tmp_path / f"writes-rank{rank}.pt") for rank in (0, 1)]
+    assert writes[1] == [] and {"save", "write_metrics", "prepare_output_dir"} <= set(writes[0])
+    run = tmp_path / "run"
     assert (run / "args.json").is_file() and (run / "final" / "adapter_config.json").is_file()
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [0, 1, 2, 2] and "eval_accuracy" in records[0]
-    for folder in ("step-1", "step-2", "final"):
+    assert [r["step"] for r in records] == [0, 1, 2, 2]
+    assert all(records[i]["eval_accuracy"] in (0.0, 1.0) for i in (0, 3))  # 1 held-out problem
+    assert all(r["completion_tokens"] > 0 for r in records[1:3])
+    for folder in ("step-1", "final"):
         rank0, rank1 = (torch.load(tmp_path / f"weights-{folder}-rank{r}.pt") for r in (0, 1))
-        assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+        assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), folder
     assert any(p.abs().max() > 0 for name, p in rank0.items() if "lora_B" in name)  # it trained
 
 
 def checkpoint_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    igrpo.setup_distributed()
-    cfg = tiny_config(tiny, tmp_path)
+    scale.setup_distributed()
+    cfg = scale_config(tiny, tmp_path)
     model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-    master = igrpo.master_weights(model)
-    optimizer, out = torch.optim.AdamW(master), tmp_path / "run"
+    out = tmp_path / "run"
     out.mkdir(exist_ok=True)
-    metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
-    torch.manual_seed(rank)  # as train() seeds: each rank its own stream
-    igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics, cfg)
-    metrics.close()
-    after_save = torch.rand(4)
-    igrpo.barrier()  # rank 0 has written step-1
-    torch.manual_seed(1234)
-    igrpo.load_checkpoint(out / "step-1", model, optimizer, master, out / "metrics.jsonl")
-    torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
+    with scale.attached(cfg, "cpu"):
+        master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+        metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
+        igrpo.seed(cfg)  # as train() seeds: the same problem order, each rank its own samples
+        igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics, cfg)
+        metrics.close()
+        after_save = torch.rand(4)
+        scale.barrier()  # rank 0 has written step-1
+        torch.manual_seed(1234)
+        igrpo.load_checkpoint(out / "step-1", optimizer, master, cfg)
+        torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
 
 
 def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny, tmp_path):
@@ -216,26 +749,24 @@ def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny,
     assert not torch.equal(draws[0][1], draws[1][1])
 
 
-def test_the_resume_command_printed_under_torchrun_starts_with_torchrun(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["igrpo.py", "--model", "m", "--overwrite"])
-    monkeypatch.setattr(igrpo, "process_count", lambda: 2)
-    assert igrpo.resume_command() == "torchrun --nproc-per-node=2 igrpo.py --model m --resume"
-
-
-def build_toy_on_rank(rank, port, tmp_path):
-    join_as(rank, port)
-    import toy
-    toy.CALIBRATION_PROBLEMS = 8
-    toy.warm_start = functools.partial(toy.warm_start, band=(0.0, 1.0), check_every=2)  # met at the first check
-    toy.cache_folder = lambda seed=0: tmp_path / "toy-seed0"
-    with igrpo.main_process_first():  # as toy.main: rank 0 builds, the others wait
-        toy.prepare(igrpo.Config(max_completion_tokens=8), given={"max_completion_tokens"})
-
-
-def test_under_torchrun_rank_0_builds_the_toy_world_alone_while_the_other_ranks_wait(tmp_path):
-    import toy
-    spawn_two_ranks(build_toy_on_rank, tmp_path)
-    assert toy.is_complete(tmp_path / "toy-seed0")
+def test_a_torchrun_checkpoint_written_on_gpus_resumes_on_a_cpu(tiny, tmp_path, monkeypatch):
+    cfg = scale_config(tiny, tmp_path)
+    model, tokenizer = load_tiny(tiny, cfg=cfg)
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "metrics.jsonl", "a") as metrics:
+        folder = igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics,
+                                       cfg)
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    torch.manual_seed(7)
+    saved_stream = torch.get_rng_state()
+    state["rng"]["ranks"] = [dict(torch=saved_stream, cuda=[torch.zeros(16, dtype=torch.uint8)])]
+    torch.save(state, folder / "trainer_state.pt")  # as one CUDA rank of a torchrun run saves it
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda states: pytest.fail("restored CUDA random states without CUDA"))
+    assert scale.load_checkpoint_of_each_rank(folder, optimizer, master, cfg) == (1, [])
+    assert torch.equal(torch.get_rng_state(), saved_stream)  # the rank's own stream, back
 
 
 LOSSES = ("grpo", "dapo", "dr_grpo")  # per-completion mean, global token mean, constant normalizer
@@ -243,29 +774,30 @@ LOSSES = ("grpo", "dapo", "dr_grpo")  # per-completion mean, global token mean, 
 
 def sgd_step(tiny, tmp_path, loss, samples, advantages):
     """SGD with lr 1 and no clipping: the weight change is minus the step's gradient."""
-    cfg = tiny_config(tiny, tmp_path, loss=loss, max_grad_norm=1e9)
+    cfg = scale_config(tiny, tmp_path, loss=loss, max_grad_norm=1e9)
     model, _ = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    update(model, samples, cfg, advantages=advantages, optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+    update(model, samples, cfg, advantages=advantages,
+           optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}
 
 
 def update_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    igrpo.setup_distributed()
+    scale.setup_distributed()
     batch = torch.load(tmp_path / "batch.pt", weights_only=False)
-    rows = torch.arange(4 * rank, 4 * rank + 4)  # this rank's problem: one group
-    samples = igrpo.Samples(batch.input_ids[rows], batch.attention_mask[rows], batch.prompt_length,
-                            batch.completion_mask[rows], [batch.texts[i] for i in rows])
-    changes = {loss: sgd_step(tiny, tmp_path, loss, samples, ADVANTAGES[rows]) for loss in LOSSES}
+    rows = slice(4 * rank, 4 * rank + 4)  # this rank's problem: one group
+    changes = {loss: sgd_step(tiny, tmp_path, loss, batch.subset(rows), ADVANTAGES[rows])
+               for loss in LOSSES}
     torch.save(changes, tmp_path / f"changes-rank{rank}.pt")
 
 
-def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_problems(tiny, tmp_path):
-    cfg = tiny_config(tiny, tmp_path)
+def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_problems(
+        tiny, tmp_path):
+    cfg = scale_config(tiny, tmp_path)
     model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
     batch = fixed_samples(model, tokenizer, cfg)
-    lengths = torch.tensor([8, 5, 3, 8, 8, 8, 6, 8])  # some stopped early: the ranks hold 24 and 30 tokens
+    lengths = torch.tensor([8, 5, 3, 8, 8, 8, 6, 8])  # some stopped early: 24 and 30 tokens a rank
     batch.completion_mask = torch.arange(batch.completion_mask.shape[1])[None] < lengths[:, None]
     batch.attention_mask[:, batch.prompt_length:] = batch.completion_mask
     torch.save(batch, tmp_path / "batch.pt")
@@ -276,28 +808,167 @@ def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_prob
         for rank in (0, 1):
             two_processes = torch.load(tmp_path / f"changes-rank{rank}.pt")[loss]
             for name, change in one_process.items():
-                assert torch.allclose(two_processes[name], change, atol=1e-7, rtol=1e-4), (loss, rank, name)
+                assert torch.allclose(two_processes[name], change, atol=1e-7, rtol=1e-4), \
+                    (loss, rank, name)
 
 
-def overlapped_run_on_rank(rank, port, tiny, tmp_path):
-    join_as(rank, port)
-    calls, real_sample = [], igrpo.sample
-
-    def sample(model, tokenizer, prompts, cfg, **options):
-        calls.append([re.search(r"What is \d+ \+ 1\?", prompt).group() for prompt in prompts])
-        return real_sample(model, tokenizer, prompts, cfg, **options)
-    igrpo.sample = sample
-    igrpo.train(tiny_config(tiny, tmp_path, steps=2, prompts_per_step=4, overlap_drafts=True,
-                            save_every=1, output_dir=str(tmp_path / "run")))
-    torch.save(calls, tmp_path / f"calls-rank{rank}.pt")
+def test_the_resume_command_printed_under_torchrun_starts_with_torchrun(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--model", "m", "--overwrite"])
+    assert scale.resume_command() == "python scale.py --model m --resume"
+    monkeypatch.setattr(scale, "process_count", lambda: 2)
+    assert scale.resume_command() == "torchrun --nproc-per-node=2 scale.py --model m --resume"
 
 
-def test_under_torchrun_each_rank_drafts_its_own_share_of_the_next_steps_problems(tiny, tmp_path):
-    spawn_two_ranks(overlapped_run_on_rank, tiny, tmp_path)
-    calls = [torch.load(tmp_path / f"calls-rank{rank}.pt") for rank in (0, 1)]
-    for drafts, both, refinements in calls:  # step 1: drafts, then one call; step 2: one call
-        assert len(both) == 2 * 4 and set(both[:4]) == set(drafts)  # 2 problems x (2 + 2) rows
-        assert set(refinements) == set(both[4:]) != set(drafts)  # step 2 refines what step 1 drafted
-    assert not set(calls[0][2]) & set(calls[1][2])  # the ranks' shares differ
-    state = torch.load(tmp_path / "run" / "step-1" / "trainer_state.pt")
-    assert [len(drafted["best"]) for drafted in state["drafted"]] == [2, 2]  # one entry per rank
+# ----------------------------------------------------------------------------------------------
+# Long runs: Ctrl-C, non-finite updates, collapse warnings, failures that name their fix
+# ----------------------------------------------------------------------------------------------
+def long_run_config(tiny, folder, **overrides):
+    return scale_config(tiny, folder.parent, steps=4, eval_dataset=str(tiny / "train.jsonl"),
+                        eval_limit=2, dtype="fp32", output_dir=str(folder), **overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """A reference run of 4 steps through scale.train, never stopped."""
+    folder = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(igrpo, "math_reward", parity_reward)
+        scale.train(long_run_config(tiny, folder))
+    return folder
+
+
+def rollout_that(monkeypatch, at_call, action):
+    """Run igrpo.rollout as usual, but call action() during its at_call-th call (1-based)."""
+    real, calls = igrpo.rollout, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            action()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(igrpo, "rollout", wrapped)
+
+
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
+        tiny, tmp_path, monkeypatch, capsys, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder)
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(SystemExit) as stopped:
+            scale.train(cfg)
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert re.search(r"interrupted after step 2, checkpoint .*step-2; continue with:\n .*--resume",
+                     capsys.readouterr().out)
+    assert (folder / "step-2" / "trainer_state.pt").exists() and training_steps(folder) == [1, 2]
+    scale.train(dataclasses.replace(cfg, resume=True))
+    expected, resumed = final_weights(uninterrupted), final_weights(folder)
+    assert training_steps(folder) == [1, 2, 3, 4]
+    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder)
+
+    def twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    rollout_that(monkeypatch, 1, twice)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()
+            if not isinstance(v, bool)]
+    with pytest.raises(SystemExit, match="interrupted, no checkpoint written"):
+        scale.main(argv + ["--no-gradient-checkpointing"])
+    assert not list(folder.glob("step-*")) and training_steps(folder) == []
+
+
+def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with_the_likely_cause(
+        tiny, tmp_path, monkeypatch):
+    real = igrpo.policy_loss
+
+    def nan_loss(*args):
+        loss, clipped, kl = real(*args)
+        return loss * float("nan"), clipped, kl
+    monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
+    cfg = scale_config(tiny, tmp_path, steps=5)
+    with pytest.raises(SystemExit, match=r"3 updates in a row .*--lr 0.001.*--dtype fp32.*step-3"):
+        scale.train(cfg)
+    lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
+    records = [json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token}"))
+               for line in lines]
+    assert [r["skipped_updates"] for r in records] == [1, 1, 1]
+    assert all(r["loss"] is None for r in records)
+    before = load_tiny(tiny)[0].state_dict()
+    final = igrpo.load_model(str(tmp_path / "run" / "step-3"), cfg, torch.float32, "cpu")[0]
+    assert all(torch.equal(before[name], final.state_dict()[name]) for name in before)  # no update
+
+
+def test_a_finite_update_after_a_skipped_one_is_applied_and_logged_with_no_skips(
+        tiny, tmp_path, monkeypatch):
+    real, calls = igrpo.policy_loss, []
+
+    def nan_once(*args):  # the first step's micro-batches only
+        loss, clipped, kl = real(*args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) <= 2 else loss), clipped, kl
+    monkeypatch.setattr(igrpo, "policy_loss", nan_once)
+    monkeypatch.setattr(igrpo, "score", alternate_scores)
+    scale.train(scale_config(tiny, tmp_path, steps=2, micro_batch_size=2))  # 2 micro-batches
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["skipped_updates"] for r in records] == [1, 0]
+    assert records[0]["loss"] is None and records[1]["loss"] is not None
+    start = load_file(tiny / "model" / "model.safetensors")
+    final = final_weights(tmp_path / "run")
+    assert any(not torch.equal(final[name], start[name]) for name in start)
+
+
+FAILURES_MID_RUN = [
+    ("sample", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory"),
+    ("policy_loss", torch.OutOfMemoryError("CUDA out of memory"), "out of GPU memory"),
+    ("sample", RuntimeError("probability tensor contains either `inf`, `nan` or element < 0"),
+     "probabilities became inf/NaN: the learning rate (--lr 0.001)"),
+]
+
+
+@pytest.mark.parametrize("function,error,message", FAILURES_MID_RUN,
+                         ids=["OOM sampling", "OOM updating", "inf/NaN probabilities"])
+def test_failures_mid_run_stop_with_one_line_naming_the_flags_that_fix_them(
+        tiny, tmp_path, monkeypatch, function, error, message):
+    def raises(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(igrpo, function, raises)
+    with pytest.raises(SystemExit) as stopped:
+        scale.train(scale_config(tiny, tmp_path))
+    assert message in str(stopped.value.code) and "\n" not in str(stopped.value.code)
+    if isinstance(error, torch.OutOfMemoryError):
+        assert all(flag in str(stopped.value.code) for flag in
+                   ("--micro-batch-size", "--generation-batch-size", "--max-completion-tokens"))
+
+
+def test_other_errors_mid_run_pass_through_unexplained():
+    with pytest.raises(RuntimeError, match="expected 4D input"):
+        with scale.explained_failures(ScaleConfig()):
+            raise RuntimeError("expected 4D input")
+
+
+def test_a_collapsed_or_stuck_policy_is_warned_about():
+    healthy = [dict(entropy=0.8, accuracy=0.5)] * scale.COLLAPSE_STEPS
+    collapsed = [dict(entropy=0.0, accuracy=0.0)] * scale.COLLAPSE_STEPS
+    stuck = [dict(entropy=0.5, accuracy=0.0)] * scale.COLLAPSE_STEPS
+    assert scale.collapse_warning(healthy) is None
+    assert scale.collapse_warning(collapsed[1:]) is None  # too few steps yet
+    assert "entropy below" in scale.collapse_warning(healthy + collapsed)
+    assert "no completion was right" in scale.collapse_warning(stuck)
+
+
+def test_the_collapse_warning_is_printed_once_at_the_step_it_starts(capsys):
+    from types import SimpleNamespace
+    run = SimpleNamespace(skipped=0, history=[])
+    record_step = scale.with_long_run_fields(lambda record: record, run)
+    for step in range(1, 9):  # collapsed from the first step: the warning's 5 steps end at step 5
+        assert record_step(dict(step=step, entropy=0.0, accuracy=0.5))["skipped_updates"] == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [f"step {scale.COLLAPSE_STEPS}: warning: "
+                        f"{scale.collapse_warning(run.history)}"]
