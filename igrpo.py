@@ -262,9 +262,11 @@ def math_reward(completion, gold):
 
 
 def format_reward(completion):
-    """The paper's appendix adds a format reward; ours: reasoning first, then one boxed answer."""
+    """The paper's appendix adds a format reward; ours: reasoning first, then one boxed answer
+    (closed: a completion cut inside its box has none)."""
     before, _, after = completion.partition("\\boxed{")
-    return 1.0 if before.strip() and after and "\\boxed{" not in after else 0.0
+    closed = len(before) + len("\\boxed{") - 1 in closing_braces(completion)
+    return 1.0 if before.strip() and closed and "\\boxed{" not in after else 0.0
 
 
 class Scores(NamedTuple):
@@ -1255,8 +1257,7 @@ MARKER = re.compile(  # without a box: the last of these
 
 def extract_answer(text):
     """The final answer of a completion (or of a gold solution), or None."""
-    if not text:
-        return None
+    text = text or ""
     closing_brace = closing_braces(text)
     boxes = [(box.start(), box.end(), closing_brace[box.end() - 1])  # (start, content start, end)
              for box in BOX.finditer(text) if box.end() - 1 in closing_brace]
@@ -1268,6 +1269,8 @@ def extract_answer(text):
     answer = next(found for found in markers[-1].groupdict().values() if found is not None)
     answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
     answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
+    if BOX.search(answer):  # a box that never closes: the completion was cut inside its answer
+        return None
     # a marker inside the marked text points further: "Answer: The final answer is 5" -> "5"
     return (extract_answer(answer) if MARKER.search(answer) else None) or answer or None
 
@@ -1518,8 +1521,7 @@ def split_top_level(text, separator):
 
 
 def equations_match(pred_sides, gold_sides):
-    """Side by side either way round, else the same equation rearranged or scaled by a constant.
-    y and g(t) both name the function: y = t^2 - 1 is g(t) = t^2 - 1."""
+    """Side by side either way round, else rearranged or scaled; y = t^2-1 is g(t) = t^2-1."""
     names = {pred_sides[0], gold_sides[0]}
     if len(names) == 2 and "y" in names and all(FUNCTION.fullmatch(name) for name in names):
         return match_normalized(pred_sides[1], gold_sides[1])
