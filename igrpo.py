@@ -722,8 +722,8 @@ def train(cfg, judge=None):
     judge = judge or load_judge(cfg, device, dtype)
     master, optimizer = master_weights_and_optimizer(model, cfg)
     start, order = load_checkpoint(resume_from, optimizer, master, cfg)
-    tracker = load_tracker(cfg)
-    with open(out / "metrics.jsonl", "a") as metrics, writes_explained(out):
+    with open(out / "metrics.jsonl", "a") as metrics, tracking(cfg) as tracker, \
+            writes_explained(out):
         if held_out and start == 0 and not resume_from:
             log_held_out(metrics, 0, model, tokenizer, held_out, cfg, tracker)
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
@@ -743,7 +743,6 @@ def train(cfg, judge=None):
             save(model, tokenizer, out / "final")
         if held_out and not finished(out, cfg):
             log_held_out(metrics, cfg.steps, model, tokenizer, held_out, cfg, tracker)
-    tracker and tracker.close()
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  model: {out / 'final'}")
     return held_out_results(out)
 
@@ -915,13 +914,29 @@ def log_completions(step, batch, texts, rewards, advantages, metrics, cfg, track
     tracker and tracker.log_completions(step, rows)
 
 
-def load_tracker(cfg):
-    """--track: track.py's tracker (it imports nothing from this file), or None."""
+@contextlib.contextmanager
+def tracking(cfg):
+    """--track: track.py's tracker (it imports nothing from this file), closed however the run
+    ends; None for --track none."""
     if cfg.track == "none":
-        return None
-    import track
+        yield None
+        return
     name = cfg.run_name or Path(cfg.output_dir).resolve().name
-    return track.open_tracker(cfg.track, name, dataclasses.asdict(cfg), cfg.output_dir)
+    tracker = import_track(cfg).open_tracker(cfg.track, name, dataclasses.asdict(cfg),
+                                             cfg.output_dir)
+    try:
+        yield tracker
+    finally:
+        tracker.close()
+
+
+def import_track(cfg):
+    try:
+        import track
+    except ModuleNotFoundError:
+        fail(f"--track {cfg.track}: needs track.py beside igrpo.py")
+    track.require(cfg.track)  # the tracker's package is installed
+    return track
 
 
 def held_out_results(out):
@@ -953,13 +968,12 @@ def prepare_output_dir(cfg):
     out = Path(cfg.output_dir)
     if cfg.resume:
         check_resumable(out, cfg)
-        checkpoints = sorted((int(CHECKPOINT.fullmatch(p.name)[1]), p) for p in out.iterdir()
-                             if CHECKPOINT.fullmatch(p.name) and (p / "trainer_state.pt").is_file())
         if (out / "final").is_dir():
             return out / "final"
-        if not checkpoints:
+        resumable = [p for p in checkpoints(out) if (p / "trainer_state.pt").is_file()]
+        if not resumable:
             fail(f"--resume: no checkpoint in {out} (one is written every --save-every steps)")
-        newest = checkpoints[-1][1]
+        newest = resumable[-1]
         if not (newest / "config.json").is_file() or not any(newest.glob("*.safetensors")):
             fail(f"--resume: {newest} has no model weights (damaged?); delete it to resume from "
                  "the checkpoint before it")
@@ -975,6 +989,7 @@ def prepare_output_dir(cfg):
             if old.is_dir() and (name == "final" or CHECKPOINT.fullmatch(name)):
                 shutil.rmtree(old)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "completions.jsonl").unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -1036,15 +1051,21 @@ def save(model, tokenizer, folder, trainer_state=None):
 def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics, cfg):
     """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what
     an exact resume needs. Only the newest --keep-checkpoints stay."""
+    completions = out / "completions.jsonl"
     state = dict(step=step, order=order, optimizer=optimizer.state_dict(),
                  metrics_bytes=metrics.tell(), rng=random_states(),
+                 completions_bytes=completions.stat().st_size if completions.is_file() else 0,
                  master=[m for m in master if not m.requires_grad])  # the fp32 copies of bf16
     save(model, tokenizer, out / f"step-{step}", state)
-    ours = sorted((int(CHECKPOINT.fullmatch(p.name)[1]), p) for p in out.iterdir()
-                  if CHECKPOINT.fullmatch(p.name))
-    for _, old in ours[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+    for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
         shutil.rmtree(old, ignore_errors=True)  # scale.py's torchrun: every process removes
     return out / f"step-{step}"
+
+
+def checkpoints(out):
+    """The step-N folders, oldest first; a folder named otherwise is the user's, never touched."""
+    numbered = [(int(found[1]), p) for p in out.iterdir() if (found := CHECKPOINT.fullmatch(p.name))]
+    return [folder for _, folder in sorted(numbered)]
 
 
 def random_states():
@@ -1067,6 +1088,8 @@ def load_checkpoint(folder, optimizer, master, cfg):
     if not metrics.is_file() or metrics.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics} is missing or shorter than when {folder} was saved")
     os.truncate(metrics, state["metrics_bytes"])
+    if metrics.with_name("completions.jsonl").is_file():
+        os.truncate(metrics.with_name("completions.jsonl"), state["completions_bytes"])
     optimizer.load_state_dict(state["optimizer"])
     with torch.no_grad():
         for m, saved in zip([m for m in master if not m.requires_grad], state["master"]):
@@ -1121,6 +1144,8 @@ def check_config(cfg):
         fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite: choose one (continue the run, or replace it)")
+    if cfg.track != "none":
+        import_track(cfg)  # a missing package fails now, not after the model loads
 
 
 def flag(name):

@@ -57,7 +57,7 @@ PLAIN = {name: getattr(igrpo, name) for name in (
     "load_model", "load_policy", "sample", "token_logprobs", "master_weights", "optimizer_step",
     "batch_totals", "step_record", "next_batch", "held_out_accuracy", "seed", "save",
     "save_checkpoint", "should_save", "prepare_output_dir", "random_states", "load_checkpoint",
-    "write_metrics", "RESUMABLE_CHANGES")}
+    "write_metrics", "log_completions", "RESUMABLE_CHANGES")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,6 +593,11 @@ def write_metrics_on_rank_0(file, record, tracker=None):
         PLAIN["write_metrics"](file, record, tracker)
 
 
+def log_completions_on_rank_0(*args, **kwargs):
+    if is_main_process():  # its share of the step's problems
+        PLAIN["log_completions"](*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Long runs: Ctrl-C, non-finite updates, collapse warnings, running out of memory
 # ----------------------------------------------------------------------------------------------
@@ -745,7 +750,8 @@ def attached(cfg, device=None):
                      batch_totals=batch_totals_over_ranks, seed=seed_each_rank,
                      random_states=every_ranks_random_states,
                      load_checkpoint=load_checkpoint_of_each_rank,
-                     write_metrics=write_metrics_on_rank_0)
+                     write_metrics=write_metrics_on_rank_0,
+                     log_completions=log_completions_on_rank_0)
         optimizer_step, step_record = reduced(optimizer_step), step_record_over_ranks
     parts.update(optimizer_step=optimizer_step,
                  step_record=with_long_run_fields(step_record, run))

@@ -24,13 +24,17 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -47,10 +51,16 @@ MAX_WARM_START_STEPS = 3000
 
 # The toy's settings: everything the user did not set on the command line.
 SETTINGS = dict(steps=60, prompts_per_step=16, group_size=8, num_drafts=4,
-                lr=1e-4, warmup_ratio=0.05,
+                lr=1e-4, warmup_ratio=0.05, eval_every=10,
                 max_prompt_tokens=256, max_completion_tokens=32, max_draft_tokens=32,
                 micro_batch_size=128, gradient_checkpointing=False, chat_template="off",
                 eval_limit=300, eval_samples=2)
+
+
+@dataclass
+class ToyConfig(igrpo.Config):
+    right_drafts: float = igrpo.setting(0.5, "toy: share of the warm start's refinement examples "
+                                             "whose draft is right (the rest have one wrong step)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,13 +98,14 @@ def wrong_draft(terms, rng):
     return solution(terms, *rng.choice(slips))
 
 
-def warm_start_examples(problems, tokenizer, cfg, rng):
+def warm_start_examples(problems, tokenizer, cfg, rng, right_drafts=0.5):
     """(prompt, completion) pairs: each problem plainly, and as a refinement prompt whose draft is
-    of the same problem, right or with one wrong step. The target is always the right solution:
-    keep it, or fix it."""
+    of the same problem, right (a share right_drafts of them) or with one wrong step. The target is
+    always the right solution: keep it, or fix it."""
     examples = []
     for p in problems:
-        draft = solution(p["terms"]) if rng.random() < 0.5 else wrong_draft(p["terms"], rng)
+        right = rng.random() < right_drafts
+        draft = solution(p["terms"]) if right else wrong_draft(p["terms"], rng)
         examples.append((igrpo.build_prompt(tokenizer, p["problem"], cfg), solution(p["terms"])))
         message = igrpo.refine_message(p["problem"], draft)
         examples.append((igrpo.build_prompt(tokenizer, message, cfg), solution(p["terms"])))
@@ -153,7 +164,9 @@ def warm_start(model, tokenizer, examples, rng, calibrate, band=CALIBRATION_BAND
     Returns (steps, calibration accuracy, last loss). A stop above the band's ceiling is
     reported."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    bar = tqdm(range(1, max_steps + 1), desc="toy warm start", dynamic_ncols=True)
+    # no total: it stops on a measurement (about 300 steps, a minute on 2 cores), not a count
+    bar = tqdm(iter(range(1, max_steps + 1)), dynamic_ncols=True,
+               desc=f"toy warm start, until calibration accuracy reaches {band[0]:.0%}")
     accuracy = 0.0
     for step in bar:
         model.train()
@@ -166,7 +179,7 @@ def warm_start(model, tokenizer, examples, rng, calibrate, band=CALIBRATION_BAND
         optimizer.zero_grad()
         if step % check_every == 0:
             accuracy = calibrate(model)
-            bar.set_postfix(loss=f"{loss.item():.3f}", calibration=f"{accuracy:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", calibration=f"{accuracy:.1%}")
             if accuracy >= band[0]:
                 bar.close()
                 if accuracy > band[1]:
@@ -183,7 +196,7 @@ def build(folder, cfg, seed=0, **warm_start_options):
     """Write folder/model (tokenizer + warm-started model), train.jsonl, test.jsonl and toy.json
     (last), all into a temporary folder renamed to `folder` at the end: a killed build never looks
     complete."""
-    rng = random.Random(seed)
+    cfg, rng = ToyConfig(**dataclasses.asdict(cfg)), random.Random(seed)
     test, seen = make_problems(300, rng)
     train, _ = make_problems(3000, rng, exclude=seen)
     drafts = [wrong_draft(p["terms"], rng) for p in train[:500]]
@@ -195,10 +208,11 @@ def build(folder, cfg, seed=0, **warm_start_options):
     probe = dataclasses.replace(cfg, eval_samples=1)
     started = time.time()
     steps, accuracy, loss = warm_start(
-        model, tokenizer, warm_start_examples(train, tokenizer, cfg, rng), rng,
-        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe),
+        model, tokenizer, warm_start_examples(train, tokenizer, cfg, rng, cfg.right_drafts), rng,
+        lambda m: igrpo.held_out_accuracy(m, tokenizer, calibration, probe, label="calibration"),
         **warm_start_options)
-    record = dict(seed=seed, warm_start_steps=steps, calibration_accuracy=accuracy,
+    record = dict(seed=seed, right_drafts=cfg.right_drafts, warm_start_steps=steps,
+                  calibration_accuracy=accuracy,
                   final_loss=loss, seconds=round(time.time() - started, 1),
                   calibration_problems=len(calibration),
                   band=list(warm_start_options.get("band", CALIBRATION_BAND)))
@@ -224,14 +238,14 @@ def cache_root():
     return Path(__file__).resolve().parent / ".cache"
 
 
-def cache_folder(seed=0):
-    """Keyed by the code and settings that build the toy, igrpo's prompts and the seed: change any
-    and the toy is built anew."""
+def cache_folder(seed=0, right_drafts=0.5):
+    """Keyed by the code and settings that build the toy, igrpo's prompts, the share of right
+    drafts and the seed: change any and the toy is built anew."""
     builders = (make_problems, solution, wrong_draft, warm_start_examples, build_tokenizer,
                 build_model, supervised_loss, warm_start, build)
     code = [inspect.getsource(f) for f in builders]
     settings = repr((MODEL_SIZE, CALIBRATION_BAND, CALIBRATION_PROBLEMS, CHECK_EVERY,
-                     MAX_WARM_START_STEPS, SETTINGS))
+                     MAX_WARM_START_STEPS, SETTINGS, right_drafts))
     prompts = [igrpo.SYSTEM_PROMPT, igrpo.REFINE_TEMPLATE, igrpo.PLAIN_TEMPLATE]
     key = hashlib.sha256("".join(code + [settings] + prompts).encode()).hexdigest()[:12]
     return cache_root() / f"toy-{key}-seed{seed}"
@@ -257,10 +271,11 @@ def run_folder(cfg, given):
 def prepare(cfg, given):
     """The toy's settings over the user's unset flags, and this seed's cached starting point (built
     once)."""
+    cfg = ToyConfig(**dataclasses.asdict(cfg))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in SETTINGS.items() if k not in given})
     if "output_dir" not in given:
         cfg = dataclasses.replace(cfg, output_dir=run_folder(cfg, given))
-    cache = cache_folder(cfg.seed)
+    cache = cache_folder(cfg.seed, cfg.right_drafts)
     if not is_complete(cache):
         if cache.exists():
             print(f"toy: {cache} is incomplete (an interrupted build?): rebuilding it")
@@ -278,8 +293,9 @@ ALGOS = ("grpo", "igrpo")
 
 
 def finished(folder):
-    """final/ is saved after the last held-out score is logged."""
-    return (folder / "metrics.jsonl").is_file() and (folder / "final").is_dir()
+    """final/ is saved, then the last held-out score is logged: the last line of metrics.jsonl."""
+    rows = igrpo.read_metrics(folder)
+    return (folder / "final").is_dir() and bool(rows) and "eval_accuracy" in rows[-1]
 
 
 def spread(values):
@@ -343,13 +359,16 @@ def compare(argv=None):
                 print(f"toy compare: {folder} is done, kept")
                 continue
             print(f"toy compare: {algo}, seed {seed} -> {folder}")
-            # a run stopped by Ctrl-C goes on from its checkpoint; one killed before any starts over
-            again = ["--resume"] if any(folder.glob("step-*/trainer_state.pt")) else ["--overwrite"]
+            # a run stopped after a checkpoint (or final/) goes on from it; one without starts over
+            resumable = (folder / "final").is_dir() or any(folder.glob("step-*/trainer_state.pt"))
+            again = ["--resume"] if resumable else ["--overwrite"]
             main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)] + again)
     table = comparison_table(out, args.seeds)
     (out / "table.md").write_text(table)
     print(table)
-    starts = [json.loads((cache_folder(seed) / "toy.json").read_text()) for seed in args.seeds]
+    right_drafts = igrpo.parse_args(flags, ToyConfig)[0].right_drafts
+    starts = [json.loads((cache_folder(seed, right_drafts) / "toy.json").read_text())
+              for seed in args.seeds]
     print("warm starts: " + ", ".join(f"seed {s['seed']}: {s['warm_start_steps']} steps, "
                                       f"{100 * s['calibration_accuracy']:.1f}%" for s in starts))
     import plot
@@ -360,16 +379,516 @@ def compare(argv=None):
 def main(argv=None):
     """python toy.py [igrpo.py flags]: this seed's toy world (built once), then igrpo.py's training
     on it."""
-    cfg, given = igrpo.parse_args(argv)
+    cfg, given = igrpo.parse_args(argv, ToyConfig)
     igrpo.check_config(cfg)  # before the warm start spends minutes
+    if not 0 <= cfg.right_drafts <= 1:
+        igrpo.fail(f"--right-drafts {cfg.right_drafts}: a share, from 0 to 1")
     if cfg.model:
         igrpo.fail(f"--model {cfg.model}: the toy world trains its own model; "
                    "run igrpo.py to train yours")
     return igrpo.train(prepare(cfg, given))
 
 
+# ----------------------------------------------------------------------------------------------
+# One step, shown: `python toy.py explain` takes step 1 of `python toy.py` (same flags) with
+# igrpo.py's own functions, called in the order igrpo.train calls them, and prints every quantity:
+# the drafts and d*, the Stage-2 prompt, rewards and advantages, per-token ratios, the update.
+# It trains nothing to disk: no run folder, no checkpoint.
+# ----------------------------------------------------------------------------------------------
+SHOWN_PROBLEMS = 3  # problems of the batch shown in full
+SHOWN_TOKENS = 24   # a longer completion shows its first and last tokens only
+TEXT_WIDTH = 64     # longer completions are cut, with a marker
+PROMPT_WIDTH = 92   # the Stage-2 prompt is wrapped at this width (the printout: 100 columns)
+ALGO_NAMES = dict(igrpo="iGRPO", grpo="GRPO")
+LINE_START, WRAPPED = "\u2502", "\u250a"  # the prompt's lines, and the pieces of a wrapped one
+
+
+class Loaded(NamedTuple):
+    """What igrpo.train has in hand when its first step starts."""
+    model: object
+    tokenizer: object
+    ref_model: object  # None unless --beta > 0
+    master: list
+    optimizer: object
+    problems: list
+    judge: object
+
+
+class Step(NamedTuple):
+    """One step's samples, kept whole: igrpo.rollout hands on the drafts only in part."""
+    batch: list
+    drafts: object          # Stage 1's Samples (None for GRPO)
+    draft_rewards: object   # (B, N) (None for GRPO)
+    best: list              # d* per problem, cut to --max-draft-tokens (None for GRPO)
+    prompts: list           # what the trained sequences were sampled from: q' (iGRPO) or q
+    samples: object         # the trained sequences: refinements (iGRPO) or the group (GRPO)
+    scores: object          # igrpo.Scores of the samples
+    group_size: int
+
+
+def explain(argv=None, judge=None):
+    """python toy.py explain [igrpo.py flags] [--markdown PATH]: one step on the toy, printed.
+    With --markdown and no --algo: the iGRPO step, then the GRPO step. Returns each step's
+    numbers. judge: as igrpo.train's (for --reward judge)."""
+    argv = sys.argv[2:] if argv is None else list(argv)
+    cfg, given, markdown = explain_settings(argv)
+    algos = [cfg.algo] if markdown is None or "algo" in given else ["igrpo", "grpo"]
+    records, texts = [], []
+    for algo in algos:
+        lines = []
+
+        def say(text=""):
+            text = wrapped_to_screen(text.rstrip())
+            print(text, flush=True)
+            lines.append(text)
+        records.append(explain_step(dataclasses.replace(cfg, algo=algo),
+                                    run_command(argv, algo, cfg), say, judge))
+        texts.append("\n".join(lines))
+    if markdown:
+        write_explanation(Path(markdown), argv, cfg, algos, texts)
+        print(f"written: {markdown}")
+    return records
+
+
+def wrapped_to_screen(text, width=100):
+    """A line of prose over the screen's width, wrapped under its own indent."""
+    if len(text) <= width:
+        return text
+    indent = " " * (len(text) - len(text.lstrip()) + 2)
+    return textwrap.fill(text, width, subsequent_indent=indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def explain_settings(argv):
+    """(the toy's config, the flags given, the --markdown path): igrpo.py's flags, the toy's
+    settings over the others, as `python toy.py` sets them; the warm start built if missing."""
+    parser = argparse.ArgumentParser(
+        prog="toy.py explain", description="One GRPO or iGRPO step on the toy, every number "
+        "printed; other flags are igrpo.py's (--algo grpo, --beta 0.04, --loss dapo, --seed 1)")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the printout there")
+    args, flags = parser.parse_known_args(argv)
+    cfg, given = igrpo.parse_args(flags, ToyConfig)
+    igrpo.check_config(cfg)
+    if not 0 <= cfg.right_drafts <= 1:
+        igrpo.fail(f"--right-drafts {cfg.right_drafts}: a share, from 0 to 1")
+    if cfg.model:
+        igrpo.fail(f"--model {cfg.model}: the toy world explains its own model")
+    return prepare(cfg, given), given, args.markdown
+
+
+def explain_step(cfg, command, say, judge=None):
+    """igrpo.train's set-up and first step, call for call, each quantity said as it comes. The
+    held-out scoring a run does first is left out: it changes nothing that training samples."""
+    cfg = dataclasses.replace(cfg, eval_dataset="")
+    loaded = load_as_train_does(cfg, judge)
+    say_settings(say, cfg, command)
+    batch, _ = igrpo.next_batch(loaded.problems, [], cfg)
+    step = sample_and_score(loaded, batch, cfg)
+    advantages = igrpo.group_advantages(step.scores.rewards, step.group_size,
+                                        scale_by_std=cfg.loss != "dr_grpo")
+    trained = torch.ones_like(step.scores.rewards, dtype=torch.bool)                 # (B*G,)
+    if cfg.loss == "dapo":
+        trained = igrpo.informative_groups(step.scores.rewards, step.group_size)
+    shown = problems_to_show(step)
+    for i in shown:
+        say_problem(say, step, i, advantages, loaded.tokenizer, cfg, first=i == shown[0])
+    record = say_batch(say, step, advantages, trained, cfg)
+    row = refinement_to_show(step, advantages, trained, shown)
+    before = token_view(loaded, step.samples, row, cfg)
+    for param_group in loaded.optimizer.param_groups:
+        param_group["lr"] = igrpo.learning_rate(0, cfg)
+    update = igrpo.policy_update(loaded.model, loaded.optimizer, loaded.master, step.samples,
+                                 advantages, trained, cfg, loaded.ref_model)
+    after = token_view(loaded, step.samples, row, cfg)
+    say_tokens(say, step, row, advantages, trained, before, after, loaded.tokenizer, cfg)
+    say_update(say, update, loaded.optimizer.param_groups[0]["lr"], cfg)
+    return dict(record, **update, lr=loaded.optimizer.param_groups[0]["lr"])
+
+
+def load_as_train_does(cfg, judge=None):
+    """igrpo.train's set-up without its run folder: the same calls, so the same random draws
+    follow."""
+    igrpo.check_config(cfg)
+    igrpo.seed(cfg)
+    problems, _ = igrpo.load_data(cfg)  # no held-out set: explain_step leaves it out
+    device, dtype = igrpo.device_and_dtype(cfg.dtype)
+    model, tokenizer, ref_model = igrpo.load_policy(cfg, None, device, dtype)
+    context = igrpo.max_positions(model)
+    problems = igrpo.short_enough(problems, tokenizer, cfg, context, "dataset")
+    judge = judge or igrpo.load_judge(cfg, device, dtype)
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+    return Loaded(model, tokenizer, ref_model, master, optimizer, problems, judge)
+
+
+def sample_and_score(loaded, batch, cfg):
+    """igrpo.rollout's calls one by one: Stage 1 (drafts, d*), q' = q + d*, Stage 2 (or GRPO's
+    group), the rewards."""
+    model, tokenizer, judge = loaded.model, loaded.tokenizer, loaded.judge
+    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
+    prompts = [igrpo.build_prompt(tokenizer, problem, cfg) for problem in problems]
+    drafts = draft_rewards = best = None
+    group_size = cfg.group_size
+    if cfg.algo == "igrpo":
+        drafts = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.num_drafts)
+        best, draft_rewards = igrpo.best_drafts(tokenizer, batch, drafts, cfg, judge)
+        prompts = [igrpo.build_prompt(tokenizer, igrpo.refine_message(problem, draft), cfg)
+                   for problem, draft in zip(problems, best)]
+        group_size = cfg.group_size - cfg.num_drafts
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=group_size)
+    scores = igrpo.score(samples.texts, igrpo.repeat(golds, group_size), cfg, samples.lengths,
+                         igrpo.repeat(problems, group_size), judge)
+    return Step(batch, drafts, draft_rewards, best, prompts, samples, scores, group_size)
+
+
+def problems_to_show(step):
+    """Up to SHOWN_PROBLEMS problems, each case first found: a group whose rewards differ, a group
+    that agrees, a wrong d*; then the batch's first problems."""
+    groups = step.scores.rewards.view(-1, step.group_size)
+    agrees = (groups.amax(1) == groups.amin(1)).tolist()
+    cases = [[not agree for agree in agrees], agrees]
+    if step.best is not None:
+        cases.append([not igrpo.math_reward(draft, problem["answer"])
+                      for draft, problem in zip(step.best, step.batch)])
+    shown = []
+    for case in cases + [[True] * len(agrees)] * SHOWN_PROBLEMS:
+        shown += [i for i, hit in enumerate(case) if hit and i not in shown][:1]
+    return sorted(shown[:SHOWN_PROBLEMS])
+
+
+# ----- the printout: each problem's stages, the batch, one refinement's tokens, the update -----
+def rule(title, width=100):
+    """A section's title line, as wide as the screen."""
+    return f"\u2500\u2500 {title} ".ljust(width, "\u2500")
+
+
+def number(value):
+    """A reward, an advantage, a probability: 4 significant digits, no trailing noise."""
+    return f"{value:.4g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.1e}"
+
+
+def quoted(text, width=TEXT_WIDTH):
+    """A completion on one line, cut with a marker when long."""
+    text = text.replace("\n", "\u21b5")
+    if len(text) > width:
+        text = f"{text[:width]}\u2026[+{len(text) - width} chars]"
+    return f'"{text}"'
+
+
+def say_settings(say, cfg, command):
+    say(f"One {ALGO_NAMES[cfg.algo]} step on the toy, seed {cfg.seed}: step 1 of `{command}`, by "
+        "igrpo.py's own functions (same problems, samples and numbers as that run's step 1)")
+    warm = Path(cfg.model).parent / "toy.json"
+    start = json.loads(warm.read_text()) if warm.is_file() else {}
+    model = os.path.relpath(cfg.model, Path(__file__).resolve().parent)
+    say(f"  model: {model}" + (f" (warm start: {start['warm_start_steps']} steps, "
+        f"{start['calibration_accuracy']:.1%} calibration accuracy)" if start else ""))
+    per_problem = (f"{cfg.num_drafts} drafts + {cfg.group_size - cfg.num_drafts} refinements"
+                   if cfg.algo == "igrpo" else f"{cfg.group_size} completions")
+    say(f"  {cfg.prompts_per_step} problems per step, each {per_problem} (--group-size "
+        f"{cfg.group_size}); temperature {cfg.temperature:g}, at most "
+        f"{cfg.max_completion_tokens} tokens each")
+    low, high = clip_range(cfg)
+    say(f"  --loss {cfg.loss} (r clipped to [{1 - low:g}, {1 + high:g}]), --beta {cfg.beta:g}, "
+        f"--ppo-epochs {cfg.ppo_epochs}, --lr {cfg.lr:g} (peak), --reward {cfg.reward}"
+        + (f", --format-weight {cfg.format_weight:g}" if cfg.format_weight else ""))
+
+
+def run_command(argv, algo, cfg):
+    """The command whose first step this is: explain's flags, less --markdown (plus --algo
+    grpo for the GRPO half of a --markdown file)."""
+    flags, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--markdown"):
+            skip = arg == "--markdown"
+            continue
+        flags.append(arg)
+    if algo != cfg.algo:
+        flags += ["--algo", algo]
+    return " ".join(["python toy.py", *flags])
+
+
+def clip_range(cfg):
+    default_low, default_high = igrpo.CLIP_DEFAULTS[cfg.loss]
+    return cfg.clip_eps_low or default_low, cfg.clip_eps_high or default_high
+
+
+def say_problem(say, step, i, advantages, tokenizer, cfg, first):
+    problem = step.batch[i]
+    say()
+    say(rule(f"Problem {i + 1} of {len(step.batch)}: {problem['problem']}   gold answer: "
+             f"{problem['answer']}"))
+    if step.drafts is not None:
+        say_drafts(say, step, i, tokenizer, cfg)
+        say_refinement_prompt(say, step.prompts[i], tokenizer, cfg, first)
+    say_group(say, step, i, advantages, cfg)
+
+
+def say_drafts(say, step, i, tokenizer, cfg):
+    N, rewards, gold = cfg.num_drafts, step.draft_rewards[i].tolist(), step.batch[i]["answer"]
+    say(f"  Stage 1: {N} drafts of q, sampled without gradient, scored with the training reward")
+    for k in range(N):
+        text = step.drafts.texts[i * N + k]
+        say(f"    draft {k + 1}  reward {number(rewards[k]):<5} answer "
+            f"{str(igrpo.extract_answer(text)):<6} {quoted(text)}")
+    best = max(rewards)
+    chosen, ties = rewards.index(best), [k + 1 for k, r in enumerate(rewards) if r == best]
+    why = f"the first of the best (reward {number(best)}" + (
+        f"; drafts {', '.join(map(str, ties))} tie)" if len(ties) > 1 else ")")
+    right = [igrpo.math_reward(step.drafts.texts[i * N + k], gold) for k in range(N)]
+    if not any(right):
+        why += ": no draft is right, and the best one is used anyway"
+    elif not igrpo.math_reward(step.best[i], gold):
+        why += ": d* is wrong (the reward ranked it first), and it is used anyway"
+    say(f"  d* = draft {chosen + 1}, {why}")
+    length = len(tokenizer(step.drafts.texts[i * N + chosen], add_special_tokens=False).input_ids)
+    cut = (f"over --max-draft-tokens {cfg.max_draft_tokens}: it lost its first "
+           f"{length - cfg.max_draft_tokens} tokens" if length > cfg.max_draft_tokens else
+           f"within --max-draft-tokens {cfg.max_draft_tokens}: not cut")
+    say(f"  d* is {length} tokens, {cut}")
+
+
+def say_refinement_prompt(say, prompt, tokenizer, cfg, first):
+    """q' = q + d*, every character as the model reads it (the system prompt once)."""
+    tokens = igrpo.encode(tokenizer, [prompt], cfg).input_ids.shape[1]
+    say(f"  Stage-2 prompt q' = q + d* through REFINE_TEMPLATE, exactly as the model reads it "
+        f"({tokens} tokens):")
+    if first:
+        say(f"  ({LINE_START} starts a line of the prompt, {WRAPPED} continues one wrapped here)")
+    elif igrpo.SYSTEM_PROMPT in prompt:
+        prompt = prompt.replace(igrpo.SYSTEM_PROMPT, "[the system prompt, as above]")
+    for line in prompt.split("\n"):
+        for k, piece in enumerate(wrapped_exactly(line, PROMPT_WIDTH)):
+            say(f"    {WRAPPED if k else LINE_START} {piece}".rstrip())
+
+
+def wrapped_exactly(line, width):
+    """Pieces of at most width characters, cut after a space where one is; joined: the line."""
+    pieces = []
+    while len(line) > width:
+        cut = line.rfind(" ", 0, width) + 1 or width
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return pieces + [line]
+
+
+def say_group(say, step, i, advantages, cfg):
+    G = step.group_size
+    rows = range(i * G, (i + 1) * G)
+    rewards = step.scores.rewards[i * G:(i + 1) * G]
+    what = ("refinements of q', with gradient" if cfg.algo == "igrpo" else
+            "completions of q, the group, with gradient")
+    say(f"  {'Stage 2: ' if cfg.algo == 'igrpo' else ''}{G} {what}; advantage A over these {G}")
+    label = "refinement" if cfg.algo == "igrpo" else "completion"
+    for k, row in enumerate(rows):
+        text = step.samples.texts[row]
+        say(f"    {label} {k + 1}  reward {number(rewards[k].item()):<5} answer "
+            f"{str(igrpo.extract_answer(text)):<6} A {advantages[row].item():+.3f}  "
+            f"{quoted(text, TEXT_WIDTH - 16)}")
+    mean, std = rewards.mean().item(), rewards.std(correction=0).item()
+    if rewards.amax() == rewards.amin():
+        dropped = ("--loss dapo drops it from the batch" if cfg.loss == "dapo" else
+                   "it still counts in the loss's average over completions")
+        say(f"  the group agrees (every reward {number(mean)}): std 0, so every A = 0 and this "
+            f"problem adds no gradient; {dropped}")
+    elif cfg.loss == "dr_grpo":
+        say(f"  mean {number(mean)}: A = R - {number(mean)} (Dr. GRPO: not divided by the std)")
+    else:
+        say(f"  mean {number(mean)}, std {number(std)}: A = (R - {number(mean)}) / "
+            f"{number(std)}")
+
+
+def say_batch(say, step, advantages, trained, cfg):
+    """The batch's numbers, as the run logs them; returns them."""
+    rewards, G = step.scores.rewards, step.group_size
+    agree = int((~igrpo.informative_groups(rewards, G)).sum()) // G
+    record = dict(algo=cfg.algo, reward=rewards.mean().item(),
+                  accuracy=step.scores.accuracy.mean().item(), texts=step.samples.texts,
+                  rewards=rewards.tolist(), advantages=advantages.tolist(), draft_reward=None,
+                  best_draft_reward=None, dropped_groups=int((~trained).sum()) // G)
+    say()
+    say(rule(f"The batch: {len(step.batch)} problems x {G} = {len(rewards)} trained sequences"))
+    if step.draft_rewards is not None:
+        record.update(draft_reward=step.draft_rewards.mean().item(),
+                      best_draft_reward=step.draft_rewards.amax(1).mean().item(),
+                      drafts=step.drafts.texts, draft_rewards=step.draft_rewards.tolist(),
+                      best_drafts=step.best)
+        say(f"  drafts: mean reward {number(record['draft_reward'])} (metrics.jsonl "
+            f"draft_reward); best drafts {number(record['best_draft_reward'])} "
+            "(best_draft_reward)")
+    say(f"  {'refinements' if cfg.algo == 'igrpo' else 'completions'}: mean reward "
+        f"{number(record['reward'])} (reward), right {number(record['accuracy'])} (accuracy)")
+    say(f"  groups that agree: {agree} of {len(step.batch)}, their {agree * G} sequences get "
+        f"A = 0" + (f"; --loss dapo trains on the other {int(trained.sum())}"
+                    if cfg.loss == "dapo" else ""))
+    return record
+
+
+def refinement_to_show(step, advantages, trained, shown):
+    """The first trained sequence of the shown problems whose advantage is not 0 (else the
+    first)."""
+    G = step.group_size
+    rows = [row for i in shown for row in range(i * G, (i + 1) * G)]
+    moving = [row for row in rows if advantages[row] != 0 and trained[row]]
+    return (moving or rows)[0]
+
+
+def token_view(loaded, samples, row, cfg):
+    """(token ids, log pi, log pi_ref or None, mask) of one sequence, each (1, T), from
+    igrpo.frozen_logprobs: the pass policy_update makes for pi_old and pi_ref."""
+    rows = torch.tensor([row], device=samples.input_ids.device)
+    input_ids, _, prompt_length, mask = igrpo.micro_batch(samples, rows)
+    logp = igrpo.frozen_logprobs(loaded.model, samples, [(rows, None)], cfg)[0]
+    ref = loaded.ref_model and igrpo.frozen_logprobs(loaded.ref_model, samples,
+                                                     [(rows, None)], cfg)[0]
+    return input_ids[:, prompt_length:], logp, ref, mask
+
+
+def token_terms(logp, old_logp, ref_logp, advantage, mask, t, cfg):
+    """(loss term, clip active, k3 KL) of token t, from igrpo.policy_loss on that token alone
+    (GSPO's ratio is the sequence's: its clip is judged on the whole mask)."""
+    only = torch.zeros_like(mask)
+    only[0, t] = True
+    ratio_mask = mask if cfg.loss == "gspo" else only
+    term, clipped, _ = igrpo.policy_loss(logp, old_logp, advantage, ratio_mask, only.float(), cfg,
+                                         ref_logp)
+    _, _, kl = igrpo.policy_loss(logp, old_logp, advantage, only, only.float(), cfg, ref_logp)
+    return term.item(), bool(clipped), kl.item()
+
+
+def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cfg):
+    """One trained sequence token by token: log-prob, ratio, clip, KL, its loss term; and the
+    same tokens after the update (what a next epoch, or step, would see)."""
+    ids, logp, ref, mask = before
+    new_logp, G = after[1], step.group_size
+    advantage, length = advantages[row:row + 1], int(mask.sum())
+    label = "refinement" if cfg.algo == "igrpo" else "completion"
+    say()
+    say(rule(f"One {label}, token by token: problem {row // G + 1}, {label} {row % G + 1} "
+             f"(A = {advantage.item():+.3f}, {length} tokens)"))
+    low, high = clip_range(cfg)
+    say(f"  log pi: log-prob of the token at temperature {cfg.temperature:g} "
+        "(igrpo.token_logprobs); r = pi_theta / pi_old")
+    say(f"  term = -min(r A, clip(r, {1 - low:g}, {1 + high:g}) A) + beta KL (igrpo.policy_loss); "
+        "KL = k3 to the reference")
+    with_kl = ref is not None
+    say(f"  {'t':>3}  {'token':<13} {'log pi':>8} {'p':>6} {'r':>9}  {'clip':<4}"
+        + (f" {'KL':>9}" if with_kl else "") + f"{'term':>9} | {'r after':>9}  {'clip':<4}"
+        + (f" {'KL after':>8}" if with_kl else ""))
+    shown = list(range(length))
+    if length > SHOWN_TOKENS:
+        shown = shown[:SHOWN_TOKENS - 8] + [None] + shown[-8:]
+    for t in shown:
+        if t is None:
+            say("    \u2026")
+            continue
+        term, clipped, kl = token_terms(logp, logp, ref, advantage, mask, t, cfg)
+        _, clipped_after, kl_after = token_terms(new_logp, logp, ref, advantage, mask, t, cfg)
+        ratio_after = math.exp(new_logp[0, t] - logp[0, t])
+        say(f"  {t + 1:>3}  {token_text(tokenizer, ids[0, t]):<13} {logp[0, t]:8.4f} "
+            f"{math.exp(logp[0, t]):6.3f} {1.0:9.6f}  {'yes' if clipped else 'no':<4}"
+            + (f" {kl:9.2e}" if with_kl else "") + f"{term:+9.4f} | {ratio_after:9.6f}  "
+            f"{'yes' if clipped_after else 'no':<4}" + (f" {kl_after:8.1e}" if with_kl else ""))
+    say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg)
+
+
+def token_text(tokenizer, token_id):
+    """A token as text, quoted; special tokens (the stop token, trained too) by name."""
+    if int(token_id) in tokenizer.all_special_ids:
+        return tokenizer.convert_ids_to_tokens(int(token_id))
+    return quoted(tokenizer.decode([int(token_id)]), 9)
+
+
+def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg):
+    """Why r is 1, where the clip acts, this sequence's share of the loss, the KL."""
+    epochs = cfg.ppo_epochs
+    if epochs == 1:
+        say("  r = 1 exactly: with one PPO epoch pi_old is the policy being updated "
+            "(logp.detach() in igrpo.policy_update), so the clip never acts and the gradient "
+            "of -r A is -A grad log pi.")
+    else:
+        later = "epoch 2" if epochs == 2 else f"epochs 2 to {epochs}"
+        say(f"  r = 1 in epoch 1 (pi_old, a frozen pass, is this same policy); {later} see r move, "
+            "and clip_frac below counts their clipped tokens.")
+    say(f"  After the update ({epochs} AdamW step{'s' if epochs > 1 else ''}): r = pi_new / "
+        "pi_old of the same tokens; 'yes' where a next epoch's clip would act (A pushes r out).")
+    if cfg.loss == "gspo":
+        sequence_ratio = ((new_logp - logp) * mask).sum() / mask.sum()
+        say(f"  GSPO clips one ratio per sequence, exp(mean log r): {sequence_ratio.exp():.6f} "
+            "after the update")
+    rows = trained.nonzero().squeeze(1).tolist()
+    if row in rows:
+        weights = igrpo.loss_weights(step.samples.completion_mask[rows], cfg.loss,
+                                     cfg.max_completion_tokens)[rows.index(row), :mask.shape[1]]
+        terms = [token_terms(logp, logp, ref, advantage, mask, t, cfg)[0]
+                 for t in range(int(mask.sum()))]
+        share = sum(term * weight for term, weight in zip(terms, weights.tolist()))
+        say(f"  each term weighs {number(weights[0].item())} (--loss {cfg.loss}: "
+            f"{WEIGHT_RULES[cfg.loss]}): this sequence adds {share:+.5f} to the loss")
+    else:
+        say("  this sequence's group agrees: --loss dapo drops it, it adds nothing to the loss")
+    if ref is None:
+        say("  no KL: --beta 0 (the paper's), so no reference model is loaded")
+    else:
+        say(f"  KL: the reference is the warm start, which the policy still is at step 1: KL = 0 "
+            f"now; after the update it is the next step's penalty (x --beta {cfg.beta:g})")
+
+
+WEIGHT_RULES = dict(grpo="1 / (its tokens x completions in the batch)",
+                    gspo="1 / (its tokens x completions in the batch)",
+                    dapo="1 / (tokens in the batch)",
+                    dr_grpo="1 / (--max-completion-tokens x completions in the batch)")
+
+
+def say_update(say, update, lr, cfg):
+    say()
+    say(rule("The update: igrpo.policy_update, one AdamW step per epoch on the fp32 master "
+             "weights"))
+    say(f"  loss       {update['loss']:+.6g}  (metrics.jsonl loss)")
+    say(f"             {loss_note(cfg)}")
+    norm, limit = update["grad_norm"], cfg.max_grad_norm
+    say(f"  grad norm  {norm:.6g}  (grad_norm), before clipping to --max-grad-norm {limit:g}: "
+        + (f"scaled down to {limit:g}" if norm > limit else "used as it is"))
+    warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
+    schedule = (f"the first of {warmup} warm-up steps: {cfg.lr:g} x 1/{warmup}" if warmup > 1
+                else f"the peak: --warmup-ratio x --steps rounds to 1 warm-up step")
+    say(f"  lr         {lr:.6g}  (lr) = igrpo.learning_rate(0): {schedule}")
+    entropy = "n/a" if update["entropy"] is None else f"{update['entropy']:.4f}"
+    kl = "" if update["kl"] is None else f", kl {update['kl']:.3g} (mean k3 per token)"
+    say(f"  clip_frac  {update['clip_frac']:.4g}, entropy {entropy} nats per token{kl}")
+
+
+def loss_note(cfg):
+    """Why the loss has the value it has."""
+    if cfg.ppo_epochs > 1:
+        return f"the mean over {cfg.ppo_epochs} epochs; from epoch 2, r moves away from 1"
+    if cfg.loss in ("grpo", "gspo"):
+        return ("= -(1/B) sum_j A_j at r = 1 (B: completions): each group's A sum to 0, so the "
+                "loss is 0 up to rounding; its gradient, -(1/B) sum_j A_j grad mean_t log "
+                "pi(o_jt), is not")
+    return (f"= -sum_j A_j |o_j| x the weight of --loss {cfg.loss} at r = 1: longer completions "
+            "weigh more, so it need not be 0")
+
+
+def write_explanation(path, argv, cfg, algos, texts):
+    """The printout as a markdown page that says which command wrote it."""
+    command = " ".join(["python toy.py explain", *argv])
+    names = " and one ".join(ALGO_NAMES[algo] for algo in algos)
+    shown = " and ".join(f"`{run_command(argv, algo, cfg)}`" for algo in algos)
+    intro = (f"Written by `{command}`, on the cached toy warm start (built first if missing); that "
+             f"command writes this page again. Each step is step 1 of {shown}, taken by igrpo.py's "
+             "own functions: the same problems, samples and numbers as that run's step 1 in its "
+             "metrics.jsonl, on this machine. Other machines and torch versions sample other "
+             "completions.")
+    page = [f"# One {names} step, every number", "", textwrap.fill(intro, 100), ""]
+    for algo, text in zip(algos, texts):
+        page += [f"## {ALGO_NAMES[algo]}", "", "```text", text, "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(page))
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compare"]:
         compare(sys.argv[2:])
+    elif sys.argv[1:2] == ["explain"]:
+        explain(sys.argv[2:])
     else:
         main()
