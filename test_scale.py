@@ -23,6 +23,7 @@ import igrpo
 import scale
 from scale import ScaleConfig
 from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+from test_igrpo import hostile_generation_defaults
 
 PROMPTS = ["Problem: What is 1 + 1?\n\nSolution:", "Problem: What is 7 + 1?\n\nSolution:"]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25, -0.25])  # 2 problems x 4
@@ -401,24 +402,6 @@ def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(
 # ----------------------------------------------------------------------------------------------
 # Compiled sampling: a static KV cache in fixed-shape generate calls
 # ----------------------------------------------------------------------------------------------
-def hostile_generation_defaults(model):
-    """A checkpoint generation_config that sets every field shaping the next-token distribution."""
-    from transformers import WatermarkingConfig
-    vocab = model.config.vocab_size
-    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9,
-                   typical_p=0.1, epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0,
-                   encoder_repetition_penalty=3.0, no_repeat_ngram_size=1,
-                   sequence_bias={(5,): 30.0}, min_new_tokens=5, min_length=40,
-                   suppress_tokens=list(range(10, vocab, 2)),
-                   begin_suppress_tokens=list(range(11, vocab, 2)), bad_words_ids=[[7], [8]],
-                   forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
-                   exponential_decay_length_penalty=(1, 3.0),
-                   watermarking_config=WatermarkingConfig(), max_new_tokens=1, max_length=3)
-    for name, value in hostile.items():  # as a generation_config.json would hold them, unchecked
-        setattr(model.generation_config, name, value)
-    return hostile
-
-
 def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
     prompts = ["Problem: What is 1 + 1?\n\nSolution:", "What is 12 + 1 and 3 + 4?"]
     drawn = {}
