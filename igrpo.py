@@ -1178,6 +1178,7 @@ def parse_args(argv=None, config_class=Config):
 
 def main(argv=None):
     cfg, _ = parse_args(argv)
+    check_config(cfg)  # "--dataset D needs --model" before the line below
     if not cfg.model:
         fail("--model: name a causal LM to train (`python toy.py` trains the offline toy world)")
     return train(cfg)

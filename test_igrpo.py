@@ -1164,10 +1164,10 @@ def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(
 
 def test_a_dataset_without_a_model_is_an_error_not_ignored_by_the_toy(monkeypatch):
     monkeypatch.setattr(toy, "prepare", lambda *args: pytest.fail("the toy was built"))
-    with pytest.raises(SystemExit, match="--model: name a causal LM to train"):
-        igrpo.main(["--dataset", "missing.jsonl"])
     with pytest.raises(SystemExit, match="--dataset missing.jsonl needs --model"):
-        igrpo.check_config(Config(dataset="missing.jsonl"))
+        igrpo.main(["--dataset", "missing.jsonl"])
+    with pytest.raises(SystemExit, match="--model: name a causal LM to train"):
+        igrpo.main([])
 
 
 def test_unknown_model_name_is_a_clear_error(tiny, tmp_path):

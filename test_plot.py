@@ -253,7 +253,7 @@ def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(bui
     assert tokenizer.decode(tokenizer("What is 47 + 38?").input_ids) == "What is 47 + 38?"
     train, test = (igrpo.load_problems(str(folder / f"{n}.jsonl"), cfg) for n in ("train", "test"))
     assert not {p["problem"] for p in train} & {p["problem"] for p in test}  # held out means held out
-    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: folder)
     prepared = toy.prepare(igrpo.Config(algo="grpo", steps=3), given={"algo", "steps"})
     assert (prepared.algo, prepared.steps, prepared.lr) == ("grpo", 3, toy.SETTINGS["lr"])
     assert prepared.model == str(folder / "model")
@@ -264,7 +264,7 @@ def test_an_incomplete_toy_cache_is_rebuilt_and_never_blames_dataset(tmp_path, m
     (broken / "model").mkdir(parents=True)
     (broken / "model" / "config.json").write_text("{}")  # a build killed mid-save
     built = []
-    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: broken)
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: broken)
     monkeypatch.setattr(toy, "build", lambda folder, cfg, seed: built.append(folder))
     toy.prepare(igrpo.Config(), given=set())
     assert built == [broken] and "incomplete" in capsys.readouterr().out
@@ -274,7 +274,7 @@ def test_an_incomplete_toy_cache_is_rebuilt_and_never_blames_dataset(tmp_path, m
 
 def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monkeypatch):
     folder, _ = built_toy
-    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: folder)
     outputs = [toy.prepare(cfg, given).output_dir for cfg, given in (
         (igrpo.Config(), set()), (igrpo.Config(algo="grpo"), {"algo"}), (igrpo.Config(seed=1), {"seed"}),
         (igrpo.Config(loss="dapo", steps=5), {"loss", "steps"}),
@@ -287,7 +287,7 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
 
 def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):
     folder, _ = built_toy
-    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: folder)
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: folder)
     toy.main(["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--num-drafts", "2",
                 "--max-completion-tokens", "12", "--eval-limit", "4", "--eval-samples", "1",
                 "--output-dir", str(tmp_path / "run")])
@@ -325,7 +325,7 @@ def test_a_comparison_rerun_resumes_a_run_stopped_with_a_checkpoint_and_restarts
     calls = []
     monkeypatch.setattr(toy, "main", calls.append)
     monkeypatch.setattr(toy, "comparison_table", lambda out, seeds: "")
-    monkeypatch.setattr(toy, "cache_folder", lambda seed=0: tmp_path)
+    monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: tmp_path)
     monkeypatch.setattr(plot, "plot_training", lambda runs, path: path)
     toy.compare(["--output-dir", str(tmp_path), "--seeds", "0"])
     assert [argv[-1] for argv in calls] == ["--resume", "--overwrite"]
