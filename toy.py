@@ -7,14 +7,15 @@ BPE tokenizer trained on the toy's own text, a small Llama-style model from a co
 supervised warm start on synthetic problems ("What is 47 + 38?") solved in written column steps
 (" 7 + 8 = 15. 4 + 3 + 1 = 8. \\boxed{85}"), in the same prompt format that igrpo.py trains with.
 Half the warm-start examples are refinement prompts whose draft solves the *same* problem, right
-(keep it) or with one wrong step (fix it), so refinement is a skill the model has and iGRPO can
-improve. The warm start stops on a measurement, not a step count: when single-pass accuracy on
+(keep it: a share --right-drafts of them) or with one wrong step (fix it), so refinement is a skill
+the model has and iGRPO can improve. The warm start stops on a measurement, not a step count: when single-pass accuracy on
 calibration problems (training problems) enters CALIBRATION_BAND, so every machine starts RL from
 the same place. Each seed's starting point is cached: only the first run pays for it. Everything
 here exists only to give igrpo.py something real to train offline.
 
     python toy.py                        # the default job: iGRPO on the toy (flags: igrpo.py's)
     python toy.py compare --seeds 0 1 2  # GRPO vs iGRPO on the toy, 3 seeds each: table + figure
+    python toy.py explain                # one iGRPO step, every quantity printed (docs/one-step.md)
 
 The launcher lives here, not in igrpo.py, so imports point one way: toy.py uses igrpo.py, never
 back.
@@ -397,8 +398,8 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------
 SHOWN_PROBLEMS = 3  # problems of the batch shown in full
 SHOWN_TOKENS = 24   # a longer completion shows its first and last tokens only
-TEXT_WIDTH = 64     # longer completions are cut, with a marker
-PROMPT_WIDTH = 92   # the Stage-2 prompt is wrapped at this width (the printout: 100 columns)
+SCREEN_WIDTH = 100  # the printout reads in a terminal this wide: longer text is cut or wrapped
+PROMPT_WIDTH = 92   # the Stage-2 prompt is wrapped at this width, under its margin
 ALGO_NAMES = dict(igrpo="iGRPO", grpo="GRPO")
 LINE_START, WRAPPED = "\u2502", "\u250a"  # the prompt's lines, and the pieces of a wrapped one
 
@@ -450,7 +451,7 @@ def explain(argv=None, judge=None):
     return records
 
 
-def wrapped_to_screen(text, width=100):
+def wrapped_to_screen(text, width=SCREEN_WIDTH):
     """A line of prose over the screen's width, wrapped under its own indent."""
     if len(text) <= width:
         return text
@@ -556,7 +557,7 @@ def problems_to_show(step):
 
 
 # ----- the printout: each problem's stages, the batch, one refinement's tokens, the update -----
-def rule(title, width=100):
+def rule(title, width=SCREEN_WIDTH):
     """A section's title line, as wide as the screen."""
     return f"\u2500\u2500 {title} ".ljust(width, "\u2500")
 
@@ -566,12 +567,23 @@ def number(value):
     return f"{value:.4g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.1e}"
 
 
-def quoted(text, width=TEXT_WIDTH):
-    """A completion on one line, cut with a marker when long."""
+def quoted(text, width):
+    """A completion on one line in at most width characters, quotes included: a long one is cut,
+    with a marker that says how much."""
     text = text.replace("\n", "\u21b5")
-    if len(text) > width:
-        text = f"{text[:width]}\u2026[+{len(text) - width} chars]"
-    return f'"{text}"'
+    if len(text) + 2 <= width:
+        return f'"{text}"'
+    keep = max(0, width - 2 - len(f"\u2026[+{len(text)} chars]"))
+    return f'"{text[:keep]}\u2026[+{len(text) - keep} chars]"'
+
+
+def sample_line(head, reward, text, advantage=None):
+    """A draft's or a group member's line: its reward, final answer, advantage, text (cut)."""
+    answer = str(igrpo.extract_answer(text))
+    answer = answer if len(answer) <= 8 else answer[:7] + "\u2026"
+    line = f"    {head}  reward {number(reward):<5} answer {answer:<8} "
+    line += "" if advantage is None else f"A {advantage:+.3f}  "
+    return line + quoted(text, SCREEN_WIDTH - len(line))
 
 
 def say_settings(say, cfg, command):
@@ -628,8 +640,7 @@ def say_drafts(say, step, i, tokenizer, cfg):
     say(f"  Stage 1: {N} drafts of q, sampled without gradient, scored with the training reward")
     for k in range(N):
         text = step.drafts.texts[i * N + k]
-        say(f"    draft {k + 1}  reward {number(rewards[k]):<5} answer "
-            f"{str(igrpo.extract_answer(text)):<6} {quoted(text)}")
+        say(sample_line(f"draft {k + 1}", rewards[k], text))
     best = max(rewards)
     chosen, ties = rewards.index(best), [k + 1 for k, r in enumerate(rewards) if r == best]
     why = f"the first of the best (reward {number(best)}" + (
@@ -681,9 +692,7 @@ def say_group(say, step, i, advantages, cfg):
     label = "refinement" if cfg.algo == "igrpo" else "completion"
     for k, row in enumerate(rows):
         text = step.samples.texts[row]
-        say(f"    {label} {k + 1}  reward {number(rewards[k].item()):<5} answer "
-            f"{str(igrpo.extract_answer(text)):<6} A {advantages[row].item():+.3f}  "
-            f"{quoted(text, TEXT_WIDTH - 16)}")
+        say(sample_line(f"{label} {k + 1}", rewards[k].item(), text, advantages[row].item()))
     mean, std = rewards.mean().item(), rewards.std(correction=0).item()
     if rewards.amax() == rewards.amin():
         dropped = ("--loss dapo drops it from the batch" if cfg.loss == "dapo" else
@@ -771,9 +780,9 @@ def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cf
     say(f"  term = -min(r A, clip(r, {1 - low:g}, {1 + high:g}) A) + beta KL (igrpo.policy_loss); "
         "KL = k3 to the reference")
     with_kl = ref is not None
-    say(f"  {'t':>3}  {'token':<13} {'log pi':>8} {'p':>6} {'r':>9}  {'clip':<4}"
-        + (f" {'KL':>9}" if with_kl else "") + f"{'term':>9} | {'r after':>9}  {'clip':<4}"
-        + (f" {'KL after':>8}" if with_kl else ""))
+    say(f"  {'t':>3}  {'token':<11} {'log pi':>8} {'p':>6} {'r':>7} {'clip':<4}"
+        + (f" {'KL':>7}" if with_kl else "") + f" {'term':>8} | {'p after':>7} {'r after':>8} "
+        f"{'clip':<4}" + (f" {'KL after':>8}" if with_kl else ""))
     shown = list(range(length))
     if length > SHOWN_TOKENS:
         shown = shown[:SHOWN_TOKENS - 8] + [None] + shown[-8:]
@@ -783,10 +792,11 @@ def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cf
             continue
         term, clipped, kl = token_terms(logp, logp, ref, advantage, mask, t, cfg)
         _, clipped_after, kl_after = token_terms(new_logp, logp, ref, advantage, mask, t, cfg)
-        ratio_after = math.exp(new_logp[0, t] - logp[0, t])
-        say(f"  {t + 1:>3}  {token_text(tokenizer, ids[0, t]):<13} {logp[0, t]:8.4f} "
-            f"{math.exp(logp[0, t]):6.3f} {1.0:9.6f}  {'yes' if clipped else 'no':<4}"
-            + (f" {kl:9.2e}" if with_kl else "") + f"{term:+9.4f} | {ratio_after:9.6f}  "
+        ratio = 1.0  # pi_old is this very policy: logp.detach() (one epoch) or a frozen pass of it
+        say(f"  {t + 1:>3}  {token_text(tokenizer, ids[0, t]):<11} {logp[0, t]:8.4f} "
+            f"{math.exp(logp[0, t]):6.3f} {ratio:7.4f} {'yes' if clipped else 'no':<4}"
+            + (f" {kl:7.1e}" if with_kl else "") + f" {term:+8.4f} | "
+            f"{math.exp(new_logp[0, t]):7.3f} {math.exp(new_logp[0, t] - logp[0, t]):8.5f} "
             f"{'yes' if clipped_after else 'no':<4}" + (f" {kl_after:8.1e}" if with_kl else ""))
     say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg)
 
@@ -794,8 +804,9 @@ def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cf
 def token_text(tokenizer, token_id):
     """A token as text, quoted; special tokens (the stop token, trained too) by name."""
     if int(token_id) in tokenizer.all_special_ids:
-        return tokenizer.convert_ids_to_tokens(int(token_id))
-    return quoted(tokenizer.decode([int(token_id)]), 9)
+        return tokenizer.convert_ids_to_tokens(int(token_id))[:11]
+    text = tokenizer.decode([int(token_id)]).replace("\n", "\u21b5")
+    return f'"{text if len(text) <= 9 else text[:8] + chr(0x2026)}"'
 
 
 def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg):
@@ -806,9 +817,9 @@ def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, re
             "(logp.detach() in igrpo.policy_update), so the clip never acts and the gradient "
             "of -r A is -A grad log pi.")
     else:
-        later = "epoch 2" if epochs == 2 else f"epochs 2 to {epochs}"
-        say(f"  r = 1 in epoch 1 (pi_old, a frozen pass, is this same policy); {later} see r move, "
-            "and clip_frac below counts their clipped tokens.")
+        later = "epoch 2 sees" if epochs == 2 else f"epochs 2 to {epochs} see"
+        say(f"  r = 1 in epoch 1 (pi_old, a frozen pass, is this same policy); {later} r move, and "
+            "clip_frac below counts the tokens clipped there.")
     say(f"  After the update ({epochs} AdamW step{'s' if epochs > 1 else ''}): r = pi_new / "
         "pi_old of the same tokens; 'yes' where a next epoch's clip would act (A pushes r out).")
     if cfg.loss == "gspo":
@@ -846,11 +857,12 @@ def say_update(say, update, lr, cfg):
     say(f"  loss       {update['loss']:+.6g}  (metrics.jsonl loss)")
     say(f"             {loss_note(cfg)}")
     norm, limit = update["grad_norm"], cfg.max_grad_norm
-    say(f"  grad norm  {norm:.6g}  (grad_norm), before clipping to --max-grad-norm {limit:g}: "
-        + (f"scaled down to {limit:g}" if norm > limit else "used as it is"))
+    last = ", the last epoch's" if cfg.ppo_epochs > 1 else ""
+    say(f"  grad norm  {norm:.6g}  (grad_norm{last}), before clipping to --max-grad-norm "
+        f"{limit:g}: " + (f"scaled down to {limit:g}" if norm > limit else "used as it is"))
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
     schedule = (f"the first of {warmup} warm-up steps: {cfg.lr:g} x 1/{warmup}" if warmup > 1
-                else f"the peak: --warmup-ratio x --steps rounds to 1 warm-up step")
+                else "the peak: --warmup-ratio x --steps rounds to 1 warm-up step")
     say(f"  lr         {lr:.6g}  (lr) = igrpo.learning_rate(0): {schedule}")
     entropy = "n/a" if update["entropy"] is None else f"{update['entropy']:.4f}"
     kl = "" if update["kl"] is None else f", kl {update['kl']:.3g} (mean k3 per token)"
@@ -879,7 +891,8 @@ def write_explanation(path, argv, cfg, algos, texts):
              "own functions: the same problems, samples and numbers as that run's step 1 in its "
              "metrics.jsonl, on this machine. Other machines and torch versions sample other "
              "completions.")
-    page = [f"# One {names} step, every number", "", textwrap.fill(intro, 100), ""]
+    intro = textwrap.fill(intro, SCREEN_WIDTH, break_long_words=False, break_on_hyphens=False)
+    page = [f"# One {names} step, every number", "", intro, ""]
     for algo, text in zip(algos, texts):
         page += [f"## {ALGO_NAMES[algo]}", "", "```text", text, "```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
