@@ -448,7 +448,7 @@ def parse_args(argv=None):
     igrpo.add_config_flags(parser, scale.ScaleConfig, CONFIG_FLAGS)
     args = parser.parse_args(argv)
     args.model = checkpoint(args.model)
-    igrpo.check_config(config(args))
+    scale.check_scale_config(config(args))  # igrpo.py's checks and --compile-generation's
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
     if args.limit is not None and args.limit < 1:

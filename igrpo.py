@@ -978,7 +978,8 @@ def prepare_output_dir(cfg):
             fail(f"--resume: {newest} has no model weights (damaged?); delete it to resume from "
                  "the checkpoint before it")
         return newest
-    if (out / "args.json").exists() or (out / "metrics.jsonl").exists():
+    ours = ("args.json", "metrics.jsonl", "final")
+    if any((out / name).exists() for name in ours) or (out.is_dir() and checkpoints(out)):
         if not cfg.overwrite:
             what = "a finished run:" if finished(out, cfg) else \
                 "a run: add --resume to continue it,"
@@ -1006,9 +1007,13 @@ def check_resumable(out, cfg):
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         fail(f"--resume: {out / 'args.json'} is damaged ({first_line(error)}); start the run again "
              "with --overwrite")
-    changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {value!r}"
-               for name, value in dataclasses.asdict(cfg).items()
-               if name not in RESUMABLE_CHANGES and saved.get(name) != value]
+    others = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+    if others:  # e.g. scale.py's --lora-rank: that script must go on with it
+        fail(f"--resume: the run in {out} was started by a script with other settings "
+             f"({', '.join(map(flag, others))}): resume it with that script")
+    changed = [f"{flag(f.name)} {saved.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
+               for f in dataclasses.fields(cfg) if f.name not in RESUMABLE_CHANGES
+               and saved.get(f.name, f.default) != getattr(cfg, f.name)]
     if changed:
         fail(f"--resume: settings differ from the run in {out}: {', '.join(changed)}; resume "
              "with its settings (args.json) or start a new run in another --output-dir")
@@ -1064,7 +1069,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metri
 
 def checkpoints(out):
     """The step-N folders, oldest first; a folder named otherwise is the user's, never touched."""
-    numbered = [(int(found[1]), p) for p in out.iterdir() if (found := CHECKPOINT.fullmatch(p.name))]
+    found = [(CHECKPOINT.fullmatch(p.name), p) for p in out.iterdir()]
+    numbered = [(int(match[1]), p) for match, p in found if match]
     return [folder for _, folder in sorted(numbered)]
 
 
@@ -1167,7 +1173,8 @@ def add_config_flags(parser, config_class=Config, flags=None):
 def parse_args(argv=None, config_class=Config):
     """(a Config, the names of the fields the command line set): the toy fills in the others."""
     parser = argparse.ArgumentParser(description="GRPO and iGRPO for math reasoning in one file.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)  # toy.py tells which flags were given
     add_config_flags(parser, config_class)
     args = parser.parse_args(argv)
     given = {action.dest for action in parser._actions for option in action.option_strings
@@ -1181,7 +1188,17 @@ def main(argv=None):
     check_config(cfg)  # "--dataset D needs --model" before the line below
     if not cfg.model:
         fail("--model: name a causal LM to train (`python toy.py` trains the offline toy world)")
-    return train(cfg)
+    with interrupt_explained(cfg):
+        return train(cfg)
+
+
+@contextlib.contextmanager
+def interrupt_explained(cfg):
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(f"interrupted: --resume goes on from the newest checkpoint in {cfg.output_dir} (one "
+             "every --save-every steps; scale.py saves one on Ctrl-C)")
 
 
 # ----------------------------------------------------------------------------------------------

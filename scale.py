@@ -9,9 +9,9 @@ of its plain parts swapped for engineered ones (attached(), at the end):
   LoRA                   adapters on a frozen base (--lora-rank), saved in peft's format
   torchrun               data parallelism: start it with torchrun, no flag
   long runs              Ctrl-C saves a checkpoint and prints the command that resumes; an update
-                         with a non-finite loss or gradient is skipped, and 3 in a row stop the run
-                         with a checkpoint; a collapsed policy is warned about; running out of GPU
-                         memory names the flags that fix it
+                         with a non-finite gradient norm (a NaN loss makes one) is skipped, and 3
+                         in a row stop the run with a checkpoint; a collapsed policy is warned
+                         about; running out of GPU memory names the flags that fix it
 
     python scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ... --lora-rank 16
     torchrun --nproc-per-node 8 scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ...
@@ -465,6 +465,7 @@ def setup_distributed(cfg=None):
         atexit.register(torch.distributed.destroy_process_group)
         if not is_main_process():
             sys.stdout = open(os.devnull, "w")
+            os.environ["TQDM_DISABLE"] = "1"  # and no progress bars
     if cfg and cfg.prompts_per_step % process_count():
         fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
              f"{process_count()} ranks: make it a multiple of {process_count()}")
@@ -527,6 +528,8 @@ def reduced(optimizer_step):
     """An optimizer step that first sums every rank's gradient (a rank without completions to
     train on still takes part, with zeros)."""
     def step(model, optimizer, master, cfg):
+        if not summed_over_ranks(any(m.grad is not None for m in master))[0]:
+            return torch.zeros(())  # no rank has a gradient (DAPO: every group agreed): no step
         for m in master:
             if m.grad is None:
                 m.grad = torch.zeros_like(m)
@@ -536,14 +539,16 @@ def reduced(optimizer_step):
     return step
 
 
-STEP_SUMS = ("completion_tokens", "dropped_groups", "judge_unparsed")
+STEP_SUMS = ("completion_tokens", "dropped_groups", "judge_unparsed", "loss")  # loss: rank shares
 STEP_MEANS = ("reward", "accuracy", "draft_reward", "best_draft_reward", "format_reward",
-              "mean_completion_length")
+              "mean_completion_length", "clip_frac", "kl", "entropy")
 
 
 def step_record_over_ranks(record):
-    """One step's numbers over all ranks: counts summed, per-completion means averaged (every rank
-    holds as many completions), throughput from the summed tokens. The update's are global."""
+    """One step's numbers over all ranks: counts and the loss (each rank's loss is its share)
+    summed, means averaged over ranks (per completion: every rank holds as many; the per-token
+    clip_frac, kl and entropy: an unweighted mean of the ranks'), throughput from summed tokens.
+    grad_norm and lr are global already."""
     names = [name for name in STEP_SUMS + STEP_MEANS if record.get(name) is not None]
     totals = summed_over_ranks(*(record[name] for name in names))
     record = dict(record, **{name: int(total) if name in STEP_SUMS else total / process_count()
@@ -578,7 +583,8 @@ def load_checkpoint_of_each_rank(folder, optimizer, master, cfg):
     of ranks gets fresh streams: its share of the problems differs anyway)."""
     start, order = PLAIN["load_checkpoint"](folder, optimizer, master, cfg)
     if folder is not None and folder.name != "final":
-        ranks = torch.load(folder / "trainer_state.pt", weights_only=True)["rng"].get("ranks", [])
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        ranks = state["rng"].get("ranks", [])
         if len(ranks) == process_count():
             torch.set_rng_state(ranks[process_rank()]["torch"])
             if ranks[process_rank()]["cuda"] and torch.cuda.is_available():
@@ -664,6 +670,8 @@ def ending_when_stopped(save_checkpoint, run):
     def save_and_maybe_end(out, step, *args):
         folder = save_checkpoint(out, step, *args)
         cfg = args[-1]
+        if run.stopped or run.diverged:
+            barrier()  # torchrun ends every rank when one exits: not before rank 0 has saved
         if run.stopped:
             how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
                    f"continue with:\n  {resume_command()}")

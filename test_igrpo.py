@@ -1012,6 +1012,39 @@ def test_a_finished_runs_folder_is_refused_naming_overwrite_and_not_resume(tiny,
     assert metric_lines(uninterrupted["fp32"]) == before
 
 
+def test_a_folder_holding_only_a_final_model_or_a_checkpoint_counts_as_a_run(tiny, tmp_path):
+    for leftover in ("final", "step-50"):
+        folder = tmp_path / leftover / "run"
+        (folder / leftover).mkdir(parents=True)
+        with pytest.raises(SystemExit, match="already holds a (finished )?run"):
+            igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, output_dir=str(folder)))
+        igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, output_dir=str(folder), overwrite=True))
+        assert not (folder / leftover).exists() and (folder / "args.json").is_file()
+
+
+def test_a_run_started_with_another_scripts_settings_is_resumed_by_that_script_only(tiny, tmp_path):
+    @dataclasses.dataclass
+    class Wider(Config):  # as scale.py's settings are igrpo.py's and more
+        lora_rank: int = igrpo.setting(0, "adapters")
+    folder = tmp_path / "run"
+    igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, config_class=Wider, lora_rank=8))
+    with pytest.raises(SystemExit, match="started by a script with other settings .*--lora-rank"):
+        igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, resume=True))
+    igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, overwrite=True))  # igrpo.py's run...
+    igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, config_class=Wider, resume=True))
+    with pytest.raises(SystemExit, match="--lora-rank 0 -> 8"):  # ...goes on with defaults only
+        igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, config_class=Wider, resume=True,
+                                                  lora_rank=8))
+
+
+def test_ctrl_c_in_a_plain_run_is_one_line_naming_resume(tiny, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(igrpo, "train", interrupted)
+    with pytest.raises(SystemExit, match="interrupted: --resume goes on from the newest checkpoint"):
+        igrpo.main(["--model", str(tiny / "model"), "--dataset", str(tiny / "train.jsonl")])
+
+
 def test_a_run_resumed_at_a_held_out_scoring_step_logs_it_once_and_ends_like_an_unbroken_one(
         tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(igrpo, "math_reward", parity_reward)

@@ -8,10 +8,10 @@ supervised warm start on synthetic problems ("What is 47 + 38?") solved in writt
 (" 7 + 8 = 15. 4 + 3 + 1 = 8. \\boxed{85}"), in the same prompt format that igrpo.py trains with.
 Half the warm-start examples are refinement prompts whose draft solves the *same* problem, right
 (keep it: a share --right-drafts of them) or with one wrong step (fix it), so refinement is a skill
-the model has and iGRPO can improve. The warm start stops on a measurement, not a step count: when single-pass accuracy on
-calibration problems (training problems) enters CALIBRATION_BAND, so every machine starts RL from
-the same place. Each seed's starting point is cached: only the first run pays for it. Everything
-here exists only to give igrpo.py something real to train offline.
+the model has and iGRPO can improve. The warm start stops on a measurement, not a step count:
+when single-pass accuracy on calibration problems (training problems) enters CALIBRATION_BAND, so
+every machine starts RL from the same place. Each seed's starting point is cached: only the first
+run pays for it. Everything here exists only to give igrpo.py something real to train offline.
 
     python toy.py                        # the default job: iGRPO on the toy (flags: igrpo.py's)
     python toy.py compare --seeds 0 1 2  # GRPO vs iGRPO on the toy, 3 seeds each: table + figure
@@ -344,6 +344,7 @@ def compare(argv=None):
     parser.add_argument("--output-dir", default="runs/toy-compare",
                         help="one folder per run, table.md, compare.png")
     args, flags = parser.parse_known_args(argv)
+    igrpo.check_config(igrpo.parse_args(flags, ToyConfig)[0])  # a typo fails before any file
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "compare.json"
@@ -361,7 +362,8 @@ def compare(argv=None):
                 continue
             print(f"toy compare: {algo}, seed {seed} -> {folder}")
             # a run stopped after a checkpoint (or final/) goes on from it; one without starts over
-            resumable = (folder / "final").is_dir() or any(folder.glob("step-*/trainer_state.pt"))
+            resumable = (folder / "final").is_dir() or (folder.is_dir() and any(
+                (step / "trainer_state.pt").is_file() for step in igrpo.checkpoints(folder)))
             again = ["--resume"] if resumable else ["--overwrite"]
             main(flags + ["--algo", algo, "--seed", str(seed), "--output-dir", str(folder)] + again)
     table = comparison_table(out, args.seeds)
@@ -387,7 +389,8 @@ def main(argv=None):
     if cfg.model:
         igrpo.fail(f"--model {cfg.model}: the toy world trains its own model; "
                    "run igrpo.py to train yours")
-    return igrpo.train(prepare(cfg, given))
+    with igrpo.interrupt_explained(cfg):
+        return igrpo.train(prepare(cfg, given))
 
 
 # ----------------------------------------------------------------------------------------------
