@@ -706,6 +706,47 @@ def optimizer_step(model, optimizer, master, cfg):
 # The loop: each step samples its problems' groups (Stage 1 + Stage 2 for iGRPO), computes A_j,
 # and takes one update; held-out accuracy is single-pass from q alone, as at the paper's test time.
 # ----------------------------------------------------------------------------------------------
+def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, ref_model,
+                  tracker=None):
+    """One GRPO or iGRPO step on a batch of problems; returns its line of metrics.jsonl."""
+    started = time.time()
+    samples, rewards, group_size, metrics = rollout(model, tokenizer, batch, cfg, judge)
+    advantages = group_advantages(rewards, group_size, scale_by_std=cfg.loss != "dr_grpo")
+    # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
+    trained = torch.ones_like(rewards, dtype=torch.bool)                         # (B*G,)
+    if cfg.loss == "dapo":
+        trained = informative_groups(rewards, group_size)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = learning_rate(step - 1, cfg)
+    update = policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model)
+    seconds, generated = time.time() - started, metrics["generated_tokens"]
+    if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+        log_completions(step, batch, samples.texts, rewards, advantages, metrics, cfg, tracker)
+    return step_record(dict(
+        step=step, reward=rewards.mean().item(), accuracy=metrics["accuracy"],
+        draft_reward=metrics["draft_reward"], best_draft_reward=metrics["best_draft_reward"],
+        **update, format_reward=metrics["format_reward"], completion_tokens=generated,
+        mean_completion_length=samples.lengths.float().mean().item(),
+        dropped_groups=int((~trained).sum()) // group_size,
+        judge_unparsed=metrics["judge_unparsed"], lr=optimizer.param_groups[0]["lr"],
+        step_seconds=seconds, tokens_per_second=generated / seconds))
+
+
+def step_record(record):
+    """A step's line of metrics.jsonl (scale.py's torchrun sums it over processes)."""
+    return record
+
+
+def learning_rate(step, cfg):
+    """Linear warm-up, then cosine decay to a floor of min_lr_ratio x the peak."""
+    warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
 def train(cfg, judge=None):
     """Train cfg.model on cfg.dataset; returns held-out accuracy {"eval_before", "eval_after"}.
     judge: a function (problems, golds, completions) -> scores for --reward judge; by default
@@ -760,47 +801,6 @@ def writes_explained(out):
 def seed(cfg):
     random.seed(cfg.seed)  # the problem order
     torch.manual_seed(cfg.seed)  # the samples (scale.py's torchrun: each process its own)
-
-
-def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, ref_model,
-                  tracker=None):
-    """One GRPO or iGRPO step on a batch of problems; returns its line of metrics.jsonl."""
-    started = time.time()
-    samples, rewards, group_size, metrics = rollout(model, tokenizer, batch, cfg, judge)
-    advantages = group_advantages(rewards, group_size, scale_by_std=cfg.loss != "dr_grpo")
-    # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
-    trained = torch.ones_like(rewards, dtype=torch.bool)                         # (B*G,)
-    if cfg.loss == "dapo":
-        trained = informative_groups(rewards, group_size)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = learning_rate(step - 1, cfg)
-    update = policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model)
-    seconds, generated = time.time() - started, metrics["generated_tokens"]
-    if cfg.log_completions_every and step % cfg.log_completions_every == 0:
-        log_completions(step, batch, samples.texts, rewards, advantages, metrics, cfg, tracker)
-    return step_record(dict(
-        step=step, reward=rewards.mean().item(), accuracy=metrics["accuracy"],
-        draft_reward=metrics["draft_reward"], best_draft_reward=metrics["best_draft_reward"],
-        **update, format_reward=metrics["format_reward"], completion_tokens=generated,
-        mean_completion_length=samples.lengths.float().mean().item(),
-        dropped_groups=int((~trained).sum()) // group_size,
-        judge_unparsed=metrics["judge_unparsed"], lr=optimizer.param_groups[0]["lr"],
-        step_seconds=seconds, tokens_per_second=generated / seconds))
-
-
-def step_record(record):
-    """A step's line of metrics.jsonl (scale.py's torchrun sums it over processes)."""
-    return record
-
-
-def learning_rate(step, cfg):
-    """Linear warm-up, then cosine decay to a floor of min_lr_ratio x the peak."""
-    warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def next_batch(problems, order, cfg):
