@@ -23,7 +23,7 @@ import igrpo
 import scale
 from scale import ScaleConfig
 from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
-from test_igrpo import hostile_generation_defaults
+from test_igrpo import hostile_generation_defaults, rollout_that
 
 PROMPTS = ["Problem: What is 1 + 1?\n\nSolution:", "Problem: What is 7 + 1?\n\nSolution:"]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25, -0.25])  # 2 problems x 4
@@ -818,18 +818,6 @@ def uninterrupted(tiny, tmp_path_factory):
         patch.setattr(igrpo, "math_reward", parity_reward)
         scale.train(long_run_config(tiny, folder))
     return folder
-
-
-def rollout_that(monkeypatch, at_call, action):
-    """Run igrpo.rollout as usual, but call action() during its at_call-th call (1-based)."""
-    real, calls = igrpo.rollout, []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_call:
-            action()
-        return real(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "rollout", wrapped)
 
 
 def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
