@@ -57,7 +57,7 @@ PLAIN = {name: getattr(igrpo, name) for name in (
     "load_model", "load_policy", "sample", "token_logprobs", "master_weights", "optimizer_step",
     "batch_totals", "step_record", "next_batch", "held_out_accuracy", "seed", "save",
     "save_checkpoint", "should_save", "prepare_output_dir", "random_states", "load_checkpoint",
-    "write_metrics", "log_completions", "RESUMABLE_CHANGES")}
+    "write_metrics", "log_completions", "frozen_logprobs", "RESUMABLE_CHANGES")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,15 +381,30 @@ class AdaptersOff(torch.nn.Module):
         self.policy = [policy]  # in a list: not a submodule, so its weights are not counted twice
 
     def forward(self, **inputs):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        layers = [m for m in self.policy[0].modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
+        with adapters_disabled(self.policy[0]):
             return self.policy[0](**inputs)
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+
+
+@contextlib.contextmanager
+def adapters_disabled(policy):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def reference_logprobs_adapters_off(policy, samples, micro_batches, cfg):
+    """igrpo.frozen_logprobs; for AdaptersOff, the policy itself with its adapters off, so the
+    reference pass takes the lean path too (AdaptersOff's own forward gives whole logits)."""
+    if isinstance(policy, AdaptersOff):
+        with adapters_disabled(policy.policy[0]):
+            return PLAIN["frozen_logprobs"](policy.policy[0], samples, micro_batches, cfg)
+    return PLAIN["frozen_logprobs"](policy, samples, micro_batches, cfg)
 
 
 def lora_policy(cfg, resume_from, device, dtype):
@@ -752,7 +767,7 @@ def attached(cfg, device=None):
     if compiles_generation(cfg, device):
         parts["sample"] = compiled_sample
     if cfg.lora_rank:
-        parts["load_policy"] = lora_policy
+        parts.update(load_policy=lora_policy, frozen_logprobs=reference_logprobs_adapters_off)
     if process_count() > 1:
         parts.update(next_batch=sharded_next_batch, held_out_accuracy=sharded_held_out_accuracy,
                      batch_totals=batch_totals_over_ranks, seed=seed_each_rank,

@@ -585,6 +585,20 @@ def test_k3_kl_to_the_adapters_off_reference_is_zero_at_step_zero_and_not_after(
     assert not torch.allclose(logprobs(model, samples), logprobs(base, samples), atol=1e-3)  # on
 
 
+def test_the_adapters_off_reference_is_scored_on_the_lean_path_with_the_bases_log_probs(
+        tiny, tmp_path, monkeypatch):
+    model, tokenizer, cfg = lora_model(tiny, tmp_path, beta=0.1)
+    base, _ = load_tiny(tiny, cfg=cfg)
+    samples = fixed_samples(model, tokenizer, cfg)
+    rows = torch.arange(len(samples.texts))
+    monkeypatch.setattr(scale.AdaptersOff, "forward", lambda *args, **kwargs: pytest.fail(
+        "the reference pass went through AdaptersOff's whole-logits forward"))
+    with scale.attached(cfg, "cpu"):
+        reference, = igrpo.frozen_logprobs(scale.AdaptersOff(model), samples, [(rows, None)], cfg)
+    expected, = igrpo.frozen_logprobs(base, samples, [(rows, None)], cfg)
+    assert torch.allclose(reference, expected, atol=1e-5)
+
+
 def test_saved_adapter_and_merged_model_reload_with_the_trained_log_probs(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
