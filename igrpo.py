@@ -780,7 +780,7 @@ def train(cfg, judge=None):
             if step < cfg.steps and should_save(step, cfg):  # after the score: both are resumed
                 save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics,
                                 cfg)
-        if not (out / "final").is_dir():  # the weights first: an interrupted score is redone
+        if not (resume_from and resume_from.name == "final"):  # first: a lost score is redone
             save(model, tokenizer, out / "final")
         if held_out and not finished(out, cfg):
             log_held_out(metrics, cfg.steps, model, tokenizer, held_out, cfg, tracker)
