@@ -399,6 +399,34 @@ def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(
     assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
 
 
+@pytest.mark.parametrize("architecture,scaling", [
+    ("llama", {}), ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16))])
+def test_a_small_logit_bias_in_a_bf16_forward_is_caught_though_rounding_is_larger(
+        architecture, scaling, monkeypatch, capsys):
+    """A forward that adds at most 0.1 nats to each logit, below bf16's rounding of logits near 30
+    (and the soft-cap's, up to 0.2 nats): the same entries are off the same way at every position,
+    so check_scoring sends the model through its own forward."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING[architecture](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=4,
+                                          intermediate_size=128, **scaling)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits near 30, as a trained model's
+    model = model.to(torch.bfloat16).eval()
+    plain_forward, bias = model.forward, torch.linspace(-0.1, 0.1, 2000, dtype=torch.bfloat16)
+
+    def biased_forward(*args, **kwargs):
+        output = plain_forward(*args, **kwargs)
+        output.logits = output.logits + bias
+        return output
+    monkeypatch.setattr(model, "forward", biased_forward)
+    scale.check_scoring(model, architecture)
+    assert model.scored_by_forward, capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # Compiled sampling: a static KV cache in fixed-shape generate calls
 # ----------------------------------------------------------------------------------------------
