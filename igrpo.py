@@ -57,6 +57,7 @@ class Config:
     problem_key: str = setting("", "problem column (default: problem/question/prompt/query)")
     answer_key: str = setting("", "gold answer or solution column (default: answer/solution/...)")
     eval_dataset: str = setting("", "held-out problems, scored before and after (file or hub)")
+    eval_split: str = setting("test", "split of a hub --eval-dataset")
     eval_limit: int = setting(200, "score at most this many held-out problems")
     eval_every: int = setting(0, "also score the held-out set every N steps (0: never)")
     eval_samples: int = setting(1, "samples per held-out problem (accuracy: the paper's avg@k)")
@@ -164,9 +165,9 @@ def gold_answer(raw):
     return extract_answer(raw) or raw.strip()
 
 
-def load_problems(name, cfg, flag="dataset", limit=None):
+def load_problems(name, cfg, flag="dataset", limit=None, split=None):
     """Rows -> [{"problem": str, "answer": str}]; a full solution gives its final answer as gold."""
-    rows = read_rows(name, cfg.dataset_config, cfg.split, flag)[:limit]
+    rows = read_rows(name, cfg.dataset_config, split or cfg.split, flag)[:limit]
     if not rows:
         fail(f"--{flag} {name}: no rows")
     columns = sorted(set().union(*(row.keys() for row in rows if isinstance(row, dict))))
@@ -514,11 +515,12 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
     problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
     prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
     group_size, metrics = cfg.group_size, dict(draft_reward=None, best_draft_reward=None)
-    generated = 0
+    generated = unparsed = 0
     if cfg.algo == "igrpo":  # Stage 1
         N = cfg.num_drafts
         drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
-        best, draft_rewards = best_drafts(tokenizer, batch, drafts, cfg, judge)     # (B,), (B, N)
+        best, draft_scores = best_drafts(tokenizer, batch, drafts, cfg, judge)
+        draft_rewards, unparsed = draft_scores.rewards, draft_scores.judge_unparsed  # (B, N)
         prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
                    for problem, draft in zip(problems, best)]                      # q' = q + d*
         group_size, generated = cfg.group_size - N, int(drafts.lengths.sum())
@@ -529,21 +531,22 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
     scores = score(samples.texts, repeat(golds, group_size), cfg, samples.lengths,
                    repeat(problems, group_size), judge)
     metrics.update(accuracy=scores.accuracy.mean().item(),
-                   format_reward=scores.format.mean().item(), judge_unparsed=scores.judge_unparsed,
+                   format_reward=scores.format.mean().item(),
+                   judge_unparsed=unparsed + scores.judge_unparsed,
                    generated_tokens=generated + int(samples.lengths.sum()))
     return Rollout(samples, scores.rewards, group_size, metrics)
 
 
 def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
     """Stage 1's outcome: per problem d* = the first of the best drafts, cut to --max-draft-tokens,
-    and every draft's reward (B, N)."""
+    and the drafts' Scores, their rewards (B, N)."""
     N, problems, golds = cfg.num_drafts, [b["problem"] for b in batch], [b["answer"] for b in batch]
-    rewards = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N),
-                    judge).rewards.view(-1, N)                                  # (B, N)
+    scores = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge)
+    rewards = scores.rewards.view(-1, N)                                        # (B, N)
     best_rows = torch.arange(len(batch)) * N + rewards.argmax(1)                # argmax: first tie
     best = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens)
             for row in best_rows.tolist()]
-    return best, rewards
+    return best, scores._replace(rewards=rewards)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,11 +759,11 @@ def train(cfg, judge=None):
     seed(cfg)
     problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
     device, dtype = device_and_dtype(cfg.dtype)
+    judge = judge or load_judge(cfg, device, dtype)  # an unreachable judge fails before the model
     model, tokenizer, ref_model = load_policy(cfg, resume_from, device, dtype)
     problems = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
     held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model),
                                          "eval-dataset")
-    judge = judge or load_judge(cfg, device, dtype)
     master, optimizer = master_weights_and_optimizer(model, cfg)
     start, order = load_checkpoint(resume_from, optimizer, master, cfg)
     with open(out / "metrics.jsonl", "a") as metrics, tracking(cfg) as tracker, \
@@ -769,6 +772,7 @@ def train(cfg, judge=None):
             log_held_out(metrics, 0, model, tokenizer, held_out, cfg, tracker)
         bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
                    desc=cfg.algo, dynamic_ncols=True)
+        silent = 0  # steps in a row in which no judge reply held a score
         for step in bar:
             batch, order = next_batch(problems, order, cfg)
             record = training_step(step, model, tokenizer, optimizer, master, batch, cfg,
@@ -777,9 +781,14 @@ def train(cfg, judge=None):
             bar.set_postfix(reward=f"{record['reward']:.2f}")
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 log_held_out(metrics, step, model, tokenizer, held_out, cfg, tracker)
-            if step < cfg.steps and should_save(step, cfg):  # after the score: both are resumed
-                save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics,
-                                cfg)
+            silent = silent + 1 if judge_silent(record, cfg) else 0
+            if step < cfg.steps and (should_save(step, cfg) or silent == JUDGE_SILENT_STEPS):
+                folder = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
+                                         metrics, cfg)  # after the score: both are resumed
+                if silent == JUDGE_SILENT_STEPS:
+                    fail(f"no judge reply held a score for {silent} steps in a row (each counted "
+                         f"0; the judge's lines above say why): stopped with checkpoint {folder}; "
+                         "fix the judge, then --resume")
         if not (resume_from and resume_from.name == "final"):  # first: a lost score is redone
             save(model, tokenizer, out / "final")
         if held_out and not finished(out, cfg):
@@ -816,7 +825,8 @@ def load_data(cfg):
         fail("--dataset: give a dataset to train on (`python toy.py` trains the offline toy world)")
     held_out = []
     if cfg.eval_dataset:
-        held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit)
+        held_out = load_problems(cfg.eval_dataset, cfg, "eval-dataset", cfg.eval_limit,
+                                 cfg.eval_split)
     return load_problems(cfg.dataset, cfg), held_out
 
 
@@ -841,11 +851,27 @@ def say_context_limit(model, prompt_tokens, budget):
                    f"short of its budget of {budget} tokens, when prompt + budget exceed it")
 
 
+JUDGE_SILENT_STEPS = 3  # steps in a row in which no judge reply held a score: the run stops
+
+
+def judge_silent(record, cfg):
+    """--reward judge or rule+judge: whether none of this step's judge replies held a score, with
+    a warning once most of them held none. Under torchrun, the record sums every process's."""
+    replies, unparsed = cfg.prompts_per_step * cfg.group_size, record["judge_unparsed"]
+    if cfg.reward != "rule" and unparsed > replies / 2:
+        tqdm.write(f"step {record['step']}: warning: {unparsed} of {replies} judge replies held "
+                   "no score, so they counted 0 in the rewards")
+    return cfg.reward != "rule" and unparsed == replies
+
+
 def load_judge(cfg, device, dtype):
     """--reward judge: judge.py's generative judge, behind --judge-url or as a local model that
     replies greedily, without gradients, on the training device. None for --reward rule."""
     if cfg.reward == "rule":
         return None
+    if not (cfg.judge_model or cfg.judge_url):
+        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url (or pass a judge function "
+             "to train)")
     import judge  # the grading prompt and score parsing; judge.py imports nothing from this file
     if cfg.judge_url:
         return judge.url_judge(cfg.judge_url, cfg.judge_model)
@@ -858,7 +884,7 @@ def load_judge(cfg, device, dtype):
                    if tokenizer.chat_template else text + "\n" for text in texts]
         as_written = dataclasses.replace(cfg, chat_template="auto")  # templated here, or not at all
         return sample(model, tokenizer, prompts, as_written, per_prompt=1, max_new_tokens=32,
-                      temperature=0.0).texts  # greedy
+                      temperature=0.0, progress="judge").texts  # greedy
     return judge.model_judge(reply)
 
 
@@ -1144,8 +1170,6 @@ def check_config(cfg):
     for name, (ok, rule) in bounds.items():
         if not ok:
             fail(f"{flag(name)} {getattr(cfg, name)}: must be {rule}")
-    if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url):
-        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
     if cfg.dataset and not cfg.model:
         fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     if cfg.resume and cfg.overwrite:

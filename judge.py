@@ -8,14 +8,20 @@ load_judge builds a judge from these parts. Two ways to run the judge:
                                greedy, one batched generate call per scoring
   --judge-url URL              an OpenAI-compatible chat-completions endpoint (what vLLM and SGLang
                                serve), through the standard library's HTTP client, with retries
-A reply with no parsable score counts as 0 and is counted in metrics.jsonl (judge_unparsed).
+A reply with no parsable score counts as 0 and is counted in metrics.jsonl (judge_unparsed); the
+first such reply is printed, and an endpoint that gives no reply after its tries counts the same,
+with a line naming the error (igrpo.py warns when most of a step's replies hold no score, and
+stops with a checkpoint when none has for 3 steps). While the run waits on a slow endpoint, a line
+says so every 30 s.
 """
+import concurrent.futures
 import json
 import re
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
 
 JUDGE_PROMPT = """You are grading a solution to a math problem.
 
@@ -51,43 +57,79 @@ def grading_prompts(problems, golds, completions):
             for p, g, c in zip(problems, golds, completions)]
 
 
+def scores_of(replies, shown):
+    """parse_score of each reply (None where there was no reply). The first reply that holds no
+    score is printed, once per judge (shown holds it), so a judge that answers in another format is
+    seen at once rather than as rewards of 0."""
+    scores = [parse_score(reply) if isinstance(reply, str) else None for reply in replies]
+    if not shown:
+        shown += [r for r, s in zip(replies, scores) if s is None and isinstance(r, str)][:1]
+        if shown:
+            tqdm.write(f"judge: a reply that holds no score, counted 0 (the first; others are "
+                       f"counted in judge_unparsed): {shown[0][:300]!r}")
+    return scores
+
+
 # A judge is a function (problems, golds, completions) -> list of scores in [0, 1], or None where
 # unparsed.
 def model_judge(reply):
     """A judge around a local model: reply(grading prompts) -> its replies (igrpo.load_judge
     supplies it)."""
+    shown = []
+
     def judge(problems, golds, completions):
-        replies = reply(grading_prompts(problems, golds, completions))
-        return [parse_score(text) for text in replies]
+        return scores_of(reply(grading_prompts(problems, golds, completions)), shown)
     return judge
 
 
-def url_judge(url, model_name, timeout=120, tries=3):
+def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
     base = url.rstrip("/")
     endpoint = url if base.endswith("chat/completions") else \
         base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+    shown = []
 
     def ask(prompt):
+        """The endpoint's reply, or the error of its last try."""
         body = json.dumps({"model": model_name or "judge", "temperature": 0, "max_tokens": 64,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
-        error = None
         for attempt in range(tries):
             try:
                 request = urllib.request.Request(endpoint, data=body,
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return json.load(response)["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError,
-                    ValueError) as caught:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError,
+                    TypeError, ValueError) as caught:
                 error = caught
                 time.sleep(0.5 * 2 ** attempt)
-        raise SystemExit(f"igrpo: error: --judge-url {url}: no usable answer from {endpoint} "
-                         f"after {tries} tries ({type(error).__name__}: {error})")
+        return error
 
     def judge(problems, golds, completions):
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            replies = pool.map(ask, grading_prompts(problems, golds, completions))
-            return [parse_score(reply) for reply in replies]
+        prompts = grading_prompts(problems, golds, completions)
+        replies = asked_all(ask, prompts, endpoint, notice_every)
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:  # an outage mid-run: counted as unparsed, so the run goes on or stops saved
+            tqdm.write(f"judge: no reply to {len(errors)} of {len(prompts)} requests from "
+                       f"{endpoint} after {tries} tries each ({type(errors[-1]).__name__}: "
+                       f"{errors[-1]}): counted as replies with no score")
+        return scores_of([None if isinstance(r, Exception) else r for r in replies], shown)
     # fail before training, not in the middle of it, if the judge is unreachable
-    ask("Reply with: Score: 1")
+    probe = ask("Reply with: Score: 1")
+    if isinstance(probe, Exception):
+        raise SystemExit(f"igrpo: error: --judge-url {url}: no usable answer from {endpoint} "
+                         f"after {tries} tries ({type(probe).__name__}: {probe})")
     return judge
+
+
+def asked_all(ask, prompts, endpoint, notice_every):
+    """ask(prompt) for every prompt, 16 at a time, in order; every notice_every seconds without
+    all replies, a line says the run is waiting on the judge."""
+    started = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(ask, prompt) for prompt in prompts]
+        while True:
+            done, waiting = concurrent.futures.wait(futures, timeout=notice_every)
+            if not waiting:
+                return [future.result() for future in futures]
+            tqdm.write(f"judge: waiting on {endpoint}: {len(done)} of {len(futures)} replies "
+                       f"after {time.time() - started:.0f} s")

@@ -703,8 +703,8 @@ def ending_when_stopped(save_checkpoint, run):
     def save_and_maybe_end(out, step, *args):
         folder = save_checkpoint(out, step, *args)
         cfg = args[-1]
-        if run.stopped or run.diverged:
-            barrier()  # torchrun ends every rank when one exits: not before rank 0 has saved
+        barrier()  # torchrun ends every rank when one exits (here, or igrpo's judge stop): not
+        # before rank 0 has saved
         if run.stopped:
             how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
                    f"continue with:\n  {resume_command()}")

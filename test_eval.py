@@ -1,5 +1,6 @@
 """The specification of eval.py and judge.py, as tests. Offline: tiny local models, a fake
 endpoint on 127.0.0.1."""
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF
@@ -9,6 +10,7 @@ import itertools
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -474,3 +476,86 @@ def test_training_with_a_judge_endpoint_uses_it_for_drafts_and_refinements(
     igrpo.train(cfg)
     graded = [r for r in FakeJudge.replies if "Solution to grade" in r]
     assert len(graded) == 2 * 4  # 2 problems x (2 drafts + 2 refinements)
+
+
+def test_every_judge_reply_without_a_score_is_counted_drafts_and_refinements_alike(
+        tiny, tmp_path, capsys):
+    def judge_that_never_scores(problems, golds, completions):
+        return [None] * len(completions)
+    cfg = tiny_config(tiny, tmp_path, reward="judge", steps=2)  # 2 problems x (2 drafts + 2)
+    igrpo.train(cfg, judge=judge_that_never_scores)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["judge_unparsed"] for r in records] == [8, 8]
+    assert "step 2: warning: 8 of 8 judge replies held no score" in capsys.readouterr().out
+
+
+def test_a_step_where_most_judge_replies_hold_no_score_is_warned_about_and_the_run_goes_on(
+        tiny, tmp_path, capsys):
+    def judge_scoring_one_in_four(problems, golds, completions):
+        return [1.0 if i % 4 == 0 else None for i in range(len(completions))]
+    cfg = tiny_config(tiny, tmp_path, reward="rule+judge", steps=4, algo="grpo")
+    igrpo.train(cfg, judge=judge_scoring_one_in_four)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["judge_unparsed"] for r in records] == [6, 6, 6, 6]
+    warnings = capsys.readouterr().out
+    assert warnings.count("judge replies held no score") == 4 and "6 of 8" in warnings
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_judge_that_gives_no_score_for_3_steps_stops_the_run_with_a_checkpoint_to_resume(
+        tiny, tmp_path):
+    def judge_that_never_scores(problems, golds, completions):
+        return [None] * len(completions)
+    cfg = tiny_config(tiny, tmp_path, reward="judge", steps=5, save_every=0)
+    with pytest.raises(SystemExit, match="no judge reply held a score for 3 steps in a row .* "
+                                         "checkpoint .*step-3; fix the judge, then --resume"):
+        igrpo.train(cfg, judge=judge_that_never_scores)
+    run = tmp_path / "run"
+    assert igrpo.checkpoints(run) == [run / "step-3"] and not (run / "final").exists()
+
+    def judge_that_is_fixed(problems, golds, completions):
+        return [1.0] * len(completions)
+    igrpo.train(dataclasses.replace(cfg, resume=True), judge=judge_that_is_fixed)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["judge_unparsed"] for r in records] == [8, 8, 8, 0, 0]
+    assert (run / "final").is_dir()
+
+
+def test_a_judge_endpoint_that_goes_down_mid_run_counts_as_no_score_and_says_why(capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    score = judge.url_judge(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge",
+                            timeout=1, tries=1)
+    server.shutdown()
+    server.server_close()  # now the port refuses connections, as a judge server that died
+    assert score(["What is 1+1?"] * 2, ["2"] * 2, ["\\boxed{2}", "\\boxed{3}"]) == [None, None]
+    said = capsys.readouterr().out
+    assert "judge: no reply to 2 of 2 requests from http://127.0.0.1:" in said
+    assert "after 1 tries each (URLError" in said and "counted as replies with no score" in said
+
+
+class SlowJudge(FakeJudge):
+    def do_POST(self):
+        time.sleep(0.5)
+        super().do_POST()
+
+
+def test_a_slow_judge_endpoint_says_that_the_run_is_waiting_on_it(capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        score = judge.url_judge(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge",
+                                notice_every=0.2)
+        assert score(["What is 1+1?"], ["2"], ["\\boxed{2}"]) == [1.0]
+    finally:
+        server.shutdown()
+    assert "judge: waiting on http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_the_first_judge_reply_without_a_score_is_printed_once(capsys):
+    score = judge.model_judge(lambda prompts: ["The solution looks fine to me."] * len(prompts))
+    assert score(["p"] * 2, ["2"] * 2, ["a", "b"]) == [None, None]
+    assert score(["p"], ["2"], ["c"]) == [None]
+    said = capsys.readouterr().out
+    assert said.count("judge: a reply that holds no score, counted 0") == 1
+    assert "'The solution looks fine to me.'" in said

@@ -631,9 +631,9 @@ def test_best_drafts_are_the_first_best_of_each_problem_with_every_drafts_reward
     texts = ["\\boxed{5}", "a \\boxed{2}", "b \\boxed{2}",  # problem 1: drafts 2 and 3 right
              "\\boxed{1}", "\\boxed{4}", "\\boxed{0}"]    # problem 2: none right
     drafts = SimpleNamespace(texts=texts, lengths=torch.full((6,), 3))
-    best, rewards = igrpo.best_drafts(tokenizer, batch, drafts, cfg)
+    best, scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg)
     assert best == ["a \\boxed{2}", "\\boxed{1}"]
-    assert rewards.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert scores.rewards.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
 
 
 def test_igrpo_trains_on_refinement_tokens_only(monkeypatch, tiny, tmp_path):
@@ -1243,6 +1243,21 @@ def test_a_dataset_file_that_cannot_be_read_is_a_one_line_error_naming_it(
     flag = "--" + option.replace("_", "-")
     assert str(stopped.value.code).startswith(f"igrpo: error: {flag} {path}: {message}")
     assert "\n" not in str(stopped.value.code)
+
+
+def test_a_hub_eval_dataset_is_read_from_its_test_split_not_the_training_split(monkeypatch):
+    import datasets
+    asked = []
+
+    def load_dataset(name, config, split):  # the hub, as its split argument sees it
+        asked.append((name, split))
+        return [{"question": f"{name} {split}: what is 1+1?", "answer": "#### 2"}]
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    igrpo.load_data(Config(dataset="openai/gsm8k", eval_dataset="openai/gsm8k"))
+    assert sorted(asked) == [("openai/gsm8k", "test"), ("openai/gsm8k", "train")]
+    asked.clear()
+    igrpo.load_data(Config(dataset="a/b", split="easy", eval_dataset="a/b", eval_split="hard"))
+    assert sorted(asked) == [("a/b", "easy"), ("a/b", "hard")]
 
 
 def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):

@@ -774,6 +774,31 @@ def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny,
     assert not torch.equal(draws[0][1], draws[1][1])
 
 
+def judge_stop_on_rank(rank, port, tiny, tmp_path):
+    join_as(rank, port)
+
+    def judge_that_never_scores(problems, golds, completions):
+        return [None] * len(completions)
+    cfg = scale_config(tiny, tmp_path, reward="judge", steps=5)  # each rank: 1 problem of 2
+    try:
+        scale.train(cfg, judge=judge_that_never_scores)
+    except SystemExit as stop:
+        torch.save(str(stop), tmp_path / f"stop-rank{rank}.pt")
+
+
+def test_under_torchrun_the_judge_stop_counts_every_ranks_replies_and_saves_before_any_exit(
+        tiny, tmp_path):
+    spawn_two_ranks(judge_stop_on_rank, tiny, tmp_path)
+    for rank in (0, 1):
+        assert "no judge reply held a score for 3 steps" in torch.load(
+            tmp_path / f"stop-rank{rank}.pt")
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["judge_unparsed"] for r in records] == [8, 8, 8]  # 2 problems x 4, both ranks
+    assert igrpo.checkpoints(run) == [run / "step-3"]
+    assert (run / "step-3" / "trainer_state.pt").is_file()
+
+
 def test_a_torchrun_checkpoint_written_on_gpus_resumes_on_a_cpu(tiny, tmp_path, monkeypatch):
     cfg = scale_config(tiny, tmp_path)
     model, tokenizer = load_tiny(tiny, cfg=cfg)

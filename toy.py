@@ -516,10 +516,10 @@ def load_as_train_does(cfg, judge=None):
     igrpo.seed(cfg)
     problems, _ = igrpo.load_data(cfg)  # no held-out set: explain_step leaves it out
     device, dtype = igrpo.device_and_dtype(cfg.dtype)
+    judge = judge or igrpo.load_judge(cfg, device, dtype)
     model, tokenizer, ref_model = igrpo.load_policy(cfg, None, device, dtype)
     context = igrpo.max_positions(model)
     problems = igrpo.short_enough(problems, tokenizer, cfg, context, "dataset")
-    judge = judge or igrpo.load_judge(cfg, device, dtype)
     master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
     return Loaded(model, tokenizer, ref_model, master, optimizer, problems, judge)
 
@@ -534,7 +534,8 @@ def sample_and_score(loaded, batch, cfg):
     group_size = cfg.group_size
     if cfg.algo == "igrpo":
         drafts = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.num_drafts)
-        best, draft_rewards = igrpo.best_drafts(tokenizer, batch, drafts, cfg, judge)
+        best, draft_scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg, judge)
+        draft_rewards = draft_scores.rewards                                     # (B, N)
         prompts = [igrpo.build_prompt(tokenizer, igrpo.refine_message(problem, draft), cfg)
                    for problem, draft in zip(problems, best)]
         group_size = cfg.group_size - cfg.num_drafts
