@@ -11,8 +11,9 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
 
 On a CPU, memory comes from torch's profiler (every tensor allocation and free), which also slows
 the measured phases: compare CPU times only with other runs of this script.
-The step benchmark runs scale.py's parts (as `python scale.py` trains) and builds a randomly initialized Llama-style model from a config (no download), so
-a random model writes to the full --completion budget: the worst case for time and memory.
+The step benchmark runs scale.py's parts (as `python scale.py` trains) and builds a randomly
+initialized Llama-style model from a config (no download), so a random model writes to the full
+--completion budget: the worst case for time and memory.
 """
 import argparse
 import json
@@ -106,11 +107,13 @@ def random_model(args, device, dtype):
 def bench_step(args):
     device, dtype = igrpo.device_and_dtype(args.dtype)
     model, tokenizer = random_model(args, device, dtype)
-    cfg = scale.ScaleConfig(algo=args.algo, group_size=args.group_size, num_drafts=args.group_size // 2,
-                       prompts_per_step=args.prompts, max_completion_tokens=args.completion,
-                       max_draft_tokens=args.completion, micro_batch_size=args.micro_batch_size,
-                       gradient_checkpointing=args.gradient_checkpointing, chat_template="off",
-                       lr=1e-6, lora_rank=args.lora_rank)
+    cfg = scale.ScaleConfig(algo=args.algo, group_size=args.group_size,
+                            num_drafts=args.group_size // 2, prompts_per_step=args.prompts,
+                            max_completion_tokens=args.completion,
+                            max_draft_tokens=args.completion,
+                            micro_batch_size=args.micro_batch_size,
+                            gradient_checkpointing=args.gradient_checkpointing,
+                            chat_template="off", lr=1e-6, lora_rank=args.lora_rank)
     scale.check_scoring(model, "bench")
     model = scale.apply_lora(model, cfg) if cfg.lora_rank else model
     if cfg.gradient_checkpointing:

@@ -1079,6 +1079,10 @@ def save(model, tokenizer, folder, trainer_state=None):
     temporary.rename(folder)
 
 
+TRAINER_STATE = ("step", "order", "optimizer", "metrics_bytes", "rng", "completions_bytes",
+                 "master")
+
+
 def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics, cfg):
     """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what
     an exact resume needs. Only the newest --keep-checkpoints stay."""
@@ -1116,6 +1120,10 @@ def load_checkpoint(folder, optimizer, master, cfg):
     except Exception as error:  # a cut or damaged file: torch's error types vary
         fail(f"--resume: {folder / 'trainer_state.pt'} is damaged ({first_line(error)}); delete "
              f"{folder} to resume from the checkpoint before it")
+    missing = sorted(set(TRAINER_STATE) - set(state))
+    if missing:
+        fail(f"--resume: {folder / 'trainer_state.pt'} was written by another version of igrpo.py "
+             f"(it lacks {', '.join(missing)}): resume with that version, or --overwrite")
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     if not metrics.is_file() or metrics.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics} is missing or shorter than when {folder} was saved")

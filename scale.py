@@ -640,7 +640,8 @@ def log_completions_on_rank_0(*args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # Long runs: Ctrl-C, non-finite updates, collapse warnings, running out of memory
 # ----------------------------------------------------------------------------------------------
-MAX_SKIPPED_IN_A_ROW = 3  # updates skipped (non-finite loss or gradient norm) before the run stops
+MAX_SKIPPED_IN_A_ROW = 3  # steps with a skipped update (non-finite loss or gradient norm) in a
+# row before the run stops
 COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
 ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but greedy
 
@@ -651,11 +652,9 @@ def skipping_non_finite(optimizer_step, run):
     def step(model, optimizer, master, cfg):
         norm = torch.nn.utils.get_total_norm([m.grad for m in master if m.grad is not None])
         if torch.isfinite(norm):
-            run.skipped_in_a_row = 0
             return optimizer_step(model, optimizer, master, cfg)
         optimizer.zero_grad(set_to_none=True)
         run.skipped += 1
-        run.skipped_in_a_row += 1
         return norm
     return step
 
@@ -664,6 +663,8 @@ def with_long_run_fields(step_record, run):
     """The step's record, with its skipped updates, and a warning once a policy looks collapsed."""
     def record_step(record):
         record = dict(step_record(record), skipped_updates=run.skipped)
+        # steps, not updates: with --ppo-epochs 3 one bad batch skips 3 updates of one step
+        run.skipped_in_a_row = run.skipped_in_a_row + 1 if run.skipped else 0
         run.skipped = 0
         run.history.append(record)
         warning = collapse_warning(run.history)
@@ -690,7 +691,8 @@ def collapse_warning(history):
 
 
 def saving_when_stopped(should_save, run):
-    """Save after a Ctrl-C (on any rank) and after MAX_SKIPPED_IN_A_ROW skipped updates, too."""
+    """Save after a Ctrl-C (on any rank) and after MAX_SKIPPED_IN_A_ROW steps that skipped an
+    update, too."""
     def save_now(step, cfg):
         run.stopped = summed_over_ranks(run.interrupted.is_set())[0] > 0
         run.diverged = run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
@@ -711,9 +713,10 @@ def ending_when_stopped(save_checkpoint, run):
             tqdm.write(f"interrupted after step {step}, checkpoint {folder}; {how}")
             raise SystemExit(130)
         if run.diverged:
-            fail(f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient norm "
-                 f"and were skipped: the learning rate (--lr {cfg.lr}) is likely too high, or the "
-                 f"precision too low (try --dtype fp32); the last good weights are in {folder}")
+            fail(f"{MAX_SKIPPED_IN_A_ROW} steps in a row had an update with a non-finite loss or "
+                 f"gradient norm, skipped: the learning rate (--lr {cfg.lr}) is likely too high, "
+                 f"or the precision too low (try --dtype fp32); the last good weights are in "
+                 f"{folder}")
         return folder
     return save_and_maybe_end
 

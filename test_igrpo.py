@@ -1108,6 +1108,26 @@ def test_a_damaged_newest_trainer_state_is_a_one_line_error_naming_the_file(tiny
     assert training_steps(tmp_path / "run") == [1, 2]
 
 
+def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothing(
+        tiny, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny, tmp_path, steps=3, save_every=1)
+    with monkeypatch.context() as patch:
+        rollout_that(patch, 3, crash)
+        with pytest.raises(Crash):
+            igrpo.train(cfg)
+    path = tmp_path / "run" / "step-2" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert tuple(state) == igrpo.TRAINER_STATE  # what a load checks for is what a save writes
+    del state["completions_bytes"]  # as a checkpoint from before completions.jsonl existed
+    torch.save(state, path)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit, match=r"--resume: .*step-2/trainer_state.pt was written by "
+                                         r"another version of igrpo.py \(it lacks "
+                                         r"completions_bytes\)"):
+        igrpo.train(dataclasses.replace(cfg, resume=True))
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_a_cut_args_json_is_a_one_line_error_on_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
     cfg = tiny_config(tiny, tmp_path)

@@ -931,7 +931,7 @@ def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with
         return loss * float("nan"), clipped, kl
     monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
     cfg = scale_config(tiny, tmp_path, steps=5)
-    with pytest.raises(SystemExit, match=r"3 updates in a row .*--lr 0.001.*--dtype fp32.*step-3"):
+    with pytest.raises(SystemExit, match=r"3 steps in a row .*--lr 0.001.*--dtype fp32.*step-3"):
         scale.train(cfg)
     lines = open(tmp_path / "run" / "metrics.jsonl").read().splitlines()
     records = [json.loads(line, parse_constant=lambda token: pytest.fail(f"bare {token}"))
@@ -941,6 +941,20 @@ def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with
     before = load_tiny(tiny)[0].state_dict()
     final = igrpo.load_model(str(tmp_path / "run" / "step-3"), cfg, torch.float32, "cpu")[0]
     assert all(torch.equal(before[name], final.state_dict()[name]) for name in before)  # no update
+
+
+def test_with_several_ppo_epochs_the_run_stops_after_3_steps_with_skipped_updates_not_3_updates(
+        tiny, tmp_path, monkeypatch):
+    real = igrpo.policy_loss
+
+    def nan_loss(*args):
+        loss, clipped, kl = real(*args)
+        return loss * float("nan"), clipped, kl
+    monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
+    with pytest.raises(SystemExit, match=r"3 steps in a row .*step-3"):
+        scale.train(scale_config(tiny, tmp_path, steps=5, ppo_epochs=2))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["skipped_updates"] for r in records] == [2, 2, 2]
 
 
 def test_a_finite_update_after_a_skipped_one_is_applied_and_logged_with_no_skips(
