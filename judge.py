@@ -86,13 +86,17 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
     base = url.rstrip("/")
     endpoint = url if base.endswith("chat/completions") else \
         base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-    shown = []
+    shown, down = [], []  # down: this call's first error that says the endpoint itself failed
 
     def ask(prompt):
-        """The endpoint's reply, or the error of its last try."""
+        """The endpoint's reply, or the error of its last try. Once one request has used up its
+        tries on an endpoint that is down, the call's other requests stop trying: an outage costs
+        one round of retries per call, not one per request."""
         body = json.dumps({"model": model_name or "judge", "temperature": 0, "max_tokens": 64,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         for attempt in range(tries):
+            if down:
+                return down[0]
             try:
                 request = urllib.request.Request(endpoint, data=body,
                                                  headers={"Content-Type": "application/json"})
@@ -102,10 +106,13 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
                     TypeError, ValueError) as caught:
                 error = caught
                 time.sleep(0.5 * 2 ** attempt)
+        if not (isinstance(error, urllib.error.HTTPError) and error.code < 500):  # 4xx: this one
+            down.append(error)
         return error
 
     def judge(problems, golds, completions):
         prompts = grading_prompts(problems, golds, completions)
+        down.clear()  # each call tries the endpoint afresh
         replies = asked_all(ask, prompts, endpoint, notice_every)
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors:  # an outage mid-run: counted as unparsed, so the run goes on or stops saved

@@ -559,3 +559,24 @@ def test_the_first_judge_reply_without_a_score_is_printed_once(capsys):
     said = capsys.readouterr().out
     assert said.count("judge: a reply that holds no score, counted 0") == 1
     assert "'The solution looks fine to me.'" in said
+
+
+class DownJudge(FakeJudge):
+    requests = []
+
+    def do_POST(self):
+        DownJudge.requests.append(1)
+        self.send_error(503, "overloaded")
+
+
+def test_an_endpoint_that_is_down_costs_one_round_of_retries_per_call_not_one_per_request():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        score = judge.url_judge(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge",
+                                tries=3)
+        server.RequestHandlerClass, DownJudge.requests = DownJudge, []  # up for the probe only
+        assert score(["p"] * 40, ["2"] * 40, ["\\boxed{2}"] * 40) == [None] * 40
+    finally:
+        server.shutdown()
+    assert 3 <= len(DownJudge.requests) <= 16 * 3  # the 16 in flight at most; 40 x 3 without
