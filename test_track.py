@@ -129,8 +129,11 @@ def wandb_run(tiny, tmp_path_factory):
         patch.delenv("WANDB_PROJECT", raising=False)
         for variable in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
             patch.setenv(variable, str(home))
-        return tracked_run(tiny, tmp_path_factory.mktemp("wandb"), track="wandb",
-                           run_name="toy-wandb")
+        run = tracked_run(tiny, tmp_path_factory.mktemp("wandb"), track="wandb",
+                          run_name="toy-wandb")
+    import wandb
+    wandb.teardown()  # finish() may return before wandb's service has flushed the .wandb file
+    return run
 
 
 def wandb_records(run):
