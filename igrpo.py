@@ -754,7 +754,7 @@ def train(cfg, judge=None):
     """Train cfg.model on cfg.dataset; returns held-out accuracy {"eval_before", "eval_after"}.
     judge: a function (problems, golds, completions) -> scores for --reward judge; by default
     judge.py's, from --judge-model or --judge-url."""
-    check_config(cfg)
+    check_config(cfg, judge)
     out, resume_from = Path(cfg.output_dir), prepare_output_dir(cfg)
     seed(cfg)
     problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
@@ -869,9 +869,6 @@ def load_judge(cfg, device, dtype):
     replies greedily, without gradients, on the training device. None for --reward rule."""
     if cfg.reward == "rule":
         return None
-    if not (cfg.judge_model or cfg.judge_url):
-        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url (or pass a judge function "
-             "to train)")
     import judge  # the grading prompt and score parsing; judge.py imports nothing from this file
     if cfg.judge_url:
         return judge.url_judge(cfg.judge_url, cfg.judge_model)
@@ -1144,8 +1141,9 @@ def load_checkpoint(folder, optimizer, master, cfg):
 # ----------------------------------------------------------------------------------------------
 # The command line: every Config field is a --kebab-case flag, checked before anything loads
 # ----------------------------------------------------------------------------------------------
-def check_config(cfg):
-    """The flags' values checked before anything loads; a bad one stops the run with one line."""
+def check_config(cfg, judge=None):
+    """The flags' values checked before anything loads; a bad one stops the run with one line.
+    judge: the function train() was given, which stands for --judge-model or --judge-url."""
     choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
                    reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
                    chat_template=("auto", "on", "off"),
@@ -1178,6 +1176,8 @@ def check_config(cfg):
     for name, (ok, rule) in bounds.items():
         if not ok:
             fail(f"{flag(name)} {getattr(cfg, name)}: must be {rule}")
+    if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url or judge):
+        fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
     if cfg.dataset and not cfg.model:
         fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     if cfg.resume and cfg.overwrite:

@@ -808,8 +808,8 @@ def attached(cfg, device=None):
         vars(igrpo).update(originals)
 
 
-def check_scale_config(cfg):
-    igrpo.check_config(cfg)
+def check_scale_config(cfg, judge=None):
+    igrpo.check_config(cfg, judge)
     if cfg.compile_generation not in ("auto", "on", "off"):
         fail(f"--compile-generation {cfg.compile_generation!r}: choose one of auto, on, off")
     if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
@@ -826,7 +826,7 @@ def check_scale_config(cfg):
 
 def train(cfg, judge=None):
     """igrpo.train, with scale.py's parts attached."""
-    check_scale_config(cfg)
+    check_scale_config(cfg, judge)
     setup_distributed(cfg)
     with attached(cfg):
         results = igrpo.train(cfg, judge)

@@ -512,7 +512,7 @@ def explain_step(cfg, command, say, judge=None):
 def load_as_train_does(cfg, judge=None):
     """igrpo.train's set-up without its run folder: the same calls, so the same random draws
     follow."""
-    igrpo.check_config(cfg)
+    igrpo.check_config(cfg, judge)
     igrpo.seed(cfg)
     problems, _ = igrpo.load_data(cfg)  # no held-out set: explain_step leaves it out
     device, dtype = igrpo.device_and_dtype(cfg.dtype)
