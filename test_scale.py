@@ -399,6 +399,29 @@ def test_bf16_models_with_logits_of_a_trained_size_keep_the_memory_light_path(
     assert (logp - reference).abs().max() < 0.01 * logits.abs().max()
 
 
+def test_bf16_soft_capped_logits_that_barely_change_between_positions_are_not_taken_for_a_bias():
+    """Entries whose logit stays near -19.3 in every context (a trained model's unused tokens):
+    the model's bf16 soft-cap rounds them the same way each time, which is not a bias."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    config = CONFIG_MAPPING["gemma2"](vocab_size=2000, hidden_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      intermediate_size=128, final_logit_softcapping=30.0,
+                                      head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    head = torch.nn.Linear(64, 2000, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight * 40)
+        head.weight[:20] /= 40  # rows 0-19: logits that vary by about 0.1 between contexts
+        head.bias.zero_()
+        head.bias[:20] = -19.3
+    model.lm_head = head
+    model = model.to(torch.bfloat16).eval()
+    scale.check_scoring(model, "gemma2")
+    assert not model.scored_by_forward
+
+
 @pytest.mark.parametrize("architecture,scaling", [
     ("llama", {}), ("gemma2", dict(final_logit_softcapping=30.0, head_dim=16))])
 def test_a_small_logit_bias_in_a_bf16_forward_is_caught_though_rounding_is_larger(
