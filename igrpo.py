@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -135,7 +136,7 @@ def read_rows(name, config="", split="train", flag="dataset"):
             return list(datasets.load_dataset(name, config or None, split=split))
         except Exception as error:  # the hub client raises many types; name and reason suffice
             fail(f"--{flag} {name!r}: not a local file, and the Hugging Face hub failed to load "
-                 f"it ({first_line(error)})")
+                 f"its split {split!r} ({first_line(error)})")
     if not path.is_file() or path.suffix not in (".jsonl", ".json", ".parquet"):
         fail(f"--{flag} {name}: " + ("no such file" if not path.is_file() else
              f"unsupported format {path.suffix or '(no suffix)'}: use .jsonl, .json, .parquet"))
@@ -282,7 +283,7 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
     accuracy = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)])
     rewards, unparsed = accuracy.clone(), 0
     if cfg.reward != "rule":
-        scores = judge(problems, golds, completions)
+        scores = judge_scores(judge, problems, golds, completions)
         unparsed = sum(s is None for s in scores)
         judged = torch.tensor([s or 0.0 for s in scores])
         rewards = judged if cfg.reward == "judge" else (accuracy + judged) / 2
@@ -292,6 +293,19 @@ def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
         start = cfg.max_completion_tokens - cfg.overlong_buffer
         rewards = rewards - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
     return Scores(rewards, accuracy, formats, unparsed)
+
+
+def judge_scores(judge, problems, golds, completions):
+    """The judge's scores, one per completion, each in [0, 1] or None (no score): anything else
+    from a judge function of one's own stops the run rather than turn into rewards."""
+    scores = list(judge(problems, golds, completions))
+    wrong = [s for s in scores if s is not None
+             and not (isinstance(s, numbers.Real) and 0 <= s <= 1)]  # NaN fails 0 <= s too
+    if len(scores) != len(completions) or wrong:
+        fail(f"the judge gave {len(scores)} scores for {len(completions)} completions"
+             + (f", one of them {wrong[0]!r}: each must be a number in [0, 1] or None" if wrong
+                else ""))
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,7 +534,8 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
         N = cfg.num_drafts
         drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
         best, draft_scores = best_drafts(tokenizer, batch, drafts, cfg, judge)
-        draft_rewards, unparsed = draft_scores.rewards, draft_scores.judge_unparsed  # (B, N)
+        draft_rewards = draft_scores.rewards.view(-1, N)                           # (B, N)
+        unparsed = draft_scores.judge_unparsed
         prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
                    for problem, draft in zip(problems, best)]                      # q' = q + d*
         group_size, generated = cfg.group_size - N, int(drafts.lengths.sum())
@@ -539,14 +554,14 @@ def rollout(model, tokenizer, batch, cfg, judge=None):
 
 def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
     """Stage 1's outcome: per problem d* = the first of the best drafts, cut to --max-draft-tokens,
-    and the drafts' Scores, their rewards (B, N)."""
+    and the drafts' Scores (B*N,)."""
     N, problems, golds = cfg.num_drafts, [b["problem"] for b in batch], [b["answer"] for b in batch]
     scores = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge)
     rewards = scores.rewards.view(-1, N)                                        # (B, N)
     best_rows = torch.arange(len(batch)) * N + rewards.argmax(1)                # argmax: first tie
     best = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens)
             for row in best_rows.tolist()]
-    return best, scores._replace(rewards=rewards)
+    return best, scores
 
 
 # ----------------------------------------------------------------------------------------------

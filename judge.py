@@ -15,6 +15,7 @@ stops with a checkpoint when none has for 3 steps). While the run waits on a slo
 says so every 30 s.
 """
 import concurrent.futures
+import http.client
 import json
 import re
 import time
@@ -86,7 +87,7 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
     base = url.rstrip("/")
     endpoint = url if base.endswith("chat/completions") else \
         base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-    shown, down = [], []  # down: this call's first error that says the endpoint itself failed
+    shown, down = [], []  # down: this call's first error that says the endpoint itself is down
 
     def ask(prompt):
         """The endpoint's reply, or the error of its last try. Once one request has used up its
@@ -102,11 +103,12 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return json.load(response)["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError,
-                    TypeError, ValueError) as caught:
+            except (OSError, http.client.HTTPException, KeyError, IndexError, TypeError,
+                    ValueError) as caught:  # OSError: refused, timed out, HTTP errors, SSL
                 error = caught
-                time.sleep(0.5 * 2 ** attempt)
-        if not (isinstance(error, urllib.error.HTTPError) and error.code < 500):  # 4xx: this one
+                if attempt + 1 < tries:
+                    time.sleep(0.5 * 2 ** attempt)
+        if is_outage(error):
             down.append(error)
         return error
 
@@ -126,6 +128,14 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
         raise SystemExit(f"igrpo: error: --judge-url {url}: no usable answer from {endpoint} "
                          f"after {tries} tries ({type(probe).__name__}: {probe})")
     return judge
+
+
+def is_outage(error):
+    """An error that says the endpoint is down or overloaded (no connection, a timeout, a 5xx),
+    not that this one request or its reply was odd (a 4xx, a reply without choices)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500
+    return isinstance(error, (OSError, http.client.HTTPException))
 
 
 def asked_all(ask, prompts, endpoint, notice_every):

@@ -648,8 +648,7 @@ def log_completions_on_rank_0(*args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 # Long runs: Ctrl-C, non-finite updates, collapse warnings, running out of memory
 # ----------------------------------------------------------------------------------------------
-MAX_SKIPPED_IN_A_ROW = 3  # steps with a skipped update (non-finite loss or gradient norm) in a
-# row before the run stops
+MAX_SKIPPED_IN_A_ROW = 3  # steps in a row with a skipped (non-finite) update: the run stops
 COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
 ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 0 is all but greedy
 

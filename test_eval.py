@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail 
 import http.server
 import itertools
 import json
+import re
 import shutil
 import threading
 import time
@@ -580,3 +581,22 @@ def test_an_endpoint_that_is_down_costs_one_round_of_retries_per_call_not_one_pe
     finally:
         server.shutdown()
     assert 3 <= len(DownJudge.requests) <= 16 * 3  # the 16 in flight at most; 40 x 3 without
+
+
+@pytest.mark.parametrize("returned,problem", [
+    ([1.0], "the judge gave 1 scores for 2 completions"),
+    ([1.0, 0.5, 0.0], "the judge gave 3 scores for 2 completions"),
+    ([1.0, "yes"], "one of them 'yes': each must be a number in [0, 1] or None"),
+    ([float("nan"), 1.0], "one of them nan"), ([2.0, None], "one of them 2.0")])
+def test_a_judge_function_that_returns_what_is_not_a_score_each_is_one_line(returned, problem):
+    with pytest.raises(SystemExit, match=re.escape(problem)):
+        igrpo.score(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], igrpo.Config(reward="judge"),
+                    problems=["p", "p"], judge=lambda *_: iter(returned))
+
+
+def test_judge_scores_may_be_any_real_number_type_or_none():
+    import numpy
+    scores = [numpy.float32(0.5), 1, None, numpy.float64(0.25)]
+    rewards = igrpo.score(["a"] * 4, ["2"] * 4, igrpo.Config(reward="judge"), problems=["p"] * 4,
+                          judge=lambda *_: scores).rewards
+    assert rewards.tolist() == [0.5, 1.0, 0.0, 0.25]

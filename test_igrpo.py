@@ -633,7 +633,7 @@ def test_best_drafts_are_the_first_best_of_each_problem_with_every_drafts_reward
     drafts = SimpleNamespace(texts=texts, lengths=torch.full((6,), 3))
     best, scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg)
     assert best == ["a \\boxed{2}", "\\boxed{1}"]
-    assert scores.rewards.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert scores.rewards.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_igrpo_trains_on_refinement_tokens_only(monkeypatch, tiny, tmp_path):

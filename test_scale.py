@@ -809,7 +809,7 @@ def judge_stop_on_rank(rank, port, tiny, tmp_path):
         torch.save(str(stop), tmp_path / f"stop-rank{rank}.pt")
 
 
-def test_under_torchrun_the_judge_stop_counts_every_ranks_replies_and_saves_before_any_exit(
+def test_under_torchrun_every_rank_counts_all_judge_replies_and_stops_at_the_same_checkpoint(
         tiny, tmp_path):
     spawn_two_ranks(judge_stop_on_rank, tiny, tmp_path)
     for rank in (0, 1):

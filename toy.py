@@ -535,7 +535,7 @@ def sample_and_score(loaded, batch, cfg):
     if cfg.algo == "igrpo":
         drafts = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.num_drafts)
         best, draft_scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg, judge)
-        draft_rewards = draft_scores.rewards                                     # (B, N)
+        draft_rewards = draft_scores.rewards.view(-1, cfg.num_drafts)            # (B, N)
         prompts = [igrpo.build_prompt(tokenizer, igrpo.refine_message(problem, draft), cfg)
                    for problem, draft in zip(problems, best)]
         group_size = cfg.group_size - cfg.num_drafts
