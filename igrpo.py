@@ -996,7 +996,7 @@ def read_metrics(out):
 # ----------------------------------------------------------------------------------------------
 RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
                      "gradient_checkpointing", "save_every", "keep_checkpoints", "track",
-                     "run_name", "log_completions_every"}
+                     "run_name", "log_completions_every", "output_dir"}  # a moved run folder
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 

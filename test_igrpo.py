@@ -7,8 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail 
 import json
 import random
 import re
+import shutil
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -1106,6 +1110,34 @@ def test_a_damaged_newest_trainer_state_is_a_one_line_error_naming_the_file(tiny
     message = str(stopped.value.code)
     assert f"--resume: {state} is damaged" in message and "\n" not in message
     assert training_steps(tmp_path / "run") == [1, 2]
+
+
+def test_igrpo_py_copied_alone_into_an_empty_folder_trains_saves_and_resumes(tiny, tmp_path):
+    """The file on its own, run as a script: no companion file is imported for a plain run."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    shutil.copy(Path(igrpo.__file__), folder / "igrpo.py")
+    flags = ["--model", str(tiny / "model"), "--dataset", str(tiny / "train.jsonl"),
+             "--steps", "2", "--save-every", "1", "--prompts-per-step", "2", "--group-size", "4",
+             "--num-drafts", "2", "--max-completion-tokens", "8", "--max-draft-tokens", "4",
+             "--micro-batch-size", "3", "--no-gradient-checkpointing", "--chat-template", "off",
+             "--lr", "1e-2", "--weight-decay", "0.5"]  # moves a random model's weights
+
+    def run(*more):
+        done = subprocess.run([sys.executable, "igrpo.py", *flags, *more], cwd=folder,
+                              capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+    run("--output-dir", "run")
+    shutil.copytree(folder / "run", folder / "resumed")
+    shutil.rmtree(folder / "resumed" / "final")  # as if stopped after step-1 was saved
+    run("--output-dir", "resumed", "--resume")
+    assert training_steps(folder / "resumed") == training_steps(folder / "run") == [1, 2]
+    first, resumed = final_weights(folder / "run"), final_weights(folder / "resumed")
+    start = load_file(tiny / "model" / "model.safetensors")
+    assert all(torch.equal(first[name], resumed[name]) for name in first)
+    assert any(not torch.equal(first[name], start[name]) for name in start)  # it trained
+    assert sorted(p.name for p in folder.iterdir()) == ["igrpo.py", "resumed", "run"]
 
 
 def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothing(
