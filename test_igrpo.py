@@ -1096,13 +1096,19 @@ def test_checkpoint_rotation_and_resume_use_only_folders_named_exactly_step_n(
         "final", "step-2-backup", "step-2.bak", "step-3"]
 
 
-def test_a_damaged_newest_trainer_state_is_a_one_line_error_naming_the_file(tiny, tmp_path,
-                                                                           monkeypatch):
+def run_stopped_in_step_3(tiny, tmp_path, monkeypatch):
+    """A run of 3 steps that saved step-1 and step-2, then crashed in step 3; its config."""
     cfg = tiny_config(tiny, tmp_path, steps=3, save_every=1)
     with monkeypatch.context() as patch:
         rollout_that(patch, 3, crash)
         with pytest.raises(Crash):
             igrpo.train(cfg)
+    return cfg
+
+
+def test_a_damaged_newest_trainer_state_is_a_one_line_error_naming_the_file(tiny, tmp_path,
+                                                                           monkeypatch):
+    cfg = run_stopped_in_step_3(tiny, tmp_path, monkeypatch)
     state = tmp_path / "run" / "step-2" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])  # cut short
     with pytest.raises(SystemExit) as stopped:
@@ -1142,11 +1148,7 @@ def test_igrpo_py_copied_alone_into_an_empty_folder_trains_saves_and_resumes(tin
 
 def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothing(
         tiny, tmp_path, monkeypatch):
-    cfg = tiny_config(tiny, tmp_path, steps=3, save_every=1)
-    with monkeypatch.context() as patch:
-        rollout_that(patch, 3, crash)
-        with pytest.raises(Crash):
-            igrpo.train(cfg)
+    cfg = run_stopped_in_step_3(tiny, tmp_path, monkeypatch)
     path = tmp_path / "run" / "step-2" / "trainer_state.pt"
     state = torch.load(path, weights_only=True)
     assert tuple(state) == igrpo.TRAINER_STATE  # what a load checks for is what a save writes

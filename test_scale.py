@@ -945,14 +945,19 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny, tmp_path, monk
     assert not list(folder.glob("step-*")) and training_steps(folder) == []
 
 
-def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with_the_likely_cause(
-        tiny, tmp_path, monkeypatch):
+def nan_losses(monkeypatch):
+    """igrpo.policy_loss, but every loss NaN."""
     real = igrpo.policy_loss
 
     def nan_loss(*args):
         loss, clipped, kl = real(*args)
         return loss * float("nan"), clipped, kl
     monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
+
+
+def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with_the_likely_cause(
+        tiny, tmp_path, monkeypatch):
+    nan_losses(monkeypatch)
     cfg = scale_config(tiny, tmp_path, steps=5)
     with pytest.raises(SystemExit, match=r"3 steps in a row .*--lr 0.001.*--dtype fp32.*step-3"):
         scale.train(cfg)
@@ -968,12 +973,7 @@ def test_a_non_finite_update_is_skipped_and_counted_and_a_run_of_them_stops_with
 
 def test_with_several_ppo_epochs_the_run_stops_after_3_steps_with_skipped_updates_not_3_updates(
         tiny, tmp_path, monkeypatch):
-    real = igrpo.policy_loss
-
-    def nan_loss(*args):
-        loss, clipped, kl = real(*args)
-        return loss * float("nan"), clipped, kl
-    monkeypatch.setattr(igrpo, "policy_loss", nan_loss)
+    nan_losses(monkeypatch)
     with pytest.raises(SystemExit, match=r"3 steps in a row .*step-3"):
         scale.train(scale_config(tiny, tmp_path, steps=5, ppo_epochs=2))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
