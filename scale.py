@@ -253,8 +253,9 @@ def check_scoring(model, what):
     that does more to its logits) through the model's own forward, (tokens x vocabulary)."""
     model.eval()
     vocabulary = getattr(model.config.get_text_config(), "vocab_size", None) or 256
-    ids = torch.randint(1, min(256, vocabulary), (16, 8), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(model.device)                                   # 16 contexts of 8 tokens (16, 8)
+    draws = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, min(256, vocabulary), (16, 8), generator=draws).to(model.device)
+    # 16 contexts of 8 tokens (16, 8)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                   position_ids=torch.arange(8, device=model.device).expand(16, -1))
     try:
@@ -712,8 +713,9 @@ def ending_when_stopped(save_checkpoint, run):
     def save_and_maybe_end(out, step, *args):
         folder = save_checkpoint(out, step, *args)
         cfg = args[-1]
-        barrier()  # torchrun ends every rank when one exits (here, or igrpo's judge stop): not
-        # before rank 0 has saved
+        # torchrun ends every rank when one exits (below, or igrpo's judge stop after this save):
+        # none may exit before rank 0 has saved
+        barrier()
         if run.stopped:
             how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
                    f"continue with:\n  {resume_command()}")
