@@ -119,8 +119,8 @@ def url_judge(url, model_name, timeout=120, tries=3, notice_every=30.0):
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         if errors:  # an outage mid-run: counted as unparsed, so the run goes on or stops saved
             tqdm.write(f"judge: no reply to {len(errors)} of {len(prompts)} requests from "
-                       f"{endpoint} after {tries} tries each ({type(errors[-1]).__name__}: "
-                       f"{errors[-1]}): counted as replies with no score")
+                       f"{endpoint} ({type(errors[-1]).__name__}: {errors[-1]}, up to {tries} "
+                       "tries each): counted as replies with no score")
         return scores_of([None if isinstance(r, Exception) else r for r in replies], shown)
     # fail before training, not in the middle of it, if the judge is unreachable
     probe = ask("Reply with: Score: 1")

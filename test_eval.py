@@ -532,7 +532,7 @@ def test_a_judge_endpoint_that_goes_down_mid_run_counts_as_no_score_and_says_why
     assert score(["What is 1+1?"] * 2, ["2"] * 2, ["\\boxed{2}", "\\boxed{3}"]) == [None, None]
     said = capsys.readouterr().out
     assert "judge: no reply to 2 of 2 requests from http://127.0.0.1:" in said
-    assert "after 1 tries each (URLError" in said and "counted as replies with no score" in said
+    assert "(URLError" in said and "counted as replies with no score" in said
 
 
 class SlowJudge(FakeJudge):
