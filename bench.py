@@ -8,10 +8,12 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
     python bench.py logprobs            # peak memory: scale.py's blockwise log-probs vs
                                         # igrpo.py's full float32 log-softmax
     python bench.py step --lora-rank 32 # the same step training LoRA adapters only
+    python bench.py step --path plain   # the step with igrpo.py's own parts
 
 On a CPU, memory comes from torch's profiler (every tensor allocation and free), which also slows
 the measured phases: compare CPU times only with other runs of this script.
-The step benchmark runs scale.py's parts (as `python scale.py` trains) and builds a randomly
+The step benchmark runs scale.py's parts (as `python scale.py` trains; --path plain: igrpo.py's
+own, as `python igrpo.py` trains) and builds a randomly
 initialized Llama-style model from a config (no download), so a random model writes to the full
 --completion budget: the worst case for time and memory.
 """
@@ -114,16 +116,19 @@ def bench_step(args):
                             micro_batch_size=args.micro_batch_size,
                             gradient_checkpointing=args.gradient_checkpointing,
                             chat_template="off", lr=1e-6, lora_rank=args.lora_rank)
-    scale.check_scoring(model, "bench")
+    parts = igrpo.Parts()  # --path plain: igrpo.py's own
+    if args.path == "scale":
+        scale.check_scoring(model, "bench")
+        parts = scale.scale_parts(cfg)
     model = scale.apply_lora(model, cfg) if cfg.lora_rank else model
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    with scale.attached(cfg, device):
-        step_loop(args, cfg, model, tokenizer, device, dtype)
+    step_loop(args, cfg, parts, model, tokenizer, device, dtype)
 
 
-def step_loop(args, cfg, model, tokenizer, device, dtype):
-    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+def step_loop(args, cfg, parts, model, tokenizer, device, dtype):
+    master, optimizer = parts.make_optimizer(model, cfg)
+    policy = igrpo.Policy(model, tokenizer, optimizer, master)
     params, trained = sum(p.numel() for p in model.parameters()), sum(m.numel() for m in master)
     batch = [{"problem": f"What is {a} + {a}?", "answer": str(2 * a)}
              for a in range(cfg.prompts_per_step)]
@@ -133,7 +138,7 @@ def step_loop(args, cfg, model, tokenizer, device, dtype):
           f"{cfg.prompts_per_step} prompts x {cfg.group_size}, "
           f"completion budget {cfg.max_completion_tokens}, "
           f"micro-batch {cfg.micro_batch_size}, "
-          f"gradient checkpointing {cfg.gradient_checkpointing}")
+          f"gradient checkpointing {cfg.gradient_checkpointing}, {args.path} path")
     def live_state_bytes():  # weights, master weights and their gradients, Adam's moments
         tensors = {id(t): t for t in [*model.parameters(), *master]}
         tensors.update({id(m.grad): m.grad for m in master if m.grad is not None})
@@ -146,22 +151,25 @@ def step_loop(args, cfg, model, tokenizer, device, dtype):
     for step in range(args.steps):
         before_sampling = allocated_bytes()
         started = time.time()
-        (samples, rewards, group, info), sample_peak = peak_memory(
-            lambda: igrpo.rollout(model, tokenizer, batch, cfg), device)
+        rollout, sample_peak = peak_memory(
+            lambda: igrpo.sample_and_score(batch, policy, cfg, parts), device)
         sampled = time.time()
         # random rewards so that every group carries gradient, as in real training
-        advantages = igrpo.group_advantages(torch.rand(len(rewards)), group)
-        keep = torch.ones(len(rewards), dtype=torch.bool)
+        samples, count = rollout.sequences, len(rollout.sequences.texts)
+        advantages = igrpo.group_advantages(torch.rand(count), rollout.per_group)
+        keep = torch.ones(count, dtype=torch.bool)
         before_update = allocated_bytes()
         _, update_peak = peak_memory(lambda: igrpo.policy_update(
-            model, optimizer, master, samples, advantages, keep, cfg), device)
+            policy, samples, advantages, keep, cfg, parts), device)
         done = time.time()
         # the fp32 gradients are freed after each optimizer step; at the update's peak they exist
         state = live_state_bytes() + sum(m.numel() * 4 for m in master)
         # KiB on Linux; the process's peak
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         sample_seconds, update_seconds = sampled - started, done - sampled
-        generated_tokens, update_tokens = info["generated_tokens"], int(samples.lengths.sum())
+        update_tokens = int(samples.lengths.sum())
+        generated_tokens = update_tokens + (int(rollout.drafts.lengths.sum()) if rollout.drafts
+                                            else 0)
         print(f"step {step}: sampling {sample_seconds:.1f}s ({generated_tokens} tokens, "
               f"{generated_tokens / sample_seconds:.0f} tok/s, "
               f"peak {(before_sampling + sample_peak) / 2**30:.2f} GiB), "
@@ -222,5 +230,7 @@ if __name__ == "__main__":
                         help="as igrpo.py's --dtype (bf16 on a CPU is slow)")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="train LoRA adapters of this rank (0: all)")
+    parser.add_argument("--path", default="scale", choices=["scale", "plain"],
+                        help="step: scale.py's parts, or igrpo.py's own (plain)")
     args = parser.parse_args()
     {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)

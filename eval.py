@@ -24,6 +24,7 @@ kill or Ctrl-C keeps every finished problem, and the same command resumes. summa
 benchmark evaluated in the folder, a later run's beside the earlier ones.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -408,22 +409,6 @@ def print_table(results):
                                       for c, h in zip(columns, headings)))
 
 
-def checkpoint(model):
-    """--model as given (a hub name or model folder), or a training run folder's final/."""
-    folder = Path(model)
-    if not folder.is_dir() or any((folder / name).is_file()
-                                  for name in ("config.json", "adapter_config.json")):
-        return model
-    if (folder / "final").is_dir():
-        print(f"--model {model}: a training run folder; evaluating its final checkpoint, "
-              f"{folder / 'final'}")
-        return str(folder / "final")
-    what = ("a training run folder without final/ (still training, or stopped early?)"
-            if (folder / "metrics.jsonl").is_file() else "no config.json: not a model folder")
-    igrpo.fail(f"--model {model}: {what}; pass a model folder such as a run's final/ "
-               f"(or a step-N checkpoint)")
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate a causal LM with the iGRPO paper's protocol.",
@@ -445,9 +430,11 @@ def parse_args(argv=None):
                              "through iGRPO's template")
     parser.add_argument("--output-dir", default="runs/eval",
                         help="summary.json and one JSONL per benchmark")
-    igrpo.add_config_flags(parser, scale.ScaleConfig, CONFIG_FLAGS)
+    fields = {f.name: f for f in dataclasses.fields(scale.ScaleConfig)}
+    for name, field_name in CONFIG_FLAGS.items():
+        igrpo.add_flag(parser, fields[field_name], name)
     args = parser.parse_args(argv)
-    args.model = checkpoint(args.model)
+    args.model = igrpo.model_source(args.model)
     scale.check_scale_config(config(args))  # igrpo.py's checks and --compile-generation's
     if args.k is not None and args.k < 1:
         igrpo.fail(f"--k {args.k}: need at least 1 sample per problem")
@@ -484,7 +471,7 @@ def main(argv=None):
         folder.benchmarks = [prepare(name, args, cfg, out) for name in names]
         device, dtype = igrpo.device_and_dtype(cfg.dtype)
         model, tokenizer = scale.lean_load_model(args.model, cfg, dtype, device)  # LoRA folders too
-        igrpo.say_context_limit(model, 1, cfg.max_completion_tokens)
+        igrpo.say_context_limit(igrpo.max_positions(model), 1, cfg.max_completion_tokens)
         for bench in folder.benchmarks:
             folder.finish(bench, evaluate_benchmark(model, tokenizer, bench, args, cfg, folder))
     except KeyboardInterrupt:

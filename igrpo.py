@@ -7,11 +7,11 @@ iGRPO adds one idea: first sample a few drafts, keep the best one, and let the m
 of answers *after reading that draft*. Only those refinements are trained on; at test time the
 model answers in one pass, no drafts.
 
-Read top to bottom: settings, data, prompts, rewards, the policy, sampling, the two-stage step,
-log-probs, group-relative advantages, the clipped surrogate with KL penalty, the update, the loop,
-checkpoints and resume, the command line; an appendix grades answers. Bigger, faster and longer
-runs (LoRA, torchrun, memory-lean log-probs, compiled sampling, Ctrl-C) are scale.py's, which runs
-this same code.
+Read top to bottom: settings, data, prompts, rewards, the policy, then one training step (its
+overview, the two stages, sampling, log-probs, group-relative advantages, the clipped surrogate with
+KL penalty, the update), the parts a companion may replace, the loop, checkpoints and resume, the
+command line; an appendix grades answers. Bigger, faster runs (LoRA, torchrun, memory-lean
+log-probs, compiled sampling) are scale.py's, which hands its own parts to this file's train().
 
     python igrpo.py --model Qwen/Qwen2.5-Math-1.5B --dataset DigitalLearningGmbH/MATH-lighteval
     python toy.py                    # the offline toy world: a tiny model trained on the CPU
@@ -20,12 +20,14 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib
+import inspect
 import json
 import math
-import numbers
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -34,7 +36,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import sympy
 import torch
@@ -44,14 +46,18 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------
 # Settings: the paper's where it states them, ours where it is silent; one flag each (--kebab-case)
 # ----------------------------------------------------------------------------------------------
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
+def setting(default, help, choices=(), rule="", resumable=False):
+    """A Config field: its default, one line of help, and what check_config holds it to: one of
+    `choices`, or a `rule` ('>= 1', '> 0', 'in (0, 1]'). A resumable one may change on --resume."""
+    return field(default=default, metadata=dict(help=help, choices=choices, rule=rule,
+                                                resumable=resumable))
 
 
 @dataclass
 class Config:
     # what to train
-    model: str = setting("", "Hugging Face causal LM (hub name or local folder) to train")
+    model: str = setting("", "Hugging Face causal LM (hub name, local folder, .gguf file or a "
+                             "run folder's final/) to train")
     dataset: str = setting("", "hub dataset name or local .jsonl/.json/.parquet file of problems")
     dataset_config: str = setting("", "hub dataset config, e.g. 'main' for openai/gsm8k")
     split: str = setting("train", "dataset split to train on")
@@ -59,56 +65,85 @@ class Config:
     answer_key: str = setting("", "gold answer or solution column (default: answer/solution/...)")
     eval_dataset: str = setting("", "held-out problems, scored before and after (file or hub)")
     eval_split: str = setting("test", "split of a hub --eval-dataset")
-    eval_limit: int = setting(200, "score at most this many held-out problems")
-    eval_every: int = setting(0, "also score the held-out set every N steps (0: never)")
-    eval_samples: int = setting(1, "samples per held-out problem (accuracy: the paper's avg@k)")
+    eval_limit: int = setting(200, "score at most this many held-out problems", rule=">= 1")
+    eval_every: int = setting(0, "also score the held-out set every N steps (0: never)",
+                              rule=">= 0")
+    eval_samples: int = setting(1, "samples per held-out problem (accuracy: the paper's avg@k)",
+                                rule=">= 1")
     # the method
-    algo: str = setting("igrpo", "igrpo (drafts, then refinements) or grpo (the baseline)")
-    loss: str = setting("grpo", "grpo | dr_grpo | dapo | gspo: how the loss clips, averages")
-    group_size: int = setting(8, "sequences generated per problem per step, both stages together")
+    algo: str = setting("igrpo", "igrpo (drafts, then refinements) or grpo (the baseline)",
+                        choices=("igrpo", "grpo"))
+    loss: str = setting("grpo", "how the loss clips and averages",
+                        choices=("grpo", "dr_grpo", "dapo", "gspo"))
+    group_size: int = setting(8, "sequences generated per problem per step, both stages together",
+                              rule=">= 2")
     num_drafts: int = setting(4, "iGRPO Stage-1 drafts per problem; the rest are refinements")
-    prompts_per_step: int = setting(8, "problems per update step")
-    steps: int = setting(100, "update steps")
-    lr: float = setting(1e-6, "peak learning rate")
-    warmup_ratio: float = setting(0.1, "fraction of steps spent in linear warm-up")
-    min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a fraction of the peak")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm")
-    clip_eps_low: float = setting(0.0, "ratio clip below 1 (0: the loss's default, 0.2; gspo 3e-4)")
-    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's default; dapo 0.28)")
-    beta: float = setting(0.0, "weight of the k3 KL penalty to the frozen reference (paper: 0)")
-    ppo_epochs: int = setting(1, "updates per sampled batch (1: no old-logprob pass is needed)")
-    reward: str = setting("rule", "rule (answer checker) | judge (an LM) | rule+judge (their mean)")
+    prompts_per_step: int = setting(8, "problems per update step", rule=">= 1")
+    steps: int = setting(100, "update steps", rule=">= 1")
+    lr: float = setting(1e-6, "peak learning rate", rule="> 0")
+    warmup_ratio: float = setting(0.1, "fraction of steps spent in linear warm-up", rule="in [0, 1)")
+    min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a fraction of the peak",
+                                  rule="in [0, 1]")
+    weight_decay: float = setting(0.0, "AdamW weight decay", rule=">= 0")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", rule="> 0")
+    clip_eps_low: float = setting(0.0, "ratio clip below 1 (0: the loss's default, 0.2; gspo 3e-4)",
+                                  rule=">= 0")
+    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's default; dapo 0.28)",
+                                   rule=">= 0")
+    beta: float = setting(0.0, "weight of the k3 KL penalty to the frozen reference (paper: 0)",
+                          rule=">= 0")
+    ppo_epochs: int = setting(1, "updates per sampled batch (1: no old-logprob pass is needed)",
+                              rule=">= 1")
+    reward: str = setting("rule", "rule (answer checker) | judge (an LM) | rule+judge (their mean)",
+                          choices=("rule", "judge", "rule+judge"))
     judge_model: str = setting("", "judge LM (hub name or folder) for --reward judge")
     judge_url: str = setting("", "OpenAI-compatible endpoint (vLLM, SGLang) serving the judge")
     format_weight: float = setting(0.0, "weight of the format reward (the paper's appendix: 1)")
-    overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens")
+    overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens",
+                                   rule=">= 0")
     # sampling
-    temperature: float = setting(0.7, "sampling temperature during training")
-    top_p: float = setting(1.0, "nucleus sampling in training (log-probs ignore its cut)")
-    max_prompt_tokens: int = setting(1024, "longer problems are skipped")
-    max_completion_tokens: int = setting(4096, "generation budget per completion")
-    max_draft_tokens: int = setting(2048, "a longer best draft loses its beginning")
-    eval_temperature: float = setting(0.6, "temperature for held-out scoring (and eval.py)")
-    eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring (and eval.py)")
-    chat_template: str = setting("auto", "auto | on | off: the tokenizer's chat template")
+    temperature: float = setting(0.7, "sampling temperature during training",
+                                 rule="> 0")  # log-probs are of softmax(logits / T)
+    top_p: float = setting(1.0, "nucleus sampling in training (log-probs ignore its cut)",
+                           rule="in (0, 1]")
+    max_prompt_tokens: int = setting(1024, "longer problems are skipped", rule=">= 1")
+    max_completion_tokens: int = setting(4096, "generation budget per completion", rule=">= 1")
+    max_draft_tokens: int = setting(2048, "a longer best draft loses its beginning", rule=">= 1")
+    eval_temperature: float = setting(0.6, "temperature for held-out scoring (and eval.py)",
+                                      rule=">= 0")
+    eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring (and eval.py)",
+                                rule="in (0, 1]")
+    chat_template: str = setting("auto", "the tokenizer's chat template: auto (if it has one), on "
+                                         "or off", choices=("auto", "on", "off"))
     # engineering
-    micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory")
-    generation_batch_size: int = setting(256, "sequences per generate call")
-    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save memory")
-    dtype: str = setting("auto", "auto (GPU: bf16, CPU: fp32) | bf16 | fp32 (master weights: fp32)")
+    micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory",
+                                    rule=">= 1", resumable=True)
+    generation_batch_size: int = setting(256, "sequences per generate call", rule=">= 1",
+                                         resumable=True)
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save "
+                                                 "memory", resumable=True)
+    dtype: str = setting("auto", "auto (GPU: bf16, CPU: fp32) | bf16 | fp32 (master weights: fp32)",
+                         choices=("auto", "bf16", "fp32"))
     trust_remote_code: bool = setting(False, "allow model/tokenizer code from the hub")
     seed: int = setting(0, "random seed")
-    output_dir: str = setting("runs/igrpo", "metrics.jsonl, args.json and checkpoints go here")
-    save_every: int = setting(0, "also save a checkpoint every N steps (0: only the final model)")
-    keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)")
-    resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint")
-    overwrite: bool = setting(False, "delete the run in --output-dir and start afresh")
+    output_dir: str = setting("runs/igrpo", "metrics.jsonl, args.json and checkpoints go here",
+                              resumable=True)  # a run folder moved elsewhere resumes there
+    save_every: int = setting(0, "also save a checkpoint every N steps (0: only the final model; "
+                                 "Ctrl-C saves one too)", rule=">= 0", resumable=True)
+    keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)",
+                                    rule=">= 0", resumable=True)
+    resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint",
+                           resumable=True)
+    overwrite: bool = setting(False, "delete the run in --output-dir and start afresh",
+                              resumable=True)
     log_completions_every: int = setting(10, "write a few problems' completions of every Nth "
-                                             "step to completions.jsonl (0: never)")
-    track: str = setting("none", "none | tensorboard | wandb | trackio: also send the metrics "
-                                 "and completions there (track.py)")
-    run_name: str = setting("", "the run's name in the tracker (default: --output-dir's name)")
+                                             "step to completions.jsonl (0: never)", rule=">= 0",
+                                         resumable=True)
+    track: str = setting("none", "also send the metrics and completions to this tracker "
+                                 "(track.py)", choices=("none", "tensorboard", "wandb", "trackio"),
+                         resumable=True)
+    run_name: str = setting("", "the run's name in the tracker (default: --output-dir's name)",
+                            resumable=True)
 
 
 def fail(message):
@@ -120,6 +155,16 @@ def first_line(error):
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
 
 
+def companion(name, needed_for):
+    """A file of this project beside igrpo.py (judge.py, track.py), imported when a flag needs it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        fail(f"{needed_for}: needs {name}.py beside igrpo.py (copy it from the project)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: problems with gold answers, from a local file or the hub
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +174,7 @@ ANSWER_KEYS = ("answer", "solution", "final_answer", "target", "output")
 
 def read_rows(name, config="", split="train", flag="dataset"):
     """The rows of a local .jsonl/.json/.parquet file or a hub dataset; errors name the file."""
-    path, where = Path(name), ""
+    path = Path(name)
     if not (path.suffix in (".jsonl", ".json", ".parquet") or path.exists()):
         try:
             import datasets
@@ -144,18 +189,22 @@ def read_rows(name, config="", split="train", flag="dataset"):
         if path.suffix == ".parquet":
             import datasets
             return list(datasets.Dataset.from_parquet(name))
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":  # a list of rows, or an object holding one: {"data": [...]}
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
             return data if isinstance(data, list) else [*filter(lambda v: isinstance(v, list),
                                                                 data.values()), []][0]
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            where, rows = f", line {number}", rows + ([json.loads(line)] if line.strip() else [])
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as error:
+                fail(f"--{flag} {name}, line {number}: not valid JSON ({error.msg})")
         return rows
     except UnicodeDecodeError as error:
         fail(f"--{flag} {name}: not UTF-8 text (byte {error.start} is {error.object[error.start]})")
     except json.JSONDecodeError as error:
-        fail(f"--{flag} {name}{where}: not valid JSON ({error.msg})")
+        fail(f"--{flag} {name}: not valid JSON ({error.msg})")
     except Exception as error:  # a .parquet that is not one: pyarrow's error types vary
         fail(f"--{flag} {name}: cannot be read as {path.suffix[1:]} ({first_line(error)})")
 
@@ -180,12 +229,16 @@ def load_problems(name, cfg, flag="dataset", limit=None, split=None):
             fail(f"--{flag} {name}: no column {given!r} (--{option}) among {columns}" if given
                  else f"--{flag} {name}: no {option[:-4]} column among {columns}; name it with "
                  f"--{option}")
-    problems = []
+    problems, prose = [], 0
     for index, row in enumerate(rows, 1):  # counted from 1, like the lines of a .jsonl
         problem, raw = (row.get(key) if isinstance(row, dict) else None for key in keys)
         if not problem or not str(raw or "").strip():
             fail(f"--{flag} {name}, row {index}: empty or missing {keys[bool(problem)]!r}")
         problems.append({"problem": str(problem), "answer": gold_answer(str(raw))})
+        prose += not extract_answer(str(raw)) and len(str(raw).split()) > 3
+    if prose:  # "It is four.": graded as written, which a right answer rarely matches
+        print(f"--{flag} {name}: {prose} of {len(problems)} gold answers read like prose (no "
+              f"\\boxed{{}} or ####, over 3 words); each is compared whole")
     return problems
 
 
@@ -233,7 +286,8 @@ def prompt_length(tokenizer, problem, cfg):
 def short_enough(problems, tokenizer, cfg, context, flag):
     """The problems whose prompt fits --max-prompt-tokens and leaves room in the model's context."""
     limit = min(cfg.max_prompt_tokens, context - 1) if context else cfg.max_prompt_tokens
-    short = [p for p in problems if prompt_length(tokenizer, p["problem"], cfg) <= limit]
+    lengths = [prompt_length(tokenizer, p["problem"], cfg) for p in problems]
+    short = [p for p, length in zip(problems, lengths) if length <= limit]
     if not short:
         fail(f"--{flag} {getattr(cfg, flag.replace('-', '_'))}: every prompt is longer than "
              f"{limit} tokens (--max-prompt-tokens {cfg.max_prompt_tokens}, "
@@ -241,7 +295,16 @@ def short_enough(problems, tokenizer, cfg, context, flag):
     if len(short) < len(problems):
         print(f"--{flag}: skipping {len(problems) - len(short)} problems longer than {limit} "
               "prompt tokens")
+    drafts = cfg.max_draft_tokens if cfg.algo == "igrpo" and flag == "dataset" else 0
+    say_context_limit(context, max(n for n in lengths if n <= limit) + drafts,
+                      cfg.max_completion_tokens)
     return short
+
+
+def say_context_limit(context, prompt_tokens, budget):
+    if context and prompt_tokens + budget > context:
+        tqdm.write(f"the model reads at most {context} positions: a completion stops there, "
+                   f"short of its budget of {budget} tokens, when prompt + budget exceed it")
 
 
 def cut_draft(tokenizer, draft, max_tokens):
@@ -271,41 +334,28 @@ def format_reward(completion):
     return 1.0 if before.strip() and closed and "\\boxed{" not in after else 0.0
 
 
-class Scores(NamedTuple):
-    rewards: torch.Tensor   # (B,) what the advantages are computed from
+class Rewards(NamedTuple):
+    total: torch.Tensor     # (B,) what the advantages are computed from
     accuracy: torch.Tensor  # (B,) 1.0 where the checker finds the gold answer
     format: torch.Tensor    # (B,) 1.0 for reasoning, then one boxed answer (format_reward)
     judge_unparsed: int     # judge replies that gave no score (counted 0)
 
 
-def score(completions, golds, cfg, lengths=None, problems=None, judge=None):
+def compute_rewards(completions, golds, cfg, lengths=None, problems=None, judge=None):
     """The one reward function: accuracy (checker and/or judge) + format - overlong penalty."""
     accuracy = torch.tensor([math_reward(c, g) for c, g in zip(completions, golds)])
-    rewards, unparsed = accuracy.clone(), 0
+    total, unparsed = accuracy.clone(), 0
     if cfg.reward != "rule":
-        scores = judge_scores(judge, problems, golds, completions)
+        scores = judge(problems, golds, completions)  # in [0, 1], or None: no score
         unparsed = sum(s is None for s in scores)
         judged = torch.tensor([s or 0.0 for s in scores])
-        rewards = judged if cfg.reward == "judge" else (accuracy + judged) / 2
+        total = judged if cfg.reward == "judge" else (accuracy + judged) / 2
     formats = torch.tensor([format_reward(c) for c in completions])
-    rewards = rewards + cfg.format_weight * formats
+    total = total + cfg.format_weight * formats
     if cfg.overlong_buffer and lengths is not None:  # DAPO (Yu et al. 2025): soft, near the budget
         start = cfg.max_completion_tokens - cfg.overlong_buffer
-        rewards = rewards - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
-    return Scores(rewards, accuracy, formats, unparsed)
-
-
-def judge_scores(judge, problems, golds, completions):
-    """The judge's scores, one per completion, each in [0, 1] or None (no score): anything else
-    from a judge function of one's own stops the run rather than turn into rewards."""
-    scores = list(judge(problems, golds, completions))
-    wrong = [s for s in scores if s is not None
-             and not (isinstance(s, numbers.Real) and 0 <= s <= 1)]  # NaN fails 0 <= s too
-    if len(scores) != len(completions) or wrong:
-        fail(f"the judge gave {len(scores)} scores for {len(completions)} completions"
-             + (f", one of them {wrong[0]!r}: each must be a number in [0, 1] or None" if wrong
-                else ""))
-    return scores
+        total = total - ((lengths.cpu().float() - start) / cfg.overlong_buffer).clamp(0, 1)
+    return Rewards(total, accuracy, formats, unparsed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,16 +370,36 @@ def device_and_dtype(choice):
     return device, torch.bfloat16 if bf16 else torch.float32
 
 
+def model_source(name, flag="model"):
+    """A model folder to load: a run folder stands for its final/ (eval.py takes it too)."""
+    folder = Path(name)
+    if not folder.is_dir() or any((folder / f).is_file() for f in ("config.json",
+                                                                   "adapter_config.json")):
+        return name
+    if (folder / "final").is_dir():
+        print(f"--{flag} {name}: a training run folder; loading its final model, {folder / 'final'}")
+        return str(folder / "final")
+    run = (folder / "metrics.jsonl").is_file() or (folder / "args.json").is_file()
+    fail(f"--{flag} {name}: " + ("a training run folder without final/ (still training, or "
+                                 "stopped early?)" if run else "no config.json: not a model folder")
+         + "; pass a model folder such as a run's final/ (or a step-N checkpoint)")
+
+
 def load_model(name, cfg, dtype, device, flag="model"):
-    """(model on device, tokenizer) from a hub name or folder, ready to sample and score."""
+    """(model on device, tokenizer) from a hub name, a folder or a .gguf file, ready to sample and
+    score."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    name, where = model_source(name, flag), {}
+    if name.endswith(".gguf"):  # llama.cpp's single-file format, dequantized by transformers
+        name, where = str(Path(name).parent), dict(gguf_file=Path(name).name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype,
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code,
+                                                  **where)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **where,
                                                      trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as error:
-        fail(f"--{flag} {name!r}: not a local model folder, and the Hugging Face hub failed to "
-             f"load it ({first_line(error)})")
+    except (OSError, ValueError, ImportError) as error:  # ImportError: a .gguf needs gguf
+        fail(f"--{flag} {str(Path(name, *where.values()))!r}: not a local model folder, and the "
+             f"Hugging Face hub failed to load it ({first_line(error)})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for module in model.modules():  # a training forward scores tokens under the policy that sampled
@@ -377,6 +447,19 @@ def max_positions(model):
     return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
 
 
+def load_policy(cfg, resume_from, device, dtype, load=load_model):
+    """(policy, tokenizer, frozen reference policy or None: --beta 0 needs none). load: how a model
+    folder loads (scale.py's also checks how to score it)."""
+    model, tokenizer = load(str(resume_from or cfg.model), cfg, dtype, device)
+    reference = None
+    if cfg.beta > 0:
+        reference = load(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:  # backward recomputes each layer's activations
+        enable = getattr(model, "activation_checkpointing_enable", None)  # older: gradient_...
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+    return model, tokenizer, reference
+
+
 def master_weights(model):
     """The optimizer's fp32 weights: fp32 parameters themselves, fp32 copies of the others, whose
     gradients move into their copies' as backward produces them."""
@@ -405,11 +488,90 @@ def master_weights_and_optimizer(model, cfg):
     return master, torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-@torch.no_grad()
-def copy_master_to_model(model, master):
-    for p, m in zip([p for p in model.parameters() if p.requires_grad], master):
-        if p is not m:
-            p.copy_(m)
+class Policy(NamedTuple):
+    """What a step trains and reads: the model and its tokenizer, AdamW over its fp32 master
+    weights, and the frozen reference model the KL penalty holds it near (None at --beta 0)."""
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    master: list
+    reference: torch.nn.Module = None
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step. GRPO: G completions of each problem q, one update. iGRPO, two stages and one
+# update:
+#   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
+#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and
+#            gradient. Either way the step generates G sequences per problem: the matched budget
+#            (our G, --group-size, is the paper's N + G; its G refinements are our G - N).
+# What the step calls follows it, in the order it calls it. `parts` (Parts, before the loop) holds
+# the calls a companion may replace: parts.sample, parts.token_logprobs, parts.optimizer_step.
+# ----------------------------------------------------------------------------------------------
+def training_step(step, batch, policy, cfg, parts):
+    """One GRPO or iGRPO step on a batch of problems (this process's share of the step's).
+    Returns (its line of metrics.jsonl, the Rollout, the advantages)."""
+    started = time.time()
+    rollout = sample_and_score(batch, policy, cfg, parts)
+    rewards = rollout.rewards.total                                              # (B*G,)
+    advantages = group_advantages(rewards, rollout.per_group, scale_by_std=cfg.loss != "dr_grpo")
+    # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
+    trained = torch.ones_like(rewards, dtype=torch.bool)                         # (B*G,)
+    if cfg.loss == "dapo":
+        trained = informative_groups(rewards, rollout.per_group)
+    for param_group in policy.optimizer.param_groups:
+        param_group["lr"] = learning_rate(step - 1, cfg)
+    update = policy_update(policy, rollout.sequences, advantages, trained, cfg, parts)
+    record = step_metrics(step, rollout, trained, update, time.time() - started, cfg,
+                          parts.world)
+    return dict(record, lr=policy.optimizer.param_groups[0]["lr"]), rollout, advantages
+
+
+class Rollout(NamedTuple):
+    sequences: "Sequences"  # what the update trains on: the refinements (iGRPO) or the group (GRPO)
+    rewards: Rewards        # of those sequences, (B*per_group,) each, groups contiguous
+    per_group: int          # sequences trained on per problem: G (GRPO), G - N refinements (iGRPO)
+    prompts: list           # what they were sampled from, B of them: q' = q + d* (iGRPO) or q
+    drafts: "Sequences" = None   # Stage 1 (iGRPO): N drafts of each problem, (B*N) rows
+    draft_rewards: Rewards = None
+    best_drafts: list = None     # d* of each problem, cut to --max-draft-tokens
+
+
+def sample_and_score(batch, policy, cfg, parts):
+    """Sample and score one step's groups: Stage 1 then Stage 2 (iGRPO), or the group (GRPO)."""
+    model, tokenizer = policy.model, policy.tokenizer
+    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
+    prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
+    stage_one, per_group = {}, cfg.group_size
+    if cfg.algo == "igrpo":  # Stage 1
+        N = cfg.num_drafts
+        drafts = parts.sample(model, tokenizer, prompts, cfg, per_prompt=N, progress="drafts")
+        best, draft_rewards = best_drafts(tokenizer, batch, drafts, cfg, parts.judge)
+        prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
+                   for problem, draft in zip(problems, best)]                      # q' = q + d*
+        per_group = cfg.group_size - N
+        stage_one = dict(drafts=drafts, draft_rewards=draft_rewards, best_drafts=best)
+    sequences = parts.sample(model, tokenizer, prompts, cfg, per_prompt=per_group,
+                             progress="refinements" if stage_one else "group")  # Stage 2, or GRPO
+    rewards = compute_rewards(sequences.texts, repeat(golds, per_group), cfg, sequences.lengths,
+                              repeat(problems, per_group), parts.judge)
+    return Rollout(sequences, rewards, per_group, prompts, **stage_one)
+
+
+def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
+    """Stage 1's outcome: per problem d* = the first of the best drafts, cut to --max-draft-tokens,
+    and the drafts' Rewards (B*N,)."""
+    N, problems, golds = cfg.num_drafts, [b["problem"] for b in batch], [b["answer"] for b in batch]
+    rewards = compute_rewards(drafts.texts, repeat(golds, N), cfg, drafts.lengths,
+                              repeat(problems, N), judge)
+    best_rows = torch.arange(len(batch)) * N + rewards.total.view(-1, N).argmax(1)  # first of ties
+    best = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens)
+            for row in best_rows.tolist()]
+    return best, rewards
+
+
+def repeat(items, times):
+    return [item for item in items for _ in range(times)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +579,8 @@ def copy_master_to_model(model, master):
 # no gradient)
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Samples:
-    """A batch of prompts with their sampled completions, laid out as one left-padded tensor."""
+class Sequences:
+    """Prompts with their sampled completions, laid out as one left-padded tensor."""
     input_ids: torch.Tensor       # (B, P+T) prompt left-padded to P, completion right-padded to T
     attention_mask: torch.Tensor  # (B, P+T)
     prompt_length: int            # P
@@ -430,12 +592,8 @@ class Samples:
         return self.completion_mask.sum(1)
 
     def subset(self, rows):       # rows: a slice
-        return Samples(self.input_ids[rows], self.attention_mask[rows], self.prompt_length,
-                       self.completion_mask[rows], self.texts[rows])
-
-
-def repeat(items, times):
-    return [item for item in items for _ in range(times)]
+        return Sequences(self.input_ids[rows], self.attention_mask[rows], self.prompt_length,
+                         self.completion_mask[rows], self.texts[rows])
 
 
 @torch.no_grad()
@@ -443,8 +601,8 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
            max_new_tokens=None, progress=None, **generate_options):
     """per_prompt completions for each prompt, grouped: rows i*per_prompt .. (i+1)*per_prompt-1.
     Temperature, top-p and the token budget default to training's; held-out scoring and the judge
-    pass their own. progress: a label for a progress bar (None: no bar). generate_options: more
-    GenerationConfig fields (scale.py's static cache)."""
+    pass their own. progress: a label for a progress bar, shown once sampling takes over 2 s (None:
+    no bar). generate_options: more GenerationConfig fields (scale.py's static cache)."""
     from transformers import GenerationConfig
     temperature = cfg.temperature if temperature is None else temperature
     top_p = cfg.top_p if top_p is None else top_p
@@ -462,7 +620,7 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
     per_call = max(1, cfg.generation_batch_size // per_prompt)  # prompts per generate call
     outputs = []  # (generate's output, its prompts' attention mask) per call
     bar = tqdm(total=len(prompts) * per_prompt, desc=progress, leave=False, dynamic_ncols=True,
-               disable=progress is None)
+               disable=progress is None, delay=2)
     try:
         for start in range(0, len(prompts), per_call):
             encoded = encode(tokenizer, prompts[start:start + per_call], cfg).to(model.device)
@@ -478,10 +636,10 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
     finally:
         model.generation_config = own_defaults
         bar.close()
-    return stack_samples(outputs, tokenizer, stop)
+    return stack_sequences(outputs, tokenizer, stop)
 
 
-def stack_samples(outputs, tokenizer, stop):
+def stack_sequences(outputs, tokenizer, stop):
     """Pad generate outputs to one (B, P+T) layout. A completion ends at its first stop token, or
     where its generate call ended: the padding added here is never mistaken for a sampled token,
     even when it is the EOS id."""
@@ -507,61 +665,7 @@ def stack_samples(outputs, tokenizer, stop):
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(completions, text_ends)],
                                    skip_special_tokens=True)
     attention_mask = torch.cat([prompt_mask, completion_mask.long()], 1)
-    return Samples(input_ids, attention_mask, P, completion_mask, texts)
-
-
-# ----------------------------------------------------------------------------------------------
-# The two-stage step. GRPO: G completions of q, one update. iGRPO, two stages and one update:
-#   Stage 1: N drafts of q (no gradient), scored; d* = the first of the best (used even if wrong)
-#   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and
-#            gradient. Either way the step generates G sequences per problem: the matched budget
-#            (our G, --group-size, is the paper's N + G; its G refinements are our G - N).
-# ----------------------------------------------------------------------------------------------
-class Rollout(NamedTuple):
-    samples: Samples        # what the update trains on: the refinements (iGRPO) or the group (GRPO)
-    rewards: torch.Tensor   # (B*group_size,) one per sample, groups contiguous
-    group_size: int         # G (GRPO) or G - N (iGRPO's refinements)
-    metrics: dict           # draft and best-draft rewards, accuracy, tokens generated, best drafts
-
-
-def rollout(model, tokenizer, batch, cfg, judge=None):
-    """Sample and score one step's groups."""
-    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
-    prompts = [build_prompt(tokenizer, problem, cfg) for problem in problems]
-    group_size, metrics = cfg.group_size, dict(draft_reward=None, best_draft_reward=None)
-    generated = unparsed = 0
-    if cfg.algo == "igrpo":  # Stage 1
-        N = cfg.num_drafts
-        drafts = sample(model, tokenizer, prompts, cfg, per_prompt=N)
-        best, draft_scores = best_drafts(tokenizer, batch, drafts, cfg, judge)
-        draft_rewards = draft_scores.rewards.view(-1, N)                           # (B, N)
-        unparsed = draft_scores.judge_unparsed
-        prompts = [build_prompt(tokenizer, refine_message(problem, draft), cfg)
-                   for problem, draft in zip(problems, best)]                      # q' = q + d*
-        group_size, generated = cfg.group_size - N, int(drafts.lengths.sum())
-        metrics.update(draft_reward=draft_rewards.mean().item(), best_drafts=best,
-                       best_draft_reward=draft_rewards.amax(1).mean().item(),
-                       drafts=drafts.texts, draft_rewards=draft_rewards.tolist())
-    samples = sample(model, tokenizer, prompts, cfg, per_prompt=group_size)  # Stage 2, or GRPO
-    scores = score(samples.texts, repeat(golds, group_size), cfg, samples.lengths,
-                   repeat(problems, group_size), judge)
-    metrics.update(accuracy=scores.accuracy.mean().item(),
-                   format_reward=scores.format.mean().item(),
-                   judge_unparsed=unparsed + scores.judge_unparsed,
-                   generated_tokens=generated + int(samples.lengths.sum()))
-    return Rollout(samples, scores.rewards, group_size, metrics)
-
-
-def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
-    """Stage 1's outcome: per problem d* = the first of the best drafts, cut to --max-draft-tokens,
-    and the drafts' Scores (B*N,)."""
-    N, problems, golds = cfg.num_drafts, [b["problem"] for b in batch], [b["answer"] for b in batch]
-    scores = score(drafts.texts, repeat(golds, N), cfg, drafts.lengths, repeat(problems, N), judge)
-    rewards = scores.rewards.view(-1, N)                                        # (B, N)
-    best_rows = torch.arange(len(batch)) * N + rewards.argmax(1)                # argmax: first tie
-    best = [cut_draft(tokenizer, drafts.texts[row], cfg.max_draft_tokens)
-            for row in best_rows.tolist()]
-    return best, scores
+    return Sequences(input_ids, attention_mask, P, completion_mask, texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,27 +674,38 @@ def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
 # ----------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask, temperature,
                    with_entropy=True):
-    """(logp, entropy or None), each (b, T), zero off the mask. This holds (b, T, V) float32
-    log-probs; scale.py's lean version never does, and a test pins that the two agree."""
+    """(logp, entropy or None), each (b, T), zero off the mask. The output layer runs only where a
+    position predicts a completion token (logits_to_keep), and one (b, T, V) float32 log-softmax is
+    kept for backward; scale.py's lean version keeps none, and a test pins that the two agree."""
+    T = input_ids.shape[1] - prompt_length
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
+    # the positions P-1 .. P+T-2 predict the T completion tokens; older models compute them all
+    keep = dict(logits_to_keep=T + 1) if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits[:, prompt_length - 1:-1]            # (b, T, V)
+                   use_cache=False, **keep).logits[:, -T - 1:-1]                  # (b, T, V)
     all_logp = torch.log_softmax(logits.float() / temperature, -1)              # (b, T, V)
+    del logits
     targets = input_ids[:, prompt_length:]                                      # (b, T)
     logp = all_logp.gather(-1, targets[..., None]).squeeze(-1)                  # (b, T)
     entropy = None
-    if with_entropy:  # a metric: no gradient
-        entropy = torch.special.entr(all_logp.detach().exp()).sum(-1)           # -sum p log p
-        entropy = entropy.masked_fill(~completion_mask, 0.0)
+    if with_entropy:  # a metric, without gradient: -sum p log p, in one temporary (b, T, V)
+        with torch.no_grad():
+            probabilities = all_logp.exp()
+            minus_p_log_p = torch.special.entr(probabilities, out=probabilities)  # p = 0 gives 0
+            entropy = minus_p_log_p.sum(-1).masked_fill(~completion_mask, 0.0)
     return logp.masked_fill(~completion_mask, 0.0), entropy
+
+
+def accepts_logits_to_keep(model):
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 # ----------------------------------------------------------------------------------------------
 # Group-relative advantages: every token of o_j gets A_j = (R_j - mean(R)) / std(R) over its group,
 # and A_j = 0 when the group agrees (std = 0). No value network.
 # ----------------------------------------------------------------------------------------------
-def group_advantages(rewards, group_size, scale_by_std=True):
-    grouped = rewards.view(-1, group_size)                                       # (B, G)
+def group_advantages(rewards, per_group, scale_by_std=True):
+    grouped = rewards.view(-1, per_group)                                        # (B, G)
     centered = grouped - grouped.mean(1, keepdim=True)
     if scale_by_std:  # Dr. GRPO (Liu et al. 2025) drops this division
         centered = centered / (grouped.std(1, correction=0, keepdim=True) + 1e-6)
@@ -598,10 +713,10 @@ def group_advantages(rewards, group_size, scale_by_std=True):
     return centered.masked_fill(agree, 0.0).view(-1)                              # (B*G,)
 
 
-def informative_groups(rewards, group_size):
+def informative_groups(rewards, per_group):
     """(B*G,) True for members of groups whose rewards differ: the only groups that carry signal."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped.amax(1) != grouped.amin(1)).repeat_interleave(group_size)
+    grouped = rewards.view(-1, per_group)
+    return (grouped.amax(1) != grouped.amin(1)).repeat_interleave(per_group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,21 +729,17 @@ CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28),
                  "gspo": (3e-4, 4e-4)}  # (eps_low, eps_high) per loss
 
 
-def loss_weights(completion_mask, loss, max_completion_tokens):
-    """(B, T) weight of each token's term; summed over the micro-batches, the batch's loss."""
+def loss_weights(completion_mask, loss, max_completion_tokens, world):
+    """(B, T) weight of each token's term; summed over the micro-batches, this process's share of
+    the step's loss. The normalizers count every process's completions and tokens, so the shares'
+    gradients add up to the one-process gradient."""
     mask = completion_mask.float()
-    completions, tokens = batch_totals(mask)
+    completions, tokens = world.sum(len(mask), mask.sum())
     if loss == "dapo":     # DAPO (Yu et al. 2025): one token-level mean over the whole batch
-        return mask / tokens
+        return mask / max(tokens, 1)
     if loss == "dr_grpo":  # Dr. GRPO: a constant normalizer, not scaled by a completion's length
-        return mask / (max_completion_tokens * completions)
-    return mask / (mask.sum(1, keepdim=True) * completions)  # grpo, gspo: mean of per-answer means
-
-
-def batch_totals(mask):
-    """(completions, tokens) of the step's batch: the loss's normalizers. (scale.py's torchrun
-    counts every process's, so that each process's loss is its share of one loss.)"""
-    return len(mask), mask.sum()
+        return mask / (max_completion_tokens * max(completions, 1))
+    return mask / (mask.sum(1, keepdim=True) * max(completions, 1))  # grpo, gspo: mean of means
 
 
 def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_logp=None):
@@ -654,107 +765,10 @@ def policy_loss(logp, old_logp, advantages, completion_mask, weights, cfg, ref_l
 
 
 # ----------------------------------------------------------------------------------------------
-# The update: the loss over micro-batches, gradients accumulated into the fp32 master weights, one
-# AdamW step per epoch (--ppo-epochs: the paper does not say; our 1 needs no pass for pi_old)
+# The update: the learning rate of the step, the loss over micro-batches, gradients accumulated
+# into the fp32 master weights, one AdamW step per epoch (--ppo-epochs: the paper does not say;
+# our 1 needs no pass for pi_old)
 # ----------------------------------------------------------------------------------------------
-def policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model=None):
-    """--ppo-epochs optimizer steps on the completions marked trained (B*G,). Returns metrics."""
-    model.train()
-    rows = trained.to(samples.input_ids.device).nonzero().squeeze(1)            # (n,)
-    weights = loss_weights(samples.completion_mask[rows], cfg.loss, cfg.max_completion_tokens)
-    micro_batches = [(rows[i:i + cfg.micro_batch_size], weights[i:i + cfg.micro_batch_size])
-                     for i in range(0, len(rows), cfg.micro_batch_size)]
-    # With one epoch the sampler *is* the policy being updated: pi_old = logp.detach(), no pass.
-    old = frozen_logprobs(model, samples, micro_batches, cfg) if cfg.ppo_epochs > 1 else None
-    reference = ref_model and frozen_logprobs(ref_model, samples, micro_batches, cfg)
-    advantages, totals = advantages.to(rows.device), dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0)
-    for epoch in range(cfg.ppo_epochs):
-        for k, (micro_rows, micro_weights) in enumerate(micro_batches):
-            input_ids, attention_mask, prompt_length, completion_mask = micro_batch(samples,
-                                                                                    micro_rows)
-            logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_length,
-                                           completion_mask, cfg.temperature,
-                                           with_entropy=epoch == 0)                 # (b, T) each
-            old_logp = old[k] if old else logp.detach()
-            loss, clipped, kl = policy_loss(logp, old_logp, advantages[micro_rows],
-                                            completion_mask, micro_weights[:, :logp.shape[1]],
-                                            cfg, reference[k] if reference else None)
-            loss.backward()  # into the fp32 master gradients (move_gradient)
-            totals["loss"] += loss.detach() / cfg.ppo_epochs
-            totals["clipped"] += clipped
-            totals["kl"] += kl
-            totals["entropy"] += 0.0 if entropy is None else (entropy * completion_mask).sum()
-        grad_norm = optimizer_step(model, optimizer, master, cfg)
-    tokens = max(1, int(samples.completion_mask[rows].sum()))
-    totals = {name: float(value) for name, value in totals.items()}  # one device sync, here
-    return dict(loss=totals["loss"], clip_frac=totals["clipped"] / (tokens * cfg.ppo_epochs),
-                kl=totals["kl"] / (tokens * cfg.ppo_epochs) if ref_model is not None else None,
-                entropy=totals["entropy"] / tokens if len(rows) else None,
-                grad_norm=float(grad_norm))
-
-
-def micro_batch(samples, rows):
-    """The rows without the columns that are padding in all of them: less work, the same sums."""
-    attention = samples.attention_mask[rows]
-    start = int(attention[:, :samples.prompt_length].argmax(1).min())
-    end = samples.prompt_length + int(samples.lengths[rows].max())
-    completion_mask = samples.completion_mask[rows, :end - samples.prompt_length]
-    input_ids, prompt_length = samples.input_ids[rows, start:end], samples.prompt_length - start
-    return input_ids, attention[:, start:end], prompt_length, completion_mask
-
-
-@torch.no_grad()
-def frozen_logprobs(policy, samples, micro_batches, cfg):
-    """log pi_old or log pi_ref of every micro-batch: one pass without gradient."""
-    return [token_logprobs(policy, *micro_batch(samples, rows), cfg.temperature,
-                           with_entropy=False)[0] for rows, _ in micro_batches]
-
-
-def optimizer_step(model, optimizer, master, cfg):
-    """Clip the gradient's norm, step AdamW on the master weights, copy them into the model.
-    Returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    copy_master_to_model(model, master)
-    return grad_norm
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop: each step samples its problems' groups (Stage 1 + Stage 2 for iGRPO), computes A_j,
-# and takes one update; held-out accuracy is single-pass from q alone, as at the paper's test time.
-# ----------------------------------------------------------------------------------------------
-def training_step(step, model, tokenizer, optimizer, master, batch, cfg, judge, ref_model,
-                  tracker=None):
-    """One GRPO or iGRPO step on a batch of problems; returns its line of metrics.jsonl."""
-    started = time.time()
-    samples, rewards, group_size, metrics = rollout(model, tokenizer, batch, cfg, judge)
-    advantages = group_advantages(rewards, group_size, scale_by_std=cfg.loss != "dr_grpo")
-    # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
-    trained = torch.ones_like(rewards, dtype=torch.bool)                         # (B*G,)
-    if cfg.loss == "dapo":
-        trained = informative_groups(rewards, group_size)
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = learning_rate(step - 1, cfg)
-    update = policy_update(model, optimizer, master, samples, advantages, trained, cfg, ref_model)
-    seconds, generated = time.time() - started, metrics["generated_tokens"]
-    if cfg.log_completions_every and step % cfg.log_completions_every == 0:
-        log_completions(step, batch, samples.texts, rewards, advantages, metrics, cfg, tracker)
-    return step_record(dict(
-        step=step, reward=rewards.mean().item(), accuracy=metrics["accuracy"],
-        draft_reward=metrics["draft_reward"], best_draft_reward=metrics["best_draft_reward"],
-        **update, format_reward=metrics["format_reward"], completion_tokens=generated,
-        mean_completion_length=samples.lengths.float().mean().item(),
-        dropped_groups=int((~trained).sum()) // group_size,
-        judge_unparsed=metrics["judge_unparsed"], lr=optimizer.param_groups[0]["lr"],
-        step_seconds=seconds, tokens_per_second=generated / seconds))
-
-
-def step_record(record):
-    """A step's line of metrics.jsonl (scale.py's torchrun sums it over processes)."""
-    return record
-
-
 def learning_rate(step, cfg):
     """Linear warm-up, then cosine decay to a floor of min_lr_ratio x the peak."""
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))
@@ -765,66 +779,279 @@ def learning_rate(step, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def train(cfg, judge=None):
-    """Train cfg.model on cfg.dataset; returns held-out accuracy {"eval_before", "eval_after"}.
-    judge: a function (problems, golds, completions) -> scores for --reward judge; by default
-    judge.py's, from --judge-model or --judge-url."""
-    check_config(cfg, judge)
-    out, resume_from = Path(cfg.output_dir), prepare_output_dir(cfg)
-    seed(cfg)
-    problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
-    device, dtype = device_and_dtype(cfg.dtype)
-    judge = judge or load_judge(cfg, device, dtype)  # an unreachable judge fails before the model
-    model, tokenizer, ref_model = load_policy(cfg, resume_from, device, dtype)
-    problems = short_enough(problems, tokenizer, cfg, max_positions(model), "dataset")
-    held_out = held_out and short_enough(held_out, tokenizer, cfg, max_positions(model),
-                                         "eval-dataset")
-    master, optimizer = master_weights_and_optimizer(model, cfg)
-    start, order = load_checkpoint(resume_from, optimizer, master, cfg)
-    with open(out / "metrics.jsonl", "a") as metrics, tracking(cfg) as tracker, \
-            writes_explained(out):
-        if held_out and start == 0 and not resume_from:
-            log_held_out(metrics, 0, model, tokenizer, held_out, cfg, tracker)
-        bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps,
-                   desc=cfg.algo, dynamic_ncols=True)
-        silent = 0  # steps in a row in which no judge reply held a score
-        for step in bar:
-            batch, order = next_batch(problems, order, cfg)
-            record = training_step(step, model, tokenizer, optimizer, master, batch, cfg,
-                                   judge, ref_model, tracker)
-            write_metrics(metrics, record, tracker)
-            bar.set_postfix(reward=f"{record['reward']:.2f}")
-            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                log_held_out(metrics, step, model, tokenizer, held_out, cfg, tracker)
-            silent = silent + 1 if judge_silent(record, cfg) else 0
-            if step < cfg.steps and (should_save(step, cfg) or silent == JUDGE_SILENT_STEPS):
-                folder = save_checkpoint(out, step, model, tokenizer, optimizer, master, order,
-                                         metrics, cfg)  # after the score: both are resumed
-                if silent == JUDGE_SILENT_STEPS:
-                    fail(f"no judge reply held a score for {silent} steps in a row (each counted "
-                         f"0; the judge's lines above say why): stopped with checkpoint {folder}; "
-                         "fix the judge, then --resume")
-        if not (resume_from and resume_from.name == "final"):  # first: a lost score is redone
-            save(model, tokenizer, out / "final")
-        if held_out and not finished(out, cfg):
-            log_held_out(metrics, cfg.steps, model, tokenizer, held_out, cfg, tracker)
+def policy_update(policy, sequences, advantages, trained, cfg, parts):
+    """--ppo-epochs optimizer steps on the completions marked trained (B*G,). Returns this
+    process's sums of the update's numbers, and the gradient norm averaged over the epochs."""
+    model = policy.model
+    model.train()
+    rows = trained.to(sequences.input_ids.device).nonzero().squeeze(1)          # (n,)
+    weights = loss_weights(sequences.completion_mask[rows], cfg.loss, cfg.max_completion_tokens,
+                           parts.world)
+    micro_batches = [(rows[i:i + cfg.micro_batch_size], weights[i:i + cfg.micro_batch_size])
+                     for i in range(0, len(rows), cfg.micro_batch_size)]
+    # With one epoch the sampler *is* the policy being updated: pi_old = logp.detach(), no pass.
+    old = no_grad_logprobs(model, sequences, micro_batches, cfg, parts) \
+        if cfg.ppo_epochs > 1 else None
+    reference = policy.reference and no_grad_logprobs(policy.reference, sequences,
+                                                      micro_batches, cfg, parts)
+    advantages = advantages.to(rows.device)
+    sums = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0, grad_norm=0.0)
+    bar = tqdm(total=cfg.ppo_epochs * len(micro_batches), desc="update", leave=False, delay=2,
+               dynamic_ncols=True)
+    for epoch in range(cfg.ppo_epochs):
+        for k, (micro_rows, micro_weights) in enumerate(micro_batches):
+            input_ids, attention_mask, prompt_length, completion_mask = micro_batch(sequences,
+                                                                                    micro_rows)
+            logp, entropy = parts.token_logprobs(model, input_ids, attention_mask, prompt_length,
+                                                 completion_mask, cfg.temperature,
+                                                 with_entropy=epoch == 0)           # (b, T) each
+            old_logp = old[k] if old else logp.detach()
+            loss, clipped, kl = policy_loss(logp, old_logp, advantages[micro_rows],
+                                            completion_mask, micro_weights[:, :logp.shape[1]],
+                                            cfg, reference[k] if reference else None)
+            loss.backward()  # into the fp32 master gradients (move_gradient)
+            sums["loss"] += loss.detach() / cfg.ppo_epochs
+            sums["clipped"] += clipped
+            sums["kl"] += kl
+            sums["entropy"] += 0.0 if entropy is None else (entropy * completion_mask).sum()
+            bar.update()
+        sums["grad_norm"] += parts.optimizer_step(policy, cfg) / cfg.ppo_epochs
+    bar.close()
+    return dict({name: float(value) for name, value in sums.items()},  # one device sync, here
+                tokens=int(sequences.completion_mask[rows].sum()))
+
+
+def micro_batch(sequences, rows):
+    """The rows without the columns that are padding in all of them: less work, the same sums."""
+    attention = sequences.attention_mask[rows]
+    start = int(attention[:, :sequences.prompt_length].argmax(1).min())
+    end = sequences.prompt_length + int(sequences.lengths[rows].max())
+    completion_mask = sequences.completion_mask[rows, :end - sequences.prompt_length]
+    input_ids, prompt_length = sequences.input_ids[rows, start:end], sequences.prompt_length - start
+    return input_ids, attention[:, start:end], prompt_length, completion_mask
+
+
+@torch.no_grad()
+def no_grad_logprobs(model, sequences, micro_batches, cfg, parts):
+    """log pi_old (the policy before this step's updates) or log pi_ref (the frozen reference) of
+    every micro-batch: one pass without gradient."""
+    return [parts.token_logprobs(model, *micro_batch(sequences, rows), cfg.temperature,
+                                 with_entropy=False)[0] for rows, _ in micro_batches]
+
+
+def optimizer_step(policy, cfg):
+    """Clip the gradient's norm, step AdamW on the master weights, copy them into the model.
+    Returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.master, cfg.max_grad_norm)
+    policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, m in zip([p for p in policy.model.parameters() if p.requires_grad], policy.master):
+            if p is not m:
+                p.copy_(m)
+    return grad_norm
+
+
+def step_metrics(step, rollout, trained, update, seconds, cfg, world):
+    """The step's line of metrics.jsonl: each number summed over the processes' shares of the
+    step, then divided by what it is a mean of."""
+    rewards, drafts, G = rollout.rewards, rollout.draft_rewards, rollout.per_group
+    lengths = rollout.sequences.lengths                                         # (B*G,)
+    sums = dict(update, completions=len(lengths), length=lengths.sum(), generated=lengths.sum(),
+                reward=rewards.total.sum(), accuracy=rewards.accuracy.sum(),
+                format_reward=rewards.format.sum(), dropped_groups=(~trained).sum() // G,
+                judge_unparsed=rewards.judge_unparsed, drafts=0, draft_reward=0.0,
+                best_draft_reward=0.0, problems=len(lengths) // G)
+    if drafts is not None:
+        sums.update(drafts=len(drafts.total), draft_reward=drafts.total.sum(),
+                    best_draft_reward=drafts.total.view(-1, cfg.num_drafts).amax(1).sum(),
+                    judge_unparsed=rewards.judge_unparsed + drafts.judge_unparsed,
+                    generated=lengths.sum() + rollout.drafts.lengths.sum())
+    grad_norm = sums.pop("grad_norm")  # the whole step's already, on every process
+    s = dict(zip(sums, world.sum(*sums.values())))
+    per_token = max(s["tokens"], 1) * cfg.ppo_epochs  # clips and KL terms: one per token and epoch
+    return dict(
+        step=step, reward=s["reward"] / s["completions"], accuracy=s["accuracy"] / s["completions"],
+        draft_reward=s["draft_reward"] / s["drafts"] if s["drafts"] else None,
+        best_draft_reward=s["best_draft_reward"] / s["problems"] if s["drafts"] else None,
+        loss=s["loss"], clip_frac=s["clipped"] / per_token,
+        kl=s["kl"] / per_token if cfg.beta > 0 else None,
+        entropy=s["entropy"] / s["tokens"] if s["tokens"] else None, grad_norm=grad_norm,
+        format_reward=s["format_reward"] / s["completions"],
+        completion_tokens=int(s["generated"]), mean_completion_length=s["length"] / s["completions"],
+        dropped_groups=int(s["dropped_groups"]), judge_unparsed=int(s["judge_unparsed"]),
+        step_seconds=seconds, tokens_per_second=s["generated"] / seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of a run: every call of the loop and the step that a companion (scale.py) or a fork may
+# do its own way, with this file's own as the defaults. train(cfg, parts) calls them and nothing
+# else that could change, so a reader of this file sees every point at which a run can differ.
+#     igrpo.train(cfg, igrpo.Parts(sample=my_sampler))       # same signature as sample()
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class World:
+    """The processes that train together: this one alone, or torchrun's (scale.py). Each samples,
+    scores and trains on its share of a step's problems; rank 0 alone writes files."""
+    rank: int = 0
+    size: int = 1
+    sum: Callable = lambda *values: tuple(map(float, values))  # each number, over the processes
+    gather: Callable = lambda value: [value]  # every process's value, by rank (a barrier too)
+
+
+@dataclass(frozen=True)
+class Parts:
+    load_policy: Callable = load_policy  # LoRA puts adapters on it; FSDP2 shards it over processes
+    make_optimizer: Callable = master_weights_and_optimizer  # (master weights, optimizer)
+    sample: Callable = sample  # compiled decoding with a static KV cache
+    token_logprobs: Callable = token_logprobs  # memory-lean: no (tokens x vocabulary) tensor
+    optimizer_step: Callable = optimizer_step  # skip a non-finite update; torchrun: sum gradients
+    save_model: Callable = lambda model, folder: model.save_pretrained(folder)  # LoRA: its adapter
+    # --reward judge: (problems, golds, completions) -> a score in [0, 1] or None for each; by
+    # default judge.py's, from --judge-model or --judge-url
+    judge: Callable = None
+    # functions of each step's record: a warning, or why the run must stop (with a checkpoint)
+    watches: tuple = ()
+    world: World = World()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: each step samples its problems' groups (Stage 1 + Stage 2 for iGRPO), computes A_j,
+# and takes one update; held-out accuracy is single-pass from q alone, as at the paper's test time.
+# ----------------------------------------------------------------------------------------------
+def train(cfg, parts=Parts()):
+    """Train cfg.model on cfg.dataset; returns held-out accuracy {"eval_before", "eval_after"} (or
+    {} without --eval-dataset). A second Ctrl-C, or a disk that fills, ends it with one line."""
+    out, world = Path(cfg.output_dir), parts.world
+    with explained_stops(cfg, world):
+        check_config(cfg, parts.judge)
+        resume_from = resume_point(cfg)  # only reads: nothing changes before all has loaded
+        problems, held_out, policy, parts = set_up(cfg, parts, resume_from)
+        if resume_from:
+            start, order = load_checkpoint(resume_from, policy, cfg, world)
+        else:
+            start, order = start_run(cfg, world)
+        with (open(out / "metrics.jsonl", "a") if world.rank == 0 else
+              contextlib.nullcontext()) as metrics, tracking(cfg) as tracker:
+            if held_out and start == 0:
+                log_held_out(metrics, 0, policy, held_out, cfg, parts, tracker)
+            with stop_requests() as requested:
+                interrupted = run_steps(start, order, problems, held_out, policy, metrics, cfg,
+                                        parts, tracker, requested)
+            if not (resume_from and resume_from.name == "final"):  # first: a lost score is redone
+                save(out / "final", policy, parts)
+            if interrupted and held_out:
+                raise SystemExit(f"interrupted: {out / 'final'} is saved; --resume scores the "
+                                 "held-out set, which is all that is left:\n  " +
+                                 resume_command(world))
+            if held_out and not finished(out, cfg):
+                log_held_out(metrics, cfg.steps, policy, held_out, cfg, parts, tracker)
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  model: {out / 'final'}")
     return held_out_results(out)
 
 
+def set_up(cfg, parts, resume_from):
+    """(training problems, held-out problems, the Policy, the parts with their judge): what the first
+    step needs, each loaded and checked before the run folder changes."""
+    seed(cfg, parts.world)
+    problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
+    device, dtype = device_and_dtype(cfg.dtype)
+    if cfg.reward != "rule":  # an unreachable judge fails before the policy loads
+        judge = companion("judge", f"--reward {cfg.reward}")
+        own = parts.judge or judge.from_settings(cfg, device, dtype, load_model, sample)
+        parts = dataclasses.replace(parts, judge=judge.checked(own),
+                                    watches=parts.watches + (judge.silence_watch(cfg),))
+    model, tokenizer, reference = parts.load_policy(cfg, resume_from, device, dtype)
+    context = max_positions(model)
+    problems = short_enough(problems, tokenizer, cfg, context, "dataset")
+    held_out = held_out and short_enough(held_out, tokenizer, cfg, context, "eval-dataset")
+    master, optimizer = parts.make_optimizer(model, cfg)
+    return problems, held_out, Policy(model, tokenizer, optimizer, master, reference), parts
+
+
+def run_steps(start, order, problems, held_out, policy, metrics, cfg, parts, tracker, requested):
+    """Steps start+1 .. cfg.steps, each logged, with checkpoints every --save-every steps and
+    wherever the run must stop. Returns whether a Ctrl-C asked to stop after the last step."""
+    world, out = parts.world, Path(cfg.output_dir)
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
+               dynamic_ncols=True, disable=world.rank != 0)
+    for step in bar:
+        batch, order = next_batch(problems, order, cfg)
+        batch = batch[world.rank::world.size]  # this process's share
+        record, rollout, advantages = training_step(step, batch, policy, cfg, parts)
+        stop = [reason for reason in [watch(record) for watch in parts.watches] if reason]
+        if world.rank == 0:
+            write_metrics(metrics, record, tracker)
+            if cfg.log_completions_every and step % cfg.log_completions_every == 0:
+                log_completions(step, batch, rollout, advantages, cfg, tracker)
+        bar.set_postfix(reward=f"{record['reward']:.2f}")
+        if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            log_held_out(metrics, step, policy, held_out, cfg, parts, tracker)
+        interrupted = world.sum(requested.is_set())[0] > 0  # every process stops at one step
+        if stop or (step < cfg.steps and (interrupted or cfg.save_every and
+                                          step % cfg.save_every == 0)):
+            folder = save_checkpoint(out, step, policy, order, metrics, cfg, parts)
+            if stop:
+                fail(f"{'; '.join(stop)} (stopped with checkpoint {folder})")
+            if interrupted:
+                tqdm.write(f"interrupted after step {step}, checkpoint {folder}; continue with:\n"
+                           f"  {resume_command(world)}")
+                raise SystemExit(130)
+    return requested.is_set()
+
+
 @contextlib.contextmanager
-def writes_explained(out):
-    """A full disk or a folder that turned unwritable mid-run: one line, and what is still safe."""
+def stop_requests():
+    """The first Ctrl-C (or SIGTERM) sets the event: the loop finishes its step, saves a checkpoint
+    and stops. A second Ctrl-C stops at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main one
+        yield requested
+        return
+
+    def on_signal(*_):
+        requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (again: quit at once)")
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def explained_stops(cfg, world):
+    """A second Ctrl-C, a full disk or a folder that turned unwritable: one line saying what is
+    still safe in the run folder, never a promise of a resume that cannot happen."""
+    out = Path(cfg.output_dir)
     try:
         yield
+    except KeyboardInterrupt:
+        fail(f"interrupted, no checkpoint written now; {what_resumes(out, world)}")
     except OSError as error:
-        fail(f"writing {error.filename or out} failed ({error.strerror or error}); the checkpoints "
-             f"already in {out} are complete: free space or fix permissions, then --resume")
+        fail(f"writing {error.filename or out} failed ({error.strerror or error}): free space or "
+             f"fix permissions; {what_resumes(out, world)}")
 
 
-def seed(cfg):
-    random.seed(cfg.seed)  # the problem order
-    torch.manual_seed(cfg.seed)  # the samples (scale.py's torchrun: each process its own)
+def what_resumes(out, world):
+    """What --resume would go on from in this run folder, and the command; or that nothing would."""
+    newest = (out / "final") if (out / "final").is_dir() else resumable(out)
+    if newest is None:
+        return "nothing to resume from: the same command starts again"
+    return f"--resume goes on from {newest}, which is complete:\n  {resume_command(world)}"
+
+
+def resume_command(world):
+    args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
+    launcher = ["torchrun", f"--nproc-per-node={world.size}"] if world.size > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *args, "--resume"])
+
+
+def seed(cfg, world):
+    random.seed(cfg.seed)  # the problem order: the same on every process
+    torch.manual_seed(cfg.seed + world.rank)  # the samples: each process its own
 
 
 def next_batch(problems, order, cfg):
@@ -845,77 +1072,28 @@ def load_data(cfg):
     return load_problems(cfg.dataset, cfg), held_out
 
 
-def load_policy(cfg, resume_from, device, dtype):
-    """(policy, tokenizer, frozen reference policy or None: --beta 0 needs none)."""
-    model, tokenizer = load_model(str(resume_from or cfg.model), cfg, dtype, device)
-    say_context_limit(model, cfg.max_prompt_tokens + cfg.max_draft_tokens * (cfg.algo == "igrpo"),
-                      cfg.max_completion_tokens)
-    ref_model = None
-    if cfg.beta > 0:
-        ref_model = load_model(cfg.model, cfg, dtype, device)[0].eval().requires_grad_(False)
-    if cfg.gradient_checkpointing:  # backward recomputes each layer's activations
-        enable = getattr(model, "activation_checkpointing_enable", None)  # older: gradient_...
-        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
-    return model, tokenizer, ref_model
-
-
-def say_context_limit(model, prompt_tokens, budget):
-    context = max_positions(model)
-    if context and prompt_tokens + budget > context:
-        tqdm.write(f"the model reads at most {context} positions: a completion stops there, "
-                   f"short of its budget of {budget} tokens, when prompt + budget exceed it")
-
-
-JUDGE_SILENT_STEPS = 3  # steps in a row in which no judge reply held a score: the run stops
-
-
-def judge_silent(record, cfg):
-    """--reward judge or rule+judge: whether none of this step's judge replies held a score, with
-    a warning once most of them held none. Under torchrun, the record sums every process's."""
-    replies, unparsed = cfg.prompts_per_step * cfg.group_size, record["judge_unparsed"]
-    if cfg.reward != "rule" and unparsed > replies / 2:
-        tqdm.write(f"step {record['step']}: warning: {unparsed} of {replies} judge replies held "
-                   "no score, so they counted 0 in the rewards")
-    return cfg.reward != "rule" and unparsed == replies
-
-
-def load_judge(cfg, device, dtype):
-    """--reward judge: judge.py's generative judge, behind --judge-url or as a local model that
-    replies greedily, without gradients, on the training device. None for --reward rule."""
-    if cfg.reward == "rule":
-        return None
-    import judge  # the grading prompt and score parsing; judge.py imports nothing from this file
-    if cfg.judge_url:
-        return judge.url_judge(cfg.judge_url, cfg.judge_model)
-    model, tokenizer = load_model(cfg.judge_model, cfg, dtype, device, flag="judge-model")
-    model.requires_grad_(False)
-
-    def reply(texts):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
-                   if tokenizer.chat_template else text + "\n" for text in texts]
-        as_written = dataclasses.replace(cfg, chat_template="auto")  # templated here, or not at all
-        return sample(model, tokenizer, prompts, as_written, per_prompt=1, max_new_tokens=32,
-                      temperature=0.0, progress="judge").texts  # greedy
-    return judge.model_judge(reply)
-
-
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
-    """Single-pass accuracy from q alone (no drafts at test time), eval_samples samples each."""
-    prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in problems]
+def held_out_accuracy(model, tokenizer, problems, cfg, parts=Parts(), label="held-out"):
+    """Single-pass accuracy from q alone (no drafts at test time), eval_samples samples each; each
+    process scores its share."""
+    world = parts.world
+    share = problems[world.rank::world.size]  # none when there are more processes than problems
+    prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in share]
     cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # scoring never changes what training samples next
-        samples = sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples,
-                         progress=label, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-    golds = repeat([p["answer"] for p in problems], cfg.eval_samples)
-    return sum(map(math_reward, samples.texts, golds)) / len(golds)
+        texts = parts.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples,
+                             progress=label, temperature=cfg.eval_temperature,
+                             top_p=cfg.eval_top_p).texts if share else []
+    correct = sum(map(math_reward, texts, repeat([p["answer"] for p in share], cfg.eval_samples)))
+    return world.sum(correct)[0] / (len(problems) * cfg.eval_samples)
 
 
-def log_held_out(metrics, step, model, tokenizer, problems, cfg, tracker=None):
-    accuracy = held_out_accuracy(model, tokenizer, problems, cfg)
-    tqdm.write(f"held-out accuracy after {step} steps: {accuracy:.1%} ({len(problems)} problems)")
-    write_metrics(metrics, dict(step=step, eval_accuracy=accuracy), tracker)
+def log_held_out(metrics, step, policy, problems, cfg, parts, tracker=None):
+    accuracy = held_out_accuracy(policy.model, policy.tokenizer, problems, cfg, parts)
+    if parts.world.rank == 0:
+        tqdm.write(f"held-out accuracy after {step} step{'s' * (step != 1)}: {accuracy:.1%} "
+                   f"({len(problems)} problems)")
+        write_metrics(metrics, dict(step=step, eval_accuracy=accuracy), tracker)
 
 
 def write_metrics(file, record, tracker=None):
@@ -928,53 +1106,37 @@ def write_metrics(file, record, tracker=None):
     tracker and tracker.log(record)
 
 
-def log_completions(step, batch, texts, rewards, advantages, metrics, cfg, tracker=None,
-                    shown=3, cut=600):
+def log_completions(step, batch, rollout, advantages, cfg, tracker=None, shown=3, cut=600):
     """What the model wrote: the first `shown` problems of the step, each with its refinements (or
     GRPO's group), their rewards and advantages, and for iGRPO its drafts and the best one, as
     lines of completions.jsonl. A text over `cut` characters keeps its start and end."""
     def short(text):
         return text if len(text) <= cut else f"{text[:cut // 2]} [...] {text[-cut // 2:]}"
-    group_size, N, rows = len(texts) // len(batch), cfg.num_drafts, []
+    G, N, rows = rollout.per_group, cfg.num_drafts, []
+    texts, rewards = rollout.sequences.texts, rollout.rewards.total
     for i, problem in enumerate(batch[:shown]):
         row = dict(step=step, problem=short(problem["problem"]), gold=problem["answer"])
-        if "drafts" in metrics:
-            drafts = zip(metrics["drafts"][i * N:(i + 1) * N], metrics["draft_rewards"][i])
+        if rollout.drafts is not None:
+            drafts = zip(rollout.drafts.texts[i * N:(i + 1) * N],
+                         rollout.draft_rewards.total[i * N:(i + 1) * N].tolist())
             row.update(drafts=[dict(text=short(text), reward=reward) for text, reward in drafts],
-                       best_draft=short(metrics["best_drafts"][i]))
-        group = range(i * group_size, (i + 1) * group_size)
-        row["refinements" if "drafts" in metrics else "group"] = [
+                       best_draft=short(rollout.best_drafts[i]))
+        row["refinements" if rollout.drafts is not None else "group"] = [
             dict(text=short(texts[j]), reward=rewards[j].item(), advantage=advantages[j].item())
-            for j in group]
+            for j in range(i * G, (i + 1) * G)]
         rows.append(row)
     with open(Path(cfg.output_dir) / "completions.jsonl", "a") as file:
         file.writelines(json.dumps(row) + "\n" for row in rows)
     tracker and tracker.log_completions(step, rows)
 
 
-@contextlib.contextmanager
 def tracking(cfg):
-    """--track: track.py's tracker (it imports nothing from this file), closed however the run
-    ends; None for --track none."""
+    """--track: track.py's tracker, closed however the run ends (--track none: None)."""
     if cfg.track == "none":
-        yield None
-        return
+        return contextlib.nullcontext()
     name = cfg.run_name or Path(cfg.output_dir).resolve().name
-    tracker = import_track(cfg).open_tracker(cfg.track, name, dataclasses.asdict(cfg),
-                                             cfg.output_dir)
-    try:
-        yield tracker
-    finally:
-        tracker.close()
-
-
-def import_track(cfg):
-    try:
-        import track
-    except ModuleNotFoundError:
-        fail(f"--track {cfg.track}: needs track.py beside igrpo.py")
-    track.require(cfg.track)  # the tracker's package is installed
-    return track
+    return companion("track", f"--track {cfg.track}").tracking(
+        cfg.track, name, dataclasses.asdict(cfg), cfg.output_dir)
 
 
 def held_out_results(out):
@@ -990,51 +1152,53 @@ def read_metrics(out):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and resume. One run per folder: args.json (its settings), metrics.jsonl (a line per
-# step, and a line {step, eval_accuracy} per held-out score), step-N/ every --save-every steps
-# (the model, and trainer_state.pt: master weights, AdamW's moments, data order, random states),
-# final/ (the model). --resume goes on from the newest, and ends where an unbroken run would.
+# step, and a line {step, eval_accuracy} per held-out score), step-N/ every --save-every steps and
+# on a Ctrl-C (the model, and trainer_state.pt: master weights, AdamW's moments, data order,
+# random states), final/ (the model). --resume goes on from the newest, and ends where an unbroken
+# run would. A folder holds a run once a step is logged or a model saved; until then it is free.
 # ----------------------------------------------------------------------------------------------
-RESUMABLE_CHANGES = {"resume", "overwrite", "micro_batch_size", "generation_batch_size",
-                     "gradient_checkpointing", "save_every", "keep_checkpoints", "track",
-                     "run_name", "log_completions_every", "output_dir"}  # a moved run folder
 CHECKPOINT = re.compile(r"step-(\d+)")
 
 
-def prepare_output_dir(cfg):
-    """A fresh run needs a folder without a run (or --overwrite); --resume needs the run's own
-    settings. Returns the checkpoint to resume from, or None."""
+def resume_point(cfg):
+    """The checkpoint --resume goes on from (None for a new run), after checking, without changing
+    anything, that the folder holds this run (--resume) or none (unless --overwrite)."""
     out = Path(cfg.output_dir)
-    if cfg.resume:
-        check_resumable(out, cfg)
-        if (out / "final").is_dir():
-            return out / "final"
-        resumable = [p for p in checkpoints(out) if (p / "trainer_state.pt").is_file()]
-        if not resumable:
-            fail(f"--resume: no checkpoint in {out} (one is written every --save-every steps)")
-        newest = resumable[-1]
-        if not (newest / "config.json").is_file() or not any(newest.glob("*.safetensors")):
-            fail(f"--resume: {newest} has no model weights (damaged?); delete it to resume from "
-                 "the checkpoint before it")
-        return newest
-    ours = ("args.json", "metrics.jsonl", "final")
-    if any((out / name).exists() for name in ours) or (out.is_dir() and checkpoints(out)):
-        if not cfg.overwrite:
+    nearest = next(folder for folder in [out, *out.parents] if folder.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK):
+        fail(f"--output-dir {out}: cannot write there ({nearest} is "
+             f"{'not a folder' if not nearest.is_dir() else 'not writable'})")
+    if not cfg.resume:
+        if holds_run(out) and not cfg.overwrite:
             what = "a finished run:" if finished(out, cfg) else \
                 "a run: add --resume to continue it,"
             fail(f"--output-dir {out} already holds {what} --overwrite to replace it, or choose "
                  "another --output-dir")
-        for old in out.iterdir():  # ours only: step-N, final, and their unfinished .tmp copies
-            name = old.name.removeprefix(".").removesuffix(".tmp")
-            if old.is_dir() and (name == "final" or CHECKPOINT.fullmatch(name)):
-                shutil.rmtree(old)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "completions.jsonl").unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    except OSError as error:
-        fail(f"--output-dir {out}: cannot write there ({error.strerror or error})")
-    return None
+        return None
+    check_resumable(out, cfg)
+    if (out / "final").is_dir():
+        return out / "final"
+    newest = resumable(out)
+    if newest is None:
+        fail(f"--resume: no checkpoint in {out} (one is written every --save-every steps, and on "
+             "Ctrl-C)")
+    if not (newest / "config.json").is_file() and not (newest / "adapter_config.json").is_file():
+        fail(f"--resume: {newest} has no model weights (damaged?); delete it to resume from "
+             "the checkpoint before it")
+    return newest
+
+
+def holds_run(out):
+    """A logged step, a checkpoint or a final model: what a new run must not mix with."""
+    logged = any("eval_accuracy" not in row for row in read_metrics(out))
+    return logged or (out / "final").is_dir() or (out.is_dir() and bool(checkpoints(out)))
+
+
+def resumable(out):
+    """The newest step-N/ that holds a trainer state, else None."""
+    found = [p for p in checkpoints(out) if (p / "trainer_state.pt").is_file()] \
+        if out.is_dir() else []
+    return found[-1] if found else None
 
 
 def check_resumable(out, cfg):
@@ -1045,12 +1209,13 @@ def check_resumable(out, cfg):
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         fail(f"--resume: {out / 'args.json'} is damaged ({first_line(error)}); start the run again "
              "with --overwrite")
-    others = sorted(set(saved) - {f.name for f in dataclasses.fields(cfg)})
+    fields = dataclasses.fields(cfg)
+    others = sorted(set(saved) - {f.name for f in fields})
     if others:  # e.g. scale.py's --lora-rank: that script must go on with it
         fail(f"--resume: the run in {out} was started by a script with other settings "
              f"({', '.join(map(flag, others))}): resume it with that script")
     changed = [f"{flag(f.name)} {saved.get(f.name, f.default)!r} -> {getattr(cfg, f.name)!r}"
-               for f in dataclasses.fields(cfg) if f.name not in RESUMABLE_CHANGES
+               for f in fields if not f.metadata["resumable"]
                and saved.get(f.name, f.default) != getattr(cfg, f.name)]
     if changed:
         fail(f"--resume: settings differ from the run in {out}: {', '.join(changed)}; resume "
@@ -1058,6 +1223,26 @@ def check_resumable(out, cfg):
     if finished(out, cfg):
         fail(f"--resume: the run in {out} already finished ({out / 'final'}); --overwrite "
              "replaces it, another --output-dir starts a new one")
+
+
+def start_run(cfg, world):
+    """A new run in --output-dir: what an earlier one wrote there deleted (the files and folders a
+    run writes, no others), args.json written. Returns (first step, data order): (0, [])."""
+    out = Path(cfg.output_dir)
+    if world.rank == 0:
+        for old in out.iterdir() if out.is_dir() else []:  # and unfinished .tmp copies
+            name = old.name.removeprefix(".").removesuffix(".tmp")
+            if old.is_dir() and (name in ("final", "final-merged") or CHECKPOINT.fullmatch(name)):
+                shutil.rmtree(old)  # final-merged/: scale.py's, made from final/
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "completions.jsonl").unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        except OSError as error:
+            fail(f"--output-dir {out}: cannot write there ({error.strerror or error})")
+    world.gather(None)  # the others wait for the folder
+    return 0, []
 
 
 def finished(out, cfg):
@@ -1068,44 +1253,51 @@ def finished(out, cfg):
     return bool(rows) and rows[-1]["step"] == cfg.steps and "eval_accuracy" in rows[-1]
 
 
-def should_save(step, cfg):
-    """Whether to write a checkpoint after this step (scale.py adds: after a Ctrl-C)."""
-    return cfg.save_every and step % cfg.save_every == 0
-
-
-def save(model, tokenizer, folder, trainer_state=None):
+def save(folder, policy, parts, trainer_state=None):
     """Written into a hidden temporary folder, renamed once complete: a kill mid-save never leaves a
     folder that looks like a checkpoint and is not. Files get umask modes (safetensors: 0600)."""
-    folder = Path(folder)
+    folder, writer = Path(folder), parts.world.rank == 0
     temporary = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    if trainer_state is not None:
-        torch.save(trainer_state, temporary / "trainer_state.pt")
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [temporary, *temporary.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
+    try:
+        if writer:
+            shutil.rmtree(temporary, ignore_errors=True)
+        parts.save_model(policy.model, temporary)  # on every process: a sharded model gathers
+        if writer:
+            policy.tokenizer.save_pretrained(temporary)
+            if trainer_state is not None:
+                torch.save(trainer_state, temporary / "trainer_state.pt")
+    except (OSError, RuntimeError) as error:  # torch.save says "iostream error" on a full disk
+        shutil.rmtree(temporary, ignore_errors=True)
+        fail(f"saving {folder} failed ({first_line(error)}): free space or fix permissions; "
+             f"{what_resumes(folder.parent, parts.world)}")
+    if writer:
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [temporary, *temporary.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        shutil.rmtree(folder, ignore_errors=True)
+        temporary.rename(folder)
+    parts.world.gather(None)  # no process goes on, or stops, before the folder is complete
 
 
-TRAINER_STATE = ("step", "order", "optimizer", "metrics_bytes", "rng", "completions_bytes",
+TRAINER_STATE = ("step", "order", "optimizer", "rng", "metrics_bytes", "completions_bytes",
                  "master")
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, master, order, metrics, cfg):
+def save_checkpoint(out, step, policy, order, metrics, cfg, parts):
     """step-N/: the model as from_pretrained loads it, and trainer_state.pt with the rest of what
     an exact resume needs. Only the newest --keep-checkpoints stay."""
     completions = out / "completions.jsonl"
-    state = dict(step=step, order=order, optimizer=optimizer.state_dict(),
-                 metrics_bytes=metrics.tell(), rng=random_states(),
-                 completions_bytes=completions.stat().st_size if completions.is_file() else 0,
-                 master=[m for m in master if not m.requires_grad])  # the fp32 copies of bf16
-    save(model, tokenizer, out / f"step-{step}", state)
-    for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
-        shutil.rmtree(old, ignore_errors=True)  # scale.py's torchrun: every process removes
+    rng = parts.world.gather(random_states())  # each process's, by rank
+    state = parts.world.rank == 0 and dict(
+        step=step, order=order, optimizer=policy.optimizer.state_dict(), rng=rng,
+        metrics_bytes=metrics.tell(),
+        completions_bytes=completions.stat().st_size if completions.is_file() else 0,
+        master=[m for m in policy.master if not m.requires_grad])  # the fp32 copies of bf16
+    save(out / f"step-{step}", policy, parts, state or None)
+    if parts.world.rank == 0:
+        for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+            shutil.rmtree(old, ignore_errors=True)
     return out / f"step-{step}"
 
 
@@ -1121,134 +1313,134 @@ def random_states():
     return dict(python=random.getstate(), torch=torch.get_rng_state(), cuda=cuda)
 
 
-def load_checkpoint(folder, optimizer, master, cfg):
-    """(first step, data order): (0, []) for a fresh run; else restore what save_checkpoint wrote
-    (the weights loaded with the model) and cut metrics.jsonl back to it, so each step is logged
-    once. final/ holds no trainer state: its run has only held-out scoring left."""
-    if folder is None or folder.name == "final":
-        return (cfg.steps if folder else 0), []
-    try:
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # a cut or damaged file: torch's error types vary
-        fail(f"--resume: {folder / 'trainer_state.pt'} is damaged ({first_line(error)}); delete "
-             f"{folder} to resume from the checkpoint before it")
-    missing = sorted(set(TRAINER_STATE) - set(state))
-    if missing:
-        fail(f"--resume: {folder / 'trainer_state.pt'} was written by another version of igrpo.py "
-             f"(it lacks {', '.join(missing)}): resume with that version, or --overwrite")
+def load_checkpoint(folder, policy, cfg, world):
+    """(first step, data order) of a resumed run: what save_checkpoint wrote restored (the weights
+    loaded with the model), metrics.jsonl cut back to it, so each step is logged once. The state is
+    checked whole before any file changes. final/ holds no trainer state: its run has only held-out
+    scoring left."""
+    if folder.name == "final":
+        return cfg.steps, []
+    state = read_trainer_state(folder, policy)
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     if not metrics.is_file() or metrics.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics} is missing or shorter than when {folder} was saved")
-    os.truncate(metrics, state["metrics_bytes"])
-    if metrics.with_name("completions.jsonl").is_file():
-        os.truncate(metrics.with_name("completions.jsonl"), state["completions_bytes"])
-    optimizer.load_state_dict(state["optimizer"])
+    if world.rank == 0:
+        os.truncate(metrics, state["metrics_bytes"])
+        if metrics.with_name("completions.jsonl").is_file():
+            os.truncate(metrics.with_name("completions.jsonl"), state["completions_bytes"])
+    policy.optimizer.load_state_dict(state["optimizer"])
     with torch.no_grad():
-        for m, saved in zip([m for m in master if not m.requires_grad], state["master"]):
+        for m, saved in zip([m for m in policy.master if not m.requires_grad], state["master"]):
             m.copy_(saved)
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run may resume on a CPU
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"]
+    random.setstate(rng[0]["python"])  # the problem order: the same on every process
+    if len(rng) == world.size:
+        torch.set_rng_state(rng[world.rank]["torch"])
+        if rng[world.rank]["cuda"] and torch.cuda.is_available():  # a GPU run may resume on a CPU
+            torch.cuda.set_rng_state_all(rng[world.rank]["cuda"])
+    else:  # saved by another number of processes: each share of the problems differs anyway
+        torch.manual_seed(cfg.seed + world.rank + 1_000_003 * state["step"])
+    world.rank == 0 and print(f"resuming from {folder}: step {state['step']} of {cfg.steps} done")
     return state["step"], state["order"]
+
+
+def read_trainer_state(folder, policy):
+    """trainer_state.pt, with every part the resume reads; one line names what is damaged or
+    missing."""
+    path = folder / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a cut or damaged file: torch's error types vary
+        fail(f"--resume: {path} is damaged ({first_line(error)}); delete {folder} to resume from "
+             "the checkpoint before it")
+    rng = state.get("rng") if isinstance(state, dict) else None
+    missing = sorted(set(TRAINER_STATE) - set(state)) if isinstance(state, dict) else ["all"]
+    if not missing and not (isinstance(rng, list) and rng and all(
+            isinstance(r, dict) and {"python", "torch", "cuda"} <= set(r) for r in rng)):
+        missing = ["rng (each process's python, torch and cuda states)"]
+    masters = [m for m in policy.master if not m.requires_grad]
+    if not missing and len(state["master"]) != len(masters):
+        missing = [f"master ({len(state['master'])} fp32 weights, the model has {len(masters)})"]
+    if missing:
+        fail(f"--resume: {path} was written by another version of igrpo.py (it lacks "
+             f"{', '.join(missing)}): resume with that version, or --overwrite")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
 # The command line: every Config field is a --kebab-case flag, checked before anything loads
 # ----------------------------------------------------------------------------------------------
 def check_config(cfg, judge=None):
-    """The flags' values checked before anything loads; a bad one stops the run with one line.
-    judge: the function train() was given, which stands for --judge-model or --judge-url."""
-    choices = dict(algo=("igrpo", "grpo"), loss=("grpo", "dr_grpo", "dapo", "gspo"),
-                   reward=("rule", "judge", "rule+judge"), dtype=("auto", "bf16", "fp32"),
-                   chat_template=("auto", "on", "off"),
-                   track=("none", "tensorboard", "wandb", "trackio"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            fail(f"{flag(name)} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    for name, value in dataclasses.asdict(cfg).items():
+    """Each setting against its declared rule, then the rules between settings; a bad one stops the
+    run with one line. judge: a judge function of one's own stands for --judge-model or -url."""
+    for f in dataclasses.fields(cfg):
+        value, choices, rule = getattr(cfg, f.name), f.metadata["choices"], f.metadata["rule"]
+        if choices and value not in choices:
+            fail(f"{flag(f.name)} {value!r}: choose one of {', '.join(choices)}")
         if isinstance(value, float) and not math.isfinite(value):
-            fail(f"{flag(name)} {value}: must be a finite number")
-    if cfg.group_size < 2:
-        fail(f"--group-size {cfg.group_size}: a group needs at least 2 completions")
+            fail(f"{flag(f.name)} {value}: must be a finite number")
+        if rule and not obeys(value, rule):
+            fail(f"{flag(f.name)} {value}: must be {rule}")
     if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
         fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at "
              "least 1 draft and 2 refinements (num_drafts <= group_size - 2)")
-    at_least_one = ("steps", "prompts_per_step", "ppo_epochs", "eval_samples", "eval_limit",
-                    "micro_batch_size", "generation_batch_size", "max_completion_tokens",
-                    "max_draft_tokens", "max_prompt_tokens")
-    bounds = dict(**{name: (getattr(cfg, name) >= 1, ">= 1") for name in at_least_one},
-                  lr=(cfg.lr > 0, "> 0"), beta=(cfg.beta >= 0, ">= 0"),
-                  max_grad_norm=(cfg.max_grad_norm > 0, "> 0"),
-                  weight_decay=(cfg.weight_decay >= 0, ">= 0"),
-                  temperature=(cfg.temperature > 0, "> 0: log-probs are of softmax(logits / T)"),
-                  top_p=(0 < cfg.top_p <= 1, "in (0, 1]"),
-                  min_lr_ratio=(0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
-                  warmup_ratio=(0 <= cfg.warmup_ratio < 1, "in [0, 1)"),
-                  **{name: (getattr(cfg, name) >= 0, ">= 0") for name in
-                     ("eval_every", "save_every", "keep_checkpoints", "overlong_buffer",
-                      "log_completions_every")})
-    for name, (ok, rule) in bounds.items():
-        if not ok:
-            fail(f"{flag(name)} {getattr(cfg, name)}: must be {rule}")
     if cfg.reward != "rule" and not (cfg.judge_model or cfg.judge_url or judge):
         fail(f"--reward {cfg.reward}: give --judge-model or --judge-url")
     if cfg.dataset and not cfg.model:
         fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite: choose one (continue the run, or replace it)")
-    if cfg.track != "none":
-        import_track(cfg)  # a missing package fails now, not after the model loads
+    if cfg.reward != "rule" and not judge:
+        companion("judge", f"--reward {cfg.reward}")
+    if cfg.track != "none":  # a missing package fails now, not after the model loads
+        companion("track", f"--track {cfg.track}").require(cfg.track)
+
+
+def obeys(value, rule):
+    """Whether value keeps a rule: '>= 1', '> 0', 'in [0, 1)', 'in (0, 1]'."""
+    if rule.startswith("in "):
+        low, high = (float(bound) for bound in rule[4:-1].split(","))
+        return (low <= value if rule[3] == "[" else low < value) and \
+            (value <= high if rule[-1] == "]" else value < high)
+    relation, bound = rule.split()
+    return value >= float(bound) if relation == ">=" else value > float(bound)
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser, config_class=Config, flags=None):
-    """A Config's fields as --kebab-case flags with their defaults and help. flags: {flag name:
-    field} for a script that shares some settings under its own names (eval.py's --temperature)."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    for name, field_name in (flags or {name: name for name in fields}).items():
-        default, help = fields[field_name].default, fields[field_name].metadata["help"]
-        kind = dict(type=type(default))
-        if isinstance(default, bool):  # --flag / --no-flag
-            kind = dict(action=argparse.BooleanOptionalAction)
-        parser.add_argument(flag(name), dest=name, default=default, help=help, **kind)
+def config_parser(config_class=Config, **options):
+    """An argparse parser with a Config's fields as --kebab-case flags, defaults and help; no
+    abbreviations, so a script can tell which flags were given."""
+    parser = argparse.ArgumentParser(allow_abbrev=False, **options)
+    for f in dataclasses.fields(config_class):
+        add_flag(parser, f)
+    return parser
 
 
-def parse_args(argv=None, config_class=Config):
-    """(a Config, the names of the fields the command line set): the toy fills in the others."""
-    parser = argparse.ArgumentParser(description="GRPO and iGRPO for math reasoning in one file.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     allow_abbrev=False)  # toy.py tells which flags were given
-    add_config_flags(parser, config_class)
-    args = parser.parse_args(argv)
-    given = {action.dest for action in parser._actions for option in action.option_strings
-             for arg in (argv if argv is not None else sys.argv[1:])
-             if arg == option or arg.startswith(option + "=")}
-    return config_class(**vars(args)), given
+def add_flag(parser, setting, name=None):
+    """A Config field as a flag (--name, default: --field-name), with its default and help."""
+    help = setting.metadata["help"].replace("%", "%%")
+    if setting.default not in ("", None) and "default" not in help:
+        help += " (default: %(default)s)"
+    kind = dict(type=type(setting.default))
+    if isinstance(setting.default, bool):  # --flag / --no-flag
+        kind = dict(action=argparse.BooleanOptionalAction)
+    parser.add_argument(flag(name or setting.name), dest=name or setting.name,
+                        default=setting.default, help=help, **kind)
 
 
 def main(argv=None):
-    cfg, _ = parse_args(argv)
+    parser = config_parser(description="GRPO and iGRPO for math reasoning in one file.")
+    cfg = Config(**vars(parser.parse_args(argv)))
     check_config(cfg)  # "--dataset D needs --model" before the line below
     if not cfg.model:
         fail("--model: name a causal LM to train (`python toy.py` trains the offline toy world)")
-    with interrupt_explained(cfg):
-        return train(cfg)
+    return train(cfg)
 
 
-@contextlib.contextmanager
-def interrupt_explained(cfg):
-    try:
-        yield
-    except KeyboardInterrupt:
-        fail(f"interrupted: --resume goes on from the newest checkpoint in {cfg.output_dir} (one "
-             "every --save-every steps; scale.py saves one on Ctrl-C)")
 
-
-# ----------------------------------------------------------------------------------------------
 # Appendix. Answer checking: how a completion is graded (math_reward's answers_match)
 # Helpers follow the function that calls them, as in the rest of the file. Model text is never
 # evaluated: our own parser builds sympy objects from bounded input; each call has a 1-s limit.

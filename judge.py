@@ -2,21 +2,24 @@
 The generative judge of the paper's ablation (--reward judge | rule+judge): a second language model
 reads the problem, the reference answer and a solution, and replies with a score in [0, 1].
 
-Kept out of igrpo.py because the method does not need it; it imports nothing from igrpo.py, whose
-load_judge builds a judge from these parts. Two ways to run the judge:
+Kept out of igrpo.py because the method does not need it; it imports nothing from igrpo.py, which
+calls from_settings (handing it its own load_model and sample), checked and silence_watch. Two ways
+to run the judge:
   --judge-model NAME_OR_PATH   a Hugging Face causal LM on the training device, no gradients,
                                greedy, one batched generate call per scoring
   --judge-url URL              an OpenAI-compatible chat-completions endpoint (what vLLM and SGLang
                                serve), through the standard library's HTTP client, with retries
 A reply with no parsable score counts as 0 and is counted in metrics.jsonl (judge_unparsed); the
 first such reply is printed, and an endpoint that gives no reply after its tries counts the same,
-with a line naming the error (igrpo.py warns when most of a step's replies hold no score, and
-stops with a checkpoint when none has for 3 steps). While the run waits on a slow endpoint, a line
-says so every 30 s.
+with a line naming the error. A step where most replies hold no score is warned about, and 3 steps
+in a row where none does stop the run with a checkpoint (silence_watch). While the run waits on a
+slow endpoint, a line says so every 30 s.
 """
 import concurrent.futures
+import dataclasses
 import http.client
 import json
+import numbers
 import re
 import time
 import urllib.error
@@ -73,9 +76,65 @@ def scores_of(replies, shown):
 
 # A judge is a function (problems, golds, completions) -> list of scores in [0, 1], or None where
 # unparsed.
+def from_settings(cfg, device, dtype, load_model, sample):
+    """The judge of --judge-url, or of --judge-model: a local model that replies greedily, without
+    gradients, on the training device, loaded and sampled by igrpo.py's load_model and sample."""
+    if cfg.judge_url:
+        return url_judge(cfg.judge_url, cfg.judge_model)
+    model, tokenizer = load_model(cfg.judge_model, cfg, dtype, device, flag="judge-model")
+    model.requires_grad_(False)
+    as_written = dataclasses.replace(cfg, chat_template="auto")  # templated here, or not at all
+
+    def reply(texts):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
+                   if tokenizer.chat_template else text + "\n" for text in texts]
+        return sample(model, tokenizer, prompts, as_written, per_prompt=1, max_new_tokens=32,
+                      temperature=0.0, progress="judge").texts  # greedy
+    return model_judge(reply)
+
+
+def checked(judge):
+    """The judge, with what it returns checked: one score per completion, each in [0, 1] or None.
+    Anything else (a judge function of one's own gone wrong) stops the run rather than turn into
+    rewards."""
+    def judge_checked(problems, golds, completions):
+        scores = list(judge(problems, golds, completions))
+        wrong = [s for s in scores if s is not None
+                 and not (isinstance(s, numbers.Real) and 0 <= s <= 1)]  # NaN fails 0 <= s too
+        if len(scores) != len(completions) or wrong:
+            raise SystemExit(
+                f"igrpo: error: the judge gave {len(scores)} scores for {len(completions)} "
+                "completions" + (f", one of them {wrong[0]!r}: each must be a number in [0, 1] or "
+                                 "None" if wrong else ""))
+        return scores
+    return judge_checked
+
+
+SILENT_STEPS = 3  # steps in a row in which no judge reply held a score: the run stops
+
+
+def silence_watch(cfg):
+    """A watch of each step's record (igrpo.Parts.watches): a warning when most of the step's judge
+    replies held no score, and after SILENT_STEPS steps in a row in which none did, why the run
+    stops (with a checkpoint: the judge is fixed, then the run resumed)."""
+    silent = []  # the steps of the current streak
+
+    def watch(record):
+        replies, unparsed = cfg.prompts_per_step * cfg.group_size, record["judge_unparsed"]
+        if unparsed > replies / 2:
+            tqdm.write(f"step {record['step']}: warning: {unparsed} of {replies} judge replies held "
+                       "no score, so they counted 0 in the rewards")
+        silent[:] = silent + [record["step"]] if unparsed == replies else []
+        if len(silent) >= SILENT_STEPS:
+            return (f"steps {silent[0]} to {silent[-1]} had no judge reply that held a score (each "
+                    "counted 0; the judge's lines above say why): fix the judge, then --resume")
+        return None
+    return watch
+
+
 def model_judge(reply):
-    """A judge around a local model: reply(grading prompts) -> its replies (igrpo.load_judge
-    supplies it)."""
+    """A judge around a local model: reply(grading prompts) -> its replies."""
     shown = []
 
     def judge(problems, golds, completions):

@@ -1,6 +1,6 @@
 """
-scale.py: igrpo.py's training, bigger, faster and longer. It runs igrpo.py's own loop, with some
-of its plain parts swapped for engineered ones (attached(), at the end):
+scale.py: igrpo.py's training, bigger, faster and longer. It runs igrpo.py's own loop, handing it
+engineered parts through igrpo.Parts (scale_parts(), at the end):
 
   memory-lean log-probs  the output layer a block of vocabulary columns at a time, so no
                          (tokens x vocabulary) float32 tensor exists; a bf16 output layer's
@@ -8,10 +8,9 @@ of its plain parts swapped for engineered ones (attached(), at the end):
   compiled sampling      a static KV cache, so generate compiles its decoding step (CUDA; flag)
   LoRA                   adapters on a frozen base (--lora-rank), saved in peft's format
   torchrun               data parallelism: start it with torchrun, no flag
-  long runs              Ctrl-C saves a checkpoint and prints the command that resumes; an update
-                         with a non-finite gradient norm (a NaN loss makes one) is skipped, and 3
-                         in a row stop the run with a checkpoint; a collapsed policy is warned
-                         about; running out of GPU memory names the flags that fix it
+  long runs              an update with a non-finite gradient norm (a NaN loss makes one) is
+                         skipped, and 3 in a row stop the run with a checkpoint; a collapsed policy
+                         is warned about; running out of GPU memory names the flags that fix it
 
     python scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ... --lora-rank 16
     torchrun --nproc-per-node 8 scale.py --model Qwen/Qwen2.5-Math-1.5B --dataset ...
@@ -24,11 +23,7 @@ import dataclasses
 import json
 import math
 import os
-import shlex
-import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +40,14 @@ from igrpo import fail, setting
 @dataclass
 class ScaleConfig(igrpo.Config):
     compile_generation: str = setting("auto", "auto (CUDA: on) | on | off: a static KV cache, so "
-                                              "generate compiles its decoding step (CUDA)")
-    lora_rank: int = setting(0, "LoRA adapters of this rank on a frozen base (0: all weights)")
+                                              "generate compiles its decoding step (CUDA)",
+                                      choices=("auto", "on", "off"), resumable=True)
+    lora_rank: int = setting(0, "LoRA adapters of this rank on a frozen base (0: all weights)",
+                             rule=">= 0")
     lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x")
     lora_targets: str = setting("all-linear", "modules with adapters (or e.g. q_proj,v_proj)")
     save_merged: bool = setting(False, "with --lora-rank: also save the merged model")
 
-
-# igrpo.py's own parts, as they were before any swap: the engineered ones call them
-PLAIN = {name: getattr(igrpo, name) for name in (
-    "load_model", "load_policy", "sample", "token_logprobs", "master_weights", "optimizer_step",
-    "batch_totals", "step_record", "next_batch", "held_out_accuracy", "seed", "save",
-    "save_checkpoint", "should_save", "prepare_output_dir", "random_states", "load_checkpoint",
-    "write_metrics", "log_completions", "frozen_logprobs", "RESUMABLE_CHANGES")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +57,12 @@ PLAIN = {name: getattr(igrpo, name) for name in (
 # ----------------------------------------------------------------------------------------------
 def lean_token_logprobs(model, input_ids, attention_mask, prompt_length, completion_mask,
                         temperature, with_entropy=True):
-    """igrpo.token_logprobs's (logp, entropy or None), each (b, T), zero off the mask."""
+    """igrpo.token_logprobs's (logp, entropy or None), each (b, T), zero off the mask. A LoRA run's
+    reference (AdaptersOff) is its policy with the adapters off, on this same lean path."""
+    if isinstance(model, AdaptersOff):
+        with adapters_disabled(model.policy[0]):
+            return lean_token_logprobs(model.policy[0], input_ids, attention_mask, prompt_length,
+                                       completion_mask, temperature, with_entropy)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=False)
@@ -306,23 +301,24 @@ def systematically_off(model, inputs, reference):
 
 def lean_load_model(name, cfg, dtype, device, flag="model"):
     """igrpo.load_model, a LoRA checkpoint's base with its adapter merged, and check_scoring."""
+    name = igrpo.model_source(name, flag)
     if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter
         model, tokenizer = load_lora_checkpoint(name, cfg, dtype, device, flag)
     else:
-        model, tokenizer = PLAIN["load_model"](name, cfg, dtype, device, flag)
+        model, tokenizer = igrpo.load_model(name, cfg, dtype, device, flag)
     check_scoring(model, f"--{flag} {name}")
     return model, tokenizer
 
 
-def tagged_master_weights(model):
-    """igrpo.master_weights, each bf16 parameter tagged with its master, so that
+def tagged_master_weights_and_optimizer(model, cfg):
+    """igrpo.master_weights_and_optimizer, each bf16 parameter tagged with its master, so that
     OutputLayerLogprobs adds the output layer's gradient to it. With master weights, gradients
     come from loss.backward(), never torch.autograd.grad."""
-    master = PLAIN["master_weights"](model)
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
     for p, m in zip([p for p in model.parameters() if p.requires_grad], master):
         if p is not m:
             p.master = m
-    return master
+    return master, optimizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +334,7 @@ def compiles_generation(cfg, device):
 
 def compiled_sample(model, tokenizer, prompts, cfg, *, per_prompt, max_new_tokens=None,
                     **options):
-    """igrpo.sample's Samples, from fixed-shape generate calls: one prompt a row, the rows padded
+    """igrpo.sample's Sequences, from fixed-shape generate calls: one prompt a row, the rows padded
     to a power of two (at most --generation-batch-size) by copies of the first, dropped after."""
     rows = igrpo.repeat(prompts, per_prompt)
     per_call = min(cfg.generation_batch_size, 2 ** math.ceil(math.log2(max(1, len(rows)))))
@@ -350,7 +346,7 @@ def compiled_sample(model, tokenizer, prompts, cfg, *, per_prompt, max_new_token
     # never past the model's positions, and never shrinking: transformers keeps the longest cache
     cache = max([min(cache, context or cache), *getattr(model, "cache_lengths", [0])])
     started, first = time.time(), (per_call, cache) not in getattr(model, "compiled_shapes", set())
-    samples = PLAIN["sample"](model, tokenizer, padded, dataclasses.replace(
+    samples = igrpo.sample(model, tokenizer, padded, dataclasses.replace(
         cfg, generation_batch_size=per_call), per_prompt=1, max_new_tokens=max_new_tokens,
         cache_implementation="static", max_cache_len=cache, **options)
     model.compiled_shapes = getattr(model, "compiled_shapes", set()) | {(per_call, cache)}
@@ -425,28 +421,19 @@ def adapters_disabled(policy):
             layer.enable_adapters(True)
 
 
-def reference_logprobs_adapters_off(policy, samples, micro_batches, cfg):
-    """igrpo.frozen_logprobs; for AdaptersOff, the policy itself with its adapters off, so the
-    reference pass takes the lean path too (AdaptersOff's own forward gives whole logits)."""
-    if isinstance(policy, AdaptersOff):
-        with adapters_disabled(policy.policy[0]):
-            return PLAIN["frozen_logprobs"](policy.policy[0], samples, micro_batches, cfg)
-    return PLAIN["frozen_logprobs"](policy, samples, micro_batches, cfg)
-
-
 def lora_policy(cfg, resume_from, device, dtype):
     """igrpo.load_policy with adapters: (policy, tokenizer, its adapters-off self or None)."""
-    model, tokenizer, _ = PLAIN["load_policy"](dataclasses.replace(cfg, beta=0.0), resume_from,
-                                               device, dtype)
+    model, tokenizer, _ = lean_policy(dataclasses.replace(cfg, beta=0.0), resume_from, device,
+                                      dtype)
     model = apply_lora(model, cfg)
     return model, tokenizer, AdaptersOff(model) if cfg.beta > 0 else None
 
 
-def save_adapter_or_model(model, tokenizer, folder, trainer_state=None):
-    """igrpo.save; with LoRA the adapter alone. Under torchrun rank 0 alone writes."""
-    if is_main_process():
-        PLAIN["save"](AdapterOnly(model) if is_lora(model) else model, tokenizer, folder,
-                      trainer_state)
+def save_model(model, folder):
+    """What igrpo.save writes of the model: the whole of it, or a LoRA policy's adapter alone.
+    Under torchrun rank 0 alone writes."""
+    if process_rank() == 0:
+        (AdapterOnly(model) if is_lora(model) else model).save_pretrained(folder)
 
 
 class AdapterOnly:
@@ -475,7 +462,7 @@ def load_lora_checkpoint(folder, cfg, dtype, device, flag="model"):
     if not base:
         fail(f"--{flag} {folder}: adapter_config.json names no base model "
              "(base_model_name_or_path)")
-    model, tokenizer = PLAIN["load_model"](base, cfg, dtype, device, flag)
+    model, tokenizer = igrpo.load_model(base, cfg, dtype, device, flag)
     return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
 
 
@@ -483,34 +470,38 @@ def save_merged(cfg):
     """--save-merged: final/'s adapter merged into its base, as a plain checkpoint (for vLLM, or
     AutoModelForCausalLM), in final-merged/. Merged on the CPU: the GPU holds no second copy."""
     out = Path(cfg.output_dir)
-    if cfg.save_merged and is_main_process():
-        PLAIN["save"](*load_lora_checkpoint(out / "final", cfg, torch.float32, "cpu"),
-                      out / "final-merged")
+    if cfg.save_merged and process_rank() == 0:
+        model, tokenizer = load_lora_checkpoint(out / "final", cfg, torch.float32, "cpu")
+        igrpo.save(out / "final-merged", igrpo.Policy(model, tokenizer, None, []), igrpo.Parts())
 
 
 # ----------------------------------------------------------------------------------------------
 # torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one
-# rank, so advantages need no communication). Every normalizer of the loss counts the whole step
-# (all ranks), so each rank's loss is its share of the one-process loss, and the step's gradient
-# is their sum:
+# rank, so advantages need no communication); igrpo.py shares the problems and sums the loss's
+# normalizers and the metrics over igrpo.World, which this section supplies. Every normalizer
+# counts the whole step, so each rank's loss is its share of the one-process loss, and the step's
+# gradient is their sum:
 #   grad L = sum_k grad L_k,   L_k = sum over rank k's tokens of w_jt * loss_jt
 # Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (The
 # DistributedDataParallel of PyTorch would reduce bf16 model gradients at each micro-batch.)
 # ----------------------------------------------------------------------------------------------
 def setup_distributed(cfg=None):
     """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print
-    nothing. In one process: nothing at all."""
+    nothing. Returns the igrpo.World of this process (one process: the plain one)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(torch.distributed.destroy_process_group)
-        if not is_main_process():
+        if process_rank() != 0:
             sys.stdout = open(os.devnull, "w")
             os.environ["TQDM_DISABLE"] = "1"  # and no progress bars
     if cfg and cfg.prompts_per_step % process_count():
         fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
              f"{process_count()} ranks: make it a multiple of {process_count()}")
+    if process_count() == 1:
+        return igrpo.World()
+    return igrpo.World(process_rank(), process_count(), sum=summed_over_ranks, gather=every_ranks)
 
 
 def process_count():
@@ -521,21 +512,11 @@ def process_rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def is_main_process():
-    return process_rank() == 0
-
-
-def barrier():
-    if process_count() > 1:
-        torch.distributed.barrier()
-
-
 def summed_over_ranks(*values):
-    """Each number (int, float or one-element tensor) summed over all ranks (one process: as is)."""
-    if process_count() == 1:
-        return values
+    """Each number (int, float or one-element tensor) summed over all ranks, as floats."""
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in values])
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu()
+                         for v in values])
     total = total.to(device)
     torch.distributed.all_reduce(total)
     return tuple(total.tolist())
@@ -548,28 +529,11 @@ def every_ranks(own):
     return ranks
 
 
-def sharded_next_batch(problems, order, cfg):
-    """igrpo.next_batch's problems (the same order on every rank), this rank's share of them."""
-    batch, order = PLAIN["next_batch"](problems, order, cfg)
-    return batch[process_rank()::process_count()], order
-
-
-def sharded_held_out_accuracy(model, tokenizer, problems, cfg, label="held-out"):
-    share = problems[process_rank()::process_count()]
-    correct = PLAIN["held_out_accuracy"](model, tokenizer, share, cfg, label) * len(share) \
-        if share else 0
-    return summed_over_ranks(correct)[0] / len(problems)
-
-
-def batch_totals_over_ranks(mask):
-    completions, tokens = PLAIN["batch_totals"](mask)
-    return summed_over_ranks(completions, tokens)
-
-
 def reduced(optimizer_step):
     """An optimizer step that first sums every rank's gradient (a rank without completions to
     train on still takes part, with zeros)."""
-    def step(model, optimizer, master, cfg):
+    def step(policy, cfg):
+        master = policy.master
         if not summed_over_ranks(any(m.grad is not None for m in master))[0]:
             return torch.zeros(())  # no rank has a gradient (DAPO: every group agreed): no step
         for m in master:
@@ -577,77 +541,12 @@ def reduced(optimizer_step):
                 m.grad = torch.zeros_like(m)
         for work in [torch.distributed.all_reduce(m.grad, async_op=True) for m in master]:
             work.wait()
-        return optimizer_step(model, optimizer, master, cfg)
+        return optimizer_step(policy, cfg)
     return step
 
 
-STEP_SUMS = ("completion_tokens", "dropped_groups", "judge_unparsed", "loss")  # loss: rank shares
-STEP_MEANS = ("reward", "accuracy", "draft_reward", "best_draft_reward", "format_reward",
-              "mean_completion_length", "clip_frac", "kl", "entropy")
-
-
-def step_record_over_ranks(record):
-    """One step's numbers over all ranks: counts and the loss (each rank's loss is its share)
-    summed, means averaged over ranks (per completion: every rank holds as many; the per-token
-    clip_frac, kl and entropy: an unweighted mean of the ranks'), throughput from summed tokens.
-    grad_norm and lr are global already."""
-    names = [name for name in STEP_SUMS + STEP_MEANS if record.get(name) is not None]
-    totals = summed_over_ranks(*(record[name] for name in names))
-    record = dict(record, **{name: int(total) if name in STEP_SUMS else total / process_count()
-                             for name, total in zip(names, totals)})
-    record["tokens_per_second"] = record["completion_tokens"] / record["step_seconds"]
-    return record
-
-
-def seed_each_rank(cfg):
-    PLAIN["seed"](cfg)  # the same problem order on every rank
-    torch.manual_seed(cfg.seed + process_rank())  # each rank draws its own samples
-
-
-def prepare_output_dir_on_rank_0(cfg):
-    """igrpo.prepare_output_dir on rank 0, which alone writes (--overwrite also deletes
-    --save-merged's final-merged/); under torchrun the others take its answer."""
-    resume_from = None
-    if is_main_process():
-        resume_from = PLAIN["prepare_output_dir"](cfg)
-        if cfg.overwrite:
-            shutil.rmtree(Path(cfg.output_dir) / "final-merged", ignore_errors=True)
-    return every_ranks(resume_from)[0] if process_count() > 1 else resume_from
-
-
-def every_ranks_random_states():
-    states = PLAIN["random_states"]()
-    return dict(states, ranks=every_ranks(dict(torch=states["torch"], cuda=states["cuda"])))
-
-
-def load_checkpoint_of_each_rank(folder, optimizer, master, cfg):
-    """igrpo.load_checkpoint, then this rank's own random stream (a run saved by another number
-    of ranks gets fresh streams: its share of the problems differs anyway)."""
-    start, order = PLAIN["load_checkpoint"](folder, optimizer, master, cfg)
-    if folder is not None and folder.name != "final":
-        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        ranks = state["rng"].get("ranks", [])
-        if len(ranks) == process_count():
-            torch.set_rng_state(ranks[process_rank()]["torch"])
-            if ranks[process_rank()]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ranks[process_rank()]["cuda"])
-        else:
-            torch.manual_seed(int(torch.randint(2**62, ())) + process_rank())
-    return start, order
-
-
-def write_metrics_on_rank_0(file, record, tracker=None):
-    if is_main_process():
-        PLAIN["write_metrics"](file, record, tracker)
-
-
-def log_completions_on_rank_0(*args, **kwargs):
-    if is_main_process():  # its share of the step's problems
-        PLAIN["log_completions"](*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------
-# Long runs: Ctrl-C, non-finite updates, collapse warnings, running out of memory
+# Long runs: non-finite updates, collapse warnings, running out of memory (Ctrl-C: igrpo.py's)
 # ----------------------------------------------------------------------------------------------
 MAX_SKIPPED_IN_A_ROW = 3  # steps in a row with a skipped (non-finite) update: the run stops
 COLLAPSE_STEPS = 5        # steps in a row with ~0 entropy, or no right answer, before a warning
@@ -657,20 +556,22 @@ ENTROPY_FLOOR = 0.01      # nats per token: below it, sampling at temperature > 
 def skipping_non_finite(optimizer_step, run):
     """An optimizer step that skips an update whose gradient norm is NaN or infinite (a NaN loss
     makes one): it would poison the weights and Adam's moments. Counts them in run.skipped."""
-    def step(model, optimizer, master, cfg):
-        norm = torch.nn.utils.get_total_norm([m.grad for m in master if m.grad is not None])
+    def step(policy, cfg):
+        norm = torch.nn.utils.get_total_norm([m.grad for m in policy.master
+                                              if m.grad is not None])
         if torch.isfinite(norm):
-            return optimizer_step(model, optimizer, master, cfg)
-        optimizer.zero_grad(set_to_none=True)
+            return optimizer_step(policy, cfg)
+        policy.optimizer.zero_grad(set_to_none=True)
         run.skipped += 1
         return norm
     return step
 
 
-def with_long_run_fields(step_record, run):
-    """The step's record, with its skipped updates, and a warning once a policy looks collapsed."""
-    def record_step(record):
-        record = dict(step_record(record), skipped_updates=run.skipped)
+def long_run_watch(run, cfg):
+    """A watch of each step's record (igrpo.Parts.watches): its skipped updates logged, a warning
+    once a policy looks collapsed, and a stop after MAX_SKIPPED_IN_A_ROW steps that skipped one."""
+    def watch(record):
+        record["skipped_updates"] = run.skipped
         # steps, not updates: with --ppo-epochs 3 one bad batch skips 3 updates of one step
         run.skipped_in_a_row = run.skipped_in_a_row + 1 if run.skipped else 0
         run.skipped = 0
@@ -678,8 +579,13 @@ def with_long_run_fields(step_record, run):
         warning = collapse_warning(run.history)
         if warning and warning != collapse_warning(run.history[:-1]):  # once, when it starts
             tqdm.write(f"step {record['step']}: warning: {warning}")
-        return record
-    return record_step
+        if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            return (f"{MAX_SKIPPED_IN_A_ROW} steps in a row had an update with a non-finite loss "
+                    f"or gradient norm, skipped: the learning rate (--lr {cfg.lr}) is likely too "
+                    "high, or the precision too low (try --dtype fp32); the checkpoint holds the "
+                    "last good weights")
+        return None
+    return watch
 
 
 def collapse_warning(history):
@@ -698,64 +604,6 @@ def collapse_warning(history):
     return None
 
 
-def saving_when_stopped(should_save, run):
-    """Save after a Ctrl-C (on any rank) and after MAX_SKIPPED_IN_A_ROW steps that skipped an
-    update, too."""
-    def save_now(step, cfg):
-        run.stopped = summed_over_ranks(run.interrupted.is_set())[0] > 0
-        run.diverged = run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW
-        return run.stopped or run.diverged or should_save(step, cfg)
-    return save_now
-
-
-def ending_when_stopped(save_checkpoint, run):
-    """After that checkpoint: exit 130 with the command that resumes, or stop naming the causes."""
-    def save_and_maybe_end(out, step, *args):
-        folder = save_checkpoint(out, step, *args)
-        cfg = args[-1]
-        # torchrun ends every rank when one exits (below, or igrpo's judge stop after this save):
-        # none may exit before rank 0 has saved
-        barrier()
-        if run.stopped:
-            how = ("--resume does not support --lora-rank yet" if cfg.lora_rank else
-                   f"continue with:\n  {resume_command()}")
-            tqdm.write(f"interrupted after step {step}, checkpoint {folder}; {how}")
-            raise SystemExit(130)
-        if run.diverged:
-            fail(f"{MAX_SKIPPED_IN_A_ROW} steps in a row had an update with a non-finite loss or "
-                 f"gradient norm, skipped: the learning rate (--lr {cfg.lr}) is likely too high, "
-                 f"or the precision too low (try --dtype fp32); the last good weights are in "
-                 f"{folder}")
-        return folder
-    return save_and_maybe_end
-
-
-def resume_command():
-    args = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--overwrite")]
-    launcher = ["python"]
-    if process_count() > 1:
-        launcher = ["torchrun", f"--nproc-per-node={process_count()}"]
-    return shlex.join([*launcher, sys.argv[0], *args, "--resume"])
-
-
-@contextlib.contextmanager
-def ctrl_c_sets(event):
-    """The first Ctrl-C sets the event (the loop saves after the step); a second stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_interrupt(*_):
-        event.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (again: quit at once)")
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @contextlib.contextmanager
 def explained_failures(cfg):
     """Running out of GPU memory, or sampling inf/NaN probabilities, ends the run naming a fix."""
@@ -771,59 +619,37 @@ def explained_failures(cfg):
         fail(f"the policy's probabilities became inf/NaN: the learning rate (--lr {cfg.lr}) is "
              "likely too high, or the precision too low (try --dtype fp32); the newest step-N "
              "checkpoint, if any, holds earlier weights")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the step loop
-        raise SystemExit("scale: interrupted, no checkpoint written now (--resume goes on from "
-                         "the newest)")
 
 
 # ----------------------------------------------------------------------------------------------
-# Attaching: igrpo.py calls each of its parts by its name in the module, so swapping a part there
-# changes what igrpo.train runs without changing igrpo.py. Every swap is undone on exit.
+# The parts: igrpo.train runs its own loop with these, as cfg asks for them
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def attached(cfg, device=None):
-    """igrpo.py with the engineered parts cfg asks for: the context manager to train inside."""
-    device = device or igrpo.device_and_dtype(cfg.dtype)[0]
-    run = SimpleNamespace(skipped=0, skipped_in_a_row=0, history=[], stopped=False,
-                          diverged=False, interrupted=threading.Event())
-    optimizer_step = skipping_non_finite(PLAIN["optimizer_step"], run)
-    parts = dict(token_logprobs=lean_token_logprobs, load_model=lean_load_model,
-                 master_weights=tagged_master_weights, save=save_adapter_or_model,
-                 prepare_output_dir=prepare_output_dir_on_rank_0,
-                 RESUMABLE_CHANGES=PLAIN["RESUMABLE_CHANGES"] | {"compile_generation"},
-                 should_save=saving_when_stopped(PLAIN["should_save"], run),
-                 save_checkpoint=ending_when_stopped(PLAIN["save_checkpoint"], run))
-    step_record = PLAIN["step_record"]
-    if compiles_generation(cfg, device):
-        parts["sample"] = compiled_sample
-    if cfg.lora_rank:
-        parts.update(load_policy=lora_policy, frozen_logprobs=reference_logprobs_adapters_off)
-    if process_count() > 1:
-        parts.update(next_batch=sharded_next_batch, held_out_accuracy=sharded_held_out_accuracy,
-                     batch_totals=batch_totals_over_ranks, seed=seed_each_rank,
-                     random_states=every_ranks_random_states,
-                     load_checkpoint=load_checkpoint_of_each_rank,
-                     write_metrics=write_metrics_on_rank_0,
-                     log_completions=log_completions_on_rank_0)
-        optimizer_step, step_record = reduced(optimizer_step), step_record_over_ranks
-    parts.update(optimizer_step=optimizer_step,
-                 step_record=with_long_run_fields(step_record, run))
-    originals = {name: getattr(igrpo, name) for name in parts}
-    vars(igrpo).update(parts)
-    try:
-        with ctrl_c_sets(run.interrupted), explained_failures(cfg):
-            yield run
-    finally:
-        vars(igrpo).update(originals)
+def lean_policy(cfg, resume_from, device, dtype):
+    """igrpo.load_policy, each model loaded by lean_load_model (check_scoring; LoRA folders)."""
+    return igrpo.load_policy(cfg, resume_from, device, dtype, load=lean_load_model)
+
+
+def scale_parts(cfg, world=igrpo.World()):
+    """igrpo.Parts with scale.py's engineering: lean log-probs, master-weight tags, the long-run
+    watch and the non-finite skip always; compiled sampling, LoRA and torchrun as cfg and the
+    launcher ask."""
+    run = SimpleNamespace(skipped=0, skipped_in_a_row=0, history=[])
+    optimizer_step = skipping_non_finite(igrpo.optimizer_step, run)
+    if world.size > 1:
+        optimizer_step = reduced(optimizer_step)
+    device = igrpo.device_and_dtype(cfg.dtype)[0]
+    return igrpo.Parts(
+        load_policy=lora_policy if cfg.lora_rank else lean_policy,
+        make_optimizer=tagged_master_weights_and_optimizer,
+        sample=compiled_sample if compiles_generation(cfg, device) else igrpo.sample,
+        token_logprobs=lean_token_logprobs, optimizer_step=optimizer_step, save_model=save_model,
+        watches=(long_run_watch(run, cfg),), world=world)
 
 
 def check_scale_config(cfg, judge=None):
     igrpo.check_config(cfg, judge)
-    if cfg.compile_generation not in ("auto", "on", "off"):
-        fail(f"--compile-generation {cfg.compile_generation!r}: choose one of auto, on, off")
-    if cfg.lora_rank < 0 or (cfg.lora_rank and cfg.lora_alpha <= 0):
-        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: the rank must be 0 (off) "
-             "or more, alpha positive")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: alpha must be positive")
     if cfg.save_merged and not cfg.lora_rank:
         fail("--save-merged: only with --lora-rank (a full fine-tune is saved whole anyway)")
     if cfg.lora_rank and cfg.resume:
@@ -834,17 +660,19 @@ def check_scale_config(cfg, judge=None):
 
 
 def train(cfg, judge=None):
-    """igrpo.train, with scale.py's parts attached."""
+    """igrpo.train with scale.py's parts (judge: as igrpo.Parts's)."""
     check_scale_config(cfg, judge)
-    setup_distributed(cfg)
-    with attached(cfg):
-        results = igrpo.train(cfg, judge)
+    world = setup_distributed(cfg)
+    with explained_failures(cfg):
+        results = igrpo.train(cfg, dataclasses.replace(scale_parts(cfg, world), judge=judge))
     save_merged(cfg)
     return results
 
 
 def main(argv=None):
-    cfg, _ = igrpo.parse_args(argv, ScaleConfig)
+    parser = igrpo.config_parser(ScaleConfig, description="igrpo.py's training, bigger, faster "
+                                 "and longer: LoRA, torchrun, lean log-probs, compiled sampling.")
+    cfg = ScaleConfig(**vars(parser.parse_args(argv)))
     if not cfg.model:
         fail("--model: name a causal LM to train")
     return train(cfg)

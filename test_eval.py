@@ -19,7 +19,7 @@ import pytest
 import eval as evaluation
 import igrpo
 import judge
-from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+from conftest import tiny_config
 
 DATA = evaluation.DATA  # the benchmark files shipped in data/
 
@@ -348,7 +348,7 @@ def test_a_training_run_folder_as_model_evaluates_its_final_checkpoint_and_says_
     (run / "metrics.jsonl").write_text("")
     evaluate(tiny, tmp_path, small_benchmark(tmp_path), "--k", "1", "--model", str(run))
     said = [line for line in capsys.readouterr().out.splitlines() if "final" in line]
-    assert said == [f"--model {run}: a training run folder; evaluating its final checkpoint, "
+    assert said == [f"--model {run}: a training run folder; loading its final model, "
                     f"{run / 'final'}"]
     assert saved(tmp_path, "settings.json")["model"] == str(run / "final")
 
@@ -449,10 +449,10 @@ def test_a_judge_endpoint_scores_solutions_in_one_batch(endpoint):
 def test_judge_rewards_replace_the_checker_or_are_averaged_with_it(endpoint):
     score = judge.url_judge(endpoint, "judge")
     texts, golds, problems = ["\\boxed{2}", "\\boxed{3}"], ["2", "2"], ["What is 1+1?"] * 2
-    judged = igrpo.score(texts, golds, igrpo.Config(reward="judge"), problems=problems,
+    judged = igrpo.compute_rewards(texts, golds, igrpo.Config(reward="judge"), problems=problems,
                          judge=score)[0]
     assert judged.tolist() == [1.0, 0.0]
-    mixed = igrpo.score(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems,
+    mixed = igrpo.compute_rewards(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems,
                         judge=score)[0]
     assert mixed.tolist() == [0.0, 0.5]
 
@@ -484,7 +484,7 @@ def test_every_judge_reply_without_a_score_is_counted_drafts_and_refinements_ali
     def judge_that_never_scores(problems, golds, completions):
         return [None] * len(completions)
     cfg = tiny_config(tiny, tmp_path, reward="judge", steps=2)  # 2 problems x (2 drafts + 2)
-    igrpo.train(cfg, judge=judge_that_never_scores)
+    igrpo.train(cfg, igrpo.Parts(judge=judge_that_never_scores))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["judge_unparsed"] for r in records] == [8, 8]
     assert "step 2: warning: 8 of 8 judge replies held no score" in capsys.readouterr().out
@@ -495,7 +495,7 @@ def test_a_step_where_most_judge_replies_hold_no_score_is_warned_about_and_the_r
     def judge_scoring_one_in_four(problems, golds, completions):
         return [1.0 if i % 4 == 0 else None for i in range(len(completions))]
     cfg = tiny_config(tiny, tmp_path, reward="rule+judge", steps=4, algo="grpo")
-    igrpo.train(cfg, judge=judge_scoring_one_in_four)
+    igrpo.train(cfg, igrpo.Parts(judge=judge_scoring_one_in_four))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["judge_unparsed"] for r in records] == [6, 6, 6, 6]
     warnings = capsys.readouterr().out
@@ -508,19 +508,33 @@ def test_a_judge_that_gives_no_score_for_3_steps_stops_the_run_with_a_checkpoint
     def judge_that_never_scores(problems, golds, completions):
         return [None] * len(completions)
     cfg = tiny_config(tiny, tmp_path, reward="judge", steps=5, save_every=0)
-    with pytest.raises(SystemExit, match="no judge reply held a score for 3 steps in a row .* "
-                                         "checkpoint .*step-3; fix the judge, then --resume"):
-        igrpo.train(cfg, judge=judge_that_never_scores)
+    with pytest.raises(SystemExit, match=r"steps 1 to 3 had no judge reply that held a score .*: "
+                                         r"fix the judge, then --resume \(stopped with checkpoint "
+                                         r".*step-3\)"):
+        igrpo.train(cfg, igrpo.Parts(judge=judge_that_never_scores))
     run = tmp_path / "run"
     assert igrpo.checkpoints(run) == [run / "step-3"] and not (run / "final").exists()
 
     def judge_that_is_fixed(problems, golds, completions):
         return [1.0] * len(completions)
-    igrpo.train(dataclasses.replace(cfg, resume=True), judge=judge_that_is_fixed)
+    igrpo.train(dataclasses.replace(cfg, resume=True), igrpo.Parts(judge=judge_that_is_fixed))
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["judge_unparsed"] for r in records] == [8, 8, 8, 0, 0]
     assert (run / "final").is_dir()
 
+
+def test_a_judge_that_goes_silent_in_the_last_steps_stops_the_run_there_too_with_no_final_model(
+        tiny, tmp_path):
+    def judge_silent_from_step_2(problems, golds, completions):
+        silent = len(judge_silent_from_step_2.calls) >= 2  # step 1: drafts, then refinements
+        judge_silent_from_step_2.calls.append(1)
+        return [None if silent else 1.0] * len(completions)
+    judge_silent_from_step_2.calls = []
+    cfg = tiny_config(tiny, tmp_path, reward="judge", steps=4)
+    with pytest.raises(SystemExit, match=r"steps 2 to 4 had no judge reply that held a score .*"
+                                         r"\(stopped with checkpoint .*step-4\)"):
+        igrpo.train(cfg, igrpo.Parts(judge=judge_silent_from_step_2))
+    assert not (tmp_path / "run" / "final").exists()
 
 def test_a_judge_endpoint_that_goes_down_mid_run_counts_as_no_score_and_says_why(capsys):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
@@ -590,13 +604,18 @@ def test_an_endpoint_that_is_down_costs_one_round_of_retries_per_call_not_one_pe
     ([float("nan"), 1.0], "one of them nan"), ([2.0, None], "one of them 2.0")])
 def test_a_judge_function_that_returns_what_is_not_a_score_each_is_one_line(returned, problem):
     with pytest.raises(SystemExit, match=re.escape(problem)):
-        igrpo.score(["\\boxed{2}", "\\boxed{3}"], ["2", "2"], igrpo.Config(reward="judge"),
-                    problems=["p", "p"], judge=lambda *_: iter(returned))
+        judge.checked(lambda *_: iter(returned))(["p", "p"], ["2", "2"], ["\\boxed{2}", "\\boxed{3}"])
+
+
+def test_a_judge_function_of_ones_own_is_checked_in_training_too(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path, reward="judge", steps=1)
+    with pytest.raises(SystemExit, match=re.escape("one of them 2.0: each must be a number")):
+        igrpo.train(cfg, igrpo.Parts(judge=lambda problems, golds, texts: [2.0] * len(texts)))
 
 
 def test_judge_scores_may_be_any_real_number_type_or_none():
     import numpy
     scores = [numpy.float32(0.5), 1, None, numpy.float64(0.25)]
-    rewards = igrpo.score(["a"] * 4, ["2"] * 4, igrpo.Config(reward="judge"), problems=["p"] * 4,
-                          judge=lambda *_: scores).rewards
+    rewards = igrpo.compute_rewards(["a"] * 4, ["2"] * 4, igrpo.Config(reward="judge"), problems=["p"] * 4,
+                                    judge=judge.checked(lambda *_: scores)).total
     assert rewards.tolist() == [0.5, 1.0, 0.0, 0.25]

@@ -54,7 +54,7 @@ def logged_step_one(flags, out):
     """(metrics.jsonl's line for step 1, completions.jsonl's lines) of `python toy.py flags`, the
     run whose step 1 explain shows, held-out scoring included."""
     cfg = toy.explain_settings(flags)[0]
-    igrpo.train(dataclasses.replace(cfg, output_dir=str(out)), judge=judge)
+    igrpo.train(dataclasses.replace(cfg, output_dir=str(out)), igrpo.Parts(judge=judge))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     completions = [json.loads(line) for line in (out / "completions.jsonl").open()]
     return next(row for row in rows if row.get("step") == 1 and "reward" in row), completions

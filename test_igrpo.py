@@ -8,6 +8,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,8 @@ from safetensors.torch import load_file
 import igrpo
 import toy
 from checker_cases import CHECKER_CASES, DATA, rewrites
+from conftest import (Crash, final_weights, hostile_generation_defaults, parity_reward, saved,
+                      step_that, tiny_config, training_steps)
 from igrpo import Config, answers_match, extract_answer, math_reward
 
 
@@ -113,6 +116,9 @@ def test_dr_grpo_advantages_are_not_divided_by_the_std():
 # ----------------------------------------------------------------------------------------------
 # The clipped surrogate, its aggregations and the KL penalty
 # ----------------------------------------------------------------------------------------------
+ONE = igrpo.World()  # a single process
+
+
 def loss_inputs(seed=0, b=4, T=6):
     g = torch.Generator().manual_seed(seed)
     logp = (-torch.rand(b, T, generator=g) * 3).requires_grad_()
@@ -127,7 +133,7 @@ def loss_inputs(seed=0, b=4, T=6):
 def test_at_ratio_one_every_loss_gives_the_policy_gradient_direction(loss):
     logp, mask, advantages = loss_inputs()
     cfg = Config(loss=loss, max_completion_tokens=6)
-    weights = igrpo.loss_weights(mask, loss, cfg.max_completion_tokens)
+    weights = igrpo.loss_weights(mask, loss, cfg.max_completion_tokens, ONE)
     value, clipped, _ = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg)
     value.backward()
     expected = -advantages[:, None] * weights  # d loss / d log p = -A * weight of the token
@@ -137,7 +143,7 @@ def test_at_ratio_one_every_loss_gives_the_policy_gradient_direction(loss):
 
 def test_grpo_loss_averages_tokens_per_completion_then_over_completions():
     logp, mask, advantages = loss_inputs()
-    weights = igrpo.loss_weights(mask, "grpo", 6)
+    weights = igrpo.loss_weights(mask, "grpo", 6, ONE)
     assert torch.allclose(weights.sum(1), torch.full((4,), 0.25))
     assert torch.allclose(weights[0, :4], torch.full((4,), 1 / 16))
 
@@ -146,7 +152,7 @@ def test_clipping_engages_only_beyond_epsilon():
     cfg = Config()
     logp = torch.zeros(1, 3, requires_grad=True)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    weights = igrpo.loss_weights(mask, "grpo", 3)
+    weights = igrpo.loss_weights(mask, "grpo", 3, ONE)
     old = torch.log(torch.tensor([[1 / 1.1, 1 / 1.3, 1 / 0.7]]))  # ratios 1.1, 1.3, 0.7
     loss, clipped, _ = igrpo.policy_loss(logp, old, torch.tensor([1.0]), mask, weights, cfg)
     loss.backward()
@@ -157,7 +163,7 @@ def test_clipping_engages_only_beyond_epsilon():
 def test_k3_kl_is_zero_iff_policy_equals_reference():
     logp, mask, advantages = loss_inputs()
     cfg = Config(beta=0.1)
-    weights = igrpo.loss_weights(mask, "grpo", 6)
+    weights = igrpo.loss_weights(mask, "grpo", 6, ONE)
     _, _, kl_same = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg, ref_logp=logp.detach())
     _, _, kl_diff = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg,
                                       ref_logp=logp.detach() - 0.3)
@@ -168,11 +174,11 @@ def test_dr_grpo_loss_does_not_depend_on_how_padding_splits_lengths():
     logp, mask, advantages = loss_inputs()
     cfg = Config(loss="dr_grpo", max_completion_tokens=6)
     value, _, _ = igrpo.policy_loss(logp, logp.detach() - 0.01, advantages, mask,
-                                    igrpo.loss_weights(mask, "dr_grpo", 6), cfg)
+                                    igrpo.loss_weights(mask, "dr_grpo", 6, ONE), cfg)
     wider = torch.nn.functional.pad(logp.detach(), (0, 5))  # same completions, more padding columns
     wider_mask = torch.nn.functional.pad(mask, (0, 5))
     wider_value, _, _ = igrpo.policy_loss(wider, wider - 0.01 * wider_mask, advantages, wider_mask,
-                                          igrpo.loss_weights(wider_mask, "dr_grpo", 6), cfg)
+                                          igrpo.loss_weights(wider_mask, "dr_grpo", 6, ONE), cfg)
     assert torch.allclose(value, wider_value)
 
 
@@ -180,9 +186,9 @@ def test_gspo_ratio_is_one_number_per_sequence():
     logp, mask, advantages = loss_inputs()
     cfg = Config(loss="gspo")
     old = logp.detach() + torch.linspace(-0.02, 0.02, 6)  # token ratios differ inside each sequence
-    value, clipped, _ = igrpo.policy_loss(logp, old, advantages, mask, igrpo.loss_weights(mask, "gspo", 6), cfg)
+    value, clipped, _ = igrpo.policy_loss(logp, old, advantages, mask, igrpo.loss_weights(mask, "gspo", 6, ONE), cfg)
     value.backward()
-    per_token = logp.grad / igrpo.loss_weights(mask, "gspo", 6).clamp(min=1e-12) * mask
+    per_token = logp.grad / igrpo.loss_weights(mask, "gspo", 6, ONE).clamp(min=1e-12) * mask
     for row in range(4):  # one ratio per sequence: the gradient w.r.t. each log-prob is equal along the row
         values = per_token[row][mask[row]]
         assert torch.allclose(values, values[0].expand_as(values), atol=1e-5)
@@ -195,20 +201,20 @@ def test_dapo_drops_groups_whose_rewards_all_agree():
 
 def test_dapo_clips_asymmetrically_and_averages_over_all_tokens_of_the_batch():
     logp, mask, _ = loss_inputs()
-    weights = igrpo.loss_weights(mask, "dapo", 6)
+    weights = igrpo.loss_weights(mask, "dapo", 6, ONE)
     assert torch.allclose(weights[mask], torch.full((int(mask.sum()),), 1 / mask.sum().item()))
     assert igrpo.CLIP_DEFAULTS["dapo"] == (0.2, 0.28)
 
 
 def test_overlong_penalty_is_soft_and_only_near_the_budget():
     cfg = Config(max_completion_tokens=100, overlong_buffer=20)
-    rewards, *_ = igrpo.score(["\\boxed{1}"] * 3, ["1"] * 3, cfg, lengths=torch.tensor([70, 90, 100]))
+    rewards, *_ = igrpo.compute_rewards(["\\boxed{1}"] * 3, ["1"] * 3, cfg, lengths=torch.tensor([70, 90, 100]))
     assert torch.allclose(rewards, torch.tensor([1.0, 0.5, 0.0]))
 
 
 def test_format_reward_is_logged_apart_and_weighted():
     cfg = Config(format_weight=0.5)
-    rewards, accuracy, formats, _ = igrpo.score(["2+2 = 4 so \\boxed{4}", "\\boxed{5}", "4"], ["4"] * 3, cfg)
+    rewards, accuracy, formats, _ = igrpo.compute_rewards(["2+2 = 4 so \\boxed{4}", "\\boxed{5}", "4"], ["4"] * 3, cfg)
     assert accuracy.tolist() == [1.0, 0.0, 0.0]
     assert formats.tolist() == [1.0, 0.0, 0.0]
     assert rewards.tolist() == [1.5, 0.0, 0.0]
@@ -235,35 +241,6 @@ def test_batches_go_through_every_problem_once_per_epoch_in_a_new_order_each_tim
 # ----------------------------------------------------------------------------------------------
 # A tiny model and tokenizer, built locally
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    cfg = Config(chat_template="off")
-    texts = [igrpo.build_prompt(None, igrpo.refine_message(f"What is {a} + 1?", f"{a} + 1 = {a + 1}. \\boxed{{{a + 1}}}"),
-                                cfg) for a in range(30)]
-    tokenizer = toy.build_tokenizer(texts)
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
-    igrpo.save(model, tokenizer, folder / "model")
-    with open(folder / "train.jsonl", "w") as f:
-        f.writelines(json.dumps({"question": f"What is {a} + 1?", "answer": f"so #### {a + 1}"}) + "\n" for a in range(12))
-    return folder
-
-
-def tiny_config(tiny, tmp_path, config_class=Config, **overrides):
-    """A Config (or config_class: scale.py's ScaleConfig) for quick runs on the tiny model."""
-    settings = dict(model=str(tiny / "model"), dataset=str(tiny / "train.jsonl"), steps=2, prompts_per_step=2,
-                    group_size=4, num_drafts=2, lr=1e-3, max_completion_tokens=8, max_draft_tokens=4,
-                    max_prompt_tokens=128, micro_batch_size=3, gradient_checkpointing=False, chat_template="off",
-                    output_dir=str(tmp_path / "run"))
-    settings.update(overrides)
-    return config_class(**settings)
-
-
 def test_toy_checkpoint_round_trips_through_the_auto_classes(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
@@ -282,7 +259,7 @@ def test_masks_cover_exactly_the_generated_tokens_through_eos_and_the_text_stops
     output = torch.tensor([[0, 5, 6, 7, 0, 0, 0],    # prompt [0 5] left padded; completion 6 7 EOS
                            [4, 5, 6, 6, 6, 6, 6]])   # completion hits the budget without EOS
     prompt_mask = torch.tensor([[0, 1], [1, 1]])
-    samples = igrpo.stack_samples([(output, prompt_mask)], Tokenizer(), [eos])
+    samples = igrpo.stack_sequences([(output, prompt_mask)], Tokenizer(), [eos])
     assert samples.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert samples.texts == ["[6, 7]", "[6, 6, 6, 6, 6]"]
     assert samples.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
@@ -299,7 +276,7 @@ def test_a_generate_call_cut_short_by_the_context_masks_only_the_tokens_it_gener
     short_call = torch.tensor([[5, 7, 7, 7]])       # prompt [5], 3 tokens: the context ran out
     prompt_mask = torch.tensor([[1]])
     calls = [(long_call, prompt_mask), (short_call, prompt_mask)]
-    samples = igrpo.stack_samples(calls, Tokenizer(), [eos])
+    samples = igrpo.stack_sequences(calls, Tokenizer(), [eos])
     assert samples.completion_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert samples.texts == ["[6, 6, 6, 6, 6]", "[7, 7, 7]"] and samples.lengths.tolist() == [5, 3]
 
@@ -325,7 +302,7 @@ def test_left_padding_leaves_log_probs_unchanged(tiny):
 def test_dropout_is_off_so_training_forwards_score_the_sampling_policy(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny / "model", attention_dropout=0.5)
-    igrpo.save(model, igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")[1], tmp_path / "m")
+    saved(model, igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")[1], tmp_path / "m")
     model, _ = igrpo.load_model(str(tmp_path / "m"), Config(), torch.float32, "cpu")
     model.train()
     ids = torch.arange(1, 20)[None]
@@ -419,23 +396,6 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     assert len(set(samples.texts)) > 1
 
 
-def hostile_generation_defaults(model):
-    """A checkpoint generation_config that sets every field shaping the next-token distribution."""
-    from transformers import WatermarkingConfig
-    vocab = model.config.vocab_size
-    hostile = dict(do_sample=False, num_beams=2, temperature=0.05, top_k=1, top_p=0.1, min_p=0.9,
-                   typical_p=0.1, epsilon_cutoff=0.2, eta_cutoff=0.2, repetition_penalty=10.0,
-                   encoder_repetition_penalty=3.0, no_repeat_ngram_size=1, sequence_bias={(5,): 30.0},
-                   min_new_tokens=5, min_length=40, suppress_tokens=list(range(10, vocab, 2)),
-                   begin_suppress_tokens=list(range(11, vocab, 2)), bad_words_ids=[[7], [8]],
-                   forced_bos_token_id=5, forced_eos_token_id=6, renormalize_logits=True,
-                   exponential_decay_length_penalty=(1, 3.0),
-                   watermarking_config=WatermarkingConfig(), max_new_tokens=1, max_length=3)
-    for name, value in hostile.items():  # as a generation_config.json would hold them, unvalidated
-        setattr(model.generation_config, name, value)
-    return hostile
-
-
 def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(tiny):
     cfg = Config(chat_template="off")
     clean, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
@@ -524,7 +484,15 @@ def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling
     assert len(tokenizer(prompt).input_ids) == len(encoded) + 1  # what the old length filter counted
 
 
-def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys):
+class BarsAtOnce(igrpo.tqdm):
+    """Progress bars that show at once, not after their delay of 2 s: what a slow run would show."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, delay=0))
+
+
+def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setattr(igrpo, "tqdm", BarsAtOnce)
     held_out = tmp_path / "held_out.jsonl"
     problems = [f"What is {a} + 1?" for a in range(3)] + ["What is " + " + ".join(["1"] * 200) + "?"]
     held_out.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in problems))
@@ -535,6 +503,7 @@ def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(
     assert "--eval-dataset: skipping 1 problems longer than 128 prompt tokens" in captured.out
     assert "(3 problems)" in captured.out  # before training: 3 scored
     assert captured.err.count("held-out:   0%") == 2  # one bar for each scoring (before, after), not per call
+    assert captured.err.count("update:   0%") == 1 and captured.err.count("group:   0%") == 1  # inside a step
 
 
 def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
@@ -545,7 +514,7 @@ def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
     model.generation_config.eos_token_id = tokenizer.eos_token_id = None  # nothing else can stop it
     samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=2, max_new_tokens=50, temperature=1.0)
     assert samples.lengths.tolist() == [5, 5]
-    igrpo.say_context_limit(model, 10, 50)
+    igrpo.say_context_limit(igrpo.max_positions(model), 10, 50)
     assert f"at most {model.config.max_position_embeddings} positions" in capsys.readouterr().out
 
 
@@ -587,42 +556,46 @@ def test_a_long_draft_is_cut_from_the_front_keeping_its_end(tiny):
 # ----------------------------------------------------------------------------------------------
 # The iGRPO step
 # ----------------------------------------------------------------------------------------------
-def scripted_sampler(monkeypatch, tiny, script):
-    """Replace generation by scripted completions; record every (prompt, per_prompt) asked for."""
-    calls = []
-    real_sample = igrpo.sample
+def policy_of(cfg, dtype=torch.float32):
+    """The Policy train() would build for cfg: the model loaded, AdamW over its master weights."""
+    model, tokenizer = igrpo.load_model(cfg.model, cfg, dtype, "cpu")
+    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
+    return igrpo.Policy(model, tokenizer, optimizer, master)
 
+
+def scripted_sampler(script, calls):
+    """Parts whose sampler writes scripted completions (script(prompt, index)) and records every
+    (prompts, per_prompt) asked for in calls."""
     def fake(model, tokenizer, prompts, cfg, per_prompt, **options):
         calls.append((list(prompts), per_prompt))
-        samples = real_sample(model, tokenizer, prompts, cfg, per_prompt=per_prompt, **options)
+        samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=per_prompt, **options)
         samples.texts = [script(prompt, index) for prompt in prompts for index in range(per_prompt)]
         return samples
-    monkeypatch.setattr(igrpo, "sample", fake)
-    return calls
+    return igrpo.Parts(sample=fake)
 
 
-def test_igrpo_step_puts_the_first_best_draft_in_the_stage_two_prompt(monkeypatch, tiny, tmp_path):
+def test_igrpo_step_puts_the_first_best_draft_in_the_stage_two_prompt(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path, group_size=6, num_drafts=3, max_draft_tokens=64)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
     # drafts 0 and 2 are both right; the first of them (draft 0) must be chosen
-    calls = scripted_sampler(monkeypatch, tiny, lambda prompt, i: f"draft {i} \\boxed{{{[2, 9, 2][i]}}}"
-                             if "Previous draft" not in prompt else f"refined {i} \\boxed{{2}}")
+    calls = []
+    parts = scripted_sampler(lambda prompt, i: f"draft {i} \\boxed{{{[2, 9, 2][i]}}}"
+                             if "Previous draft" not in prompt else f"refined {i} \\boxed{{2}}", calls)
     batch = [{"problem": "What is 1 + 1?", "answer": "2"}]
-    samples, rewards, group, info = igrpo.rollout(model, tokenizer, batch, cfg)
+    rollout = igrpo.sample_and_score(batch, policy_of(cfg), cfg, parts)
     stage_two_prompt = calls[1][0][0]
-    assert len(info["best_drafts"]) == 1
-    assert calls[0][1] == 3 and calls[1][1] == 3 and group == 3
+    assert calls[0][1] == 3 and calls[1][1] == 3 and rollout.per_group == 3
     assert "Previous draft" in stage_two_prompt and "What is 1 + 1?" in stage_two_prompt
-    assert info["best_drafts"] == ["draft 0 \\boxed{2}"] and "draft 0 \\boxed{2}" in stage_two_prompt
-    assert info["draft_reward"] == pytest.approx(2 / 3) and info["best_draft_reward"] == 1.0
-    assert samples.texts == ["refined 0 \\boxed{2}", "refined 1 \\boxed{2}", "refined 2 \\boxed{2}"]
+    assert rollout.best_drafts == ["draft 0 \\boxed{2}"] and "draft 0 \\boxed{2}" in stage_two_prompt
+    assert rollout.draft_rewards.total.tolist() == [1.0, 0.0, 1.0]
+    assert rollout.sequences.texts == ["refined 0 \\boxed{2}", "refined 1 \\boxed{2}", "refined 2 \\boxed{2}"]
+    assert rollout.prompts == [stage_two_prompt]
 
 
-def test_a_wrong_best_draft_is_still_used(monkeypatch, tiny, tmp_path):
+def test_a_wrong_best_draft_is_still_used(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-    calls = scripted_sampler(monkeypatch, tiny, lambda prompt, i: "wrong \\boxed{7}")
-    igrpo.rollout(model, tokenizer, [{"problem": "What is 1 + 1?", "answer": "2"}], cfg)
+    calls = []
+    parts = scripted_sampler(lambda prompt, i: "wrong \\boxed{7}", calls)
+    igrpo.sample_and_score([{"problem": "What is 1 + 1?", "answer": "2"}], policy_of(cfg), cfg, parts)
     assert len(calls) == 2 and "Previous draft" in calls[1][0][0]
 
 
@@ -637,25 +610,25 @@ def test_best_drafts_are_the_first_best_of_each_problem_with_every_drafts_reward
     drafts = SimpleNamespace(texts=texts, lengths=torch.full((6,), 3))
     best, scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg)
     assert best == ["a \\boxed{2}", "\\boxed{1}"]
-    assert scores.rewards.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert scores.total.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-def test_igrpo_trains_on_refinement_tokens_only(monkeypatch, tiny, tmp_path):
+def test_igrpo_trains_on_refinement_tokens_only(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-    calls = scripted_sampler(monkeypatch, tiny, lambda prompt, i: f"\\boxed{{{i}}}")
-    samples, *_ = igrpo.rollout(model, tokenizer, [{"problem": "What is 1 + 1?", "answer": "1"}], cfg)
-    stage_two_ids = tokenizer(calls[1][0][0], padding_side="left").input_ids
+    policy, calls = policy_of(cfg), []
+    parts = scripted_sampler(lambda prompt, i: f"\\boxed{{{i}}}", calls)
+    samples = igrpo.sample_and_score([{"problem": "What is 1 + 1?", "answer": "1"}], policy, cfg, parts).sequences
+    stage_two_ids = policy.tokenizer(calls[1][0][0], padding_side="left").input_ids
     assert samples.input_ids[0, :samples.prompt_length].tolist()[-len(stage_two_ids):] == stage_two_ids
 
 
 @pytest.mark.parametrize("algo", ["igrpo", "grpo"])
-def test_both_algorithms_generate_group_size_sequences_per_problem(monkeypatch, tiny, tmp_path, algo):
+def test_both_algorithms_generate_group_size_sequences_per_problem(tiny, tmp_path, algo):
     cfg = tiny_config(tiny, tmp_path, algo=algo, group_size=8, num_drafts=4)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-    calls = scripted_sampler(monkeypatch, tiny, lambda prompt, i: "\\boxed{1}")
+    calls = []
+    parts = scripted_sampler(lambda prompt, i: "\\boxed{1}", calls)
     batch = [{"problem": f"What is {a} + 1?", "answer": "1"} for a in range(3)]
-    igrpo.rollout(model, tokenizer, batch, cfg)
+    igrpo.sample_and_score(batch, policy_of(cfg), cfg, parts)
     assert sum(len(prompts) * n for prompts, n in calls) == 3 * 8
 
 
@@ -669,9 +642,9 @@ def test_one_ppo_epoch_never_clips_and_more_epochs_can(tiny, tmp_path):
                                    max_new_tokens=8, temperature=1.0)
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
         master = igrpo.master_weights(model)
-        optimizer = torch.optim.AdamW(master, lr=cfg.lr)
-        stats = igrpo.policy_update(model, optimizer, master, samples, advantages, torch.ones(8, dtype=torch.bool), cfg)
-        results[epochs] = stats["clip_frac"]
+        policy = igrpo.Policy(model, tokenizer, torch.optim.AdamW(master, lr=cfg.lr), master)
+        sums = igrpo.policy_update(policy, samples, advantages, torch.ones(8, dtype=torch.bool), cfg, igrpo.Parts())
+        results[epochs] = sums["clipped"]
     assert results[1] == 0.0 and results[3] > 0.0
 
 
@@ -731,31 +704,27 @@ def test_a_tied_output_layer_gets_both_of_its_gradients_in_its_fp32_master_throu
         assert (m.grad - p.grad.float()).norm() <= 1e-2 * p.grad.float().norm()
 
 
-def versioned_sampler(monkeypatch, tiny):
-    """Scripted drafts that name how many updates the policy had when they were sampled; each
-    sample call is recorded with that count."""
-    updates, calls = [0], []
-    real_update = igrpo.policy_update
+def versioned_parts(sampled, versions):
+    """Parts whose optimizer steps are counted, and whose scripted drafts name how many updates the
+    policy had when they were sampled; each sample call records that count in versions."""
+    updates = [0]
 
-    def update(*args, **kwargs):
+    def step(policy, cfg):
         updates[0] += 1
-        return real_update(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "policy_update", update)
-    sampled = scripted_sampler(monkeypatch, tiny, lambda prompt, i: "refined \\boxed{1}" if
-                               "Previous draft" in prompt else f"draft after {updates[0]} updates")
-    real_sample = igrpo.sample
+        return igrpo.optimizer_step(policy, cfg)
+    scripted = scripted_sampler(lambda prompt, i: "refined \\boxed{1}" if "Previous draft" in prompt
+                                else f"draft after {updates[0]} updates", sampled)
 
     def sample(*args, **kwargs):
-        calls.append(updates[0])
-        return real_sample(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "sample", sample)
-    return sampled, calls
+        versions.append(updates[0])
+        return scripted.sample(*args, **kwargs)
+    return igrpo.Parts(sample=sample, optimizer_step=step)
 
 
-def test_every_step_draws_its_own_drafts_from_the_current_policy_then_refines(monkeypatch, tiny,
-                                                                              tmp_path):
-    sampled, versions = versioned_sampler(monkeypatch, tiny)
-    igrpo.train(tiny_config(tiny, tmp_path, steps=2, max_draft_tokens=64))
+def test_every_step_draws_its_own_drafts_from_the_current_policy_then_refines(tiny, tmp_path):
+    sampled, versions = [], []
+    igrpo.train(tiny_config(tiny, tmp_path, steps=2, max_draft_tokens=64),
+                versioned_parts(sampled, versions))
     assert versions == [0, 0, 1, 1] and [n for _, n in sampled] == [2, 2, 2, 2]
     assert "draft after 0 updates" in sampled[1][0][0]
     assert "draft after 1 updates" in sampled[3][0][0]
@@ -786,19 +755,6 @@ def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path
 # ----------------------------------------------------------------------------------------------
 # Long runs: resume, atomic checkpoints, the run folder (Ctrl-C and the rest: test_scale.py)
 # ----------------------------------------------------------------------------------------------
-def final_weights(folder):
-    return load_file(folder / "final" / "model.safetensors")
-
-
-def training_steps(folder):
-    return [r["step"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "reward" in r]
-
-
-def parity_reward(completion, gold):
-    """Differs between the completions of a random tiny model, so every update moves the weights."""
-    return float(sum(map(ord, completion)) % 2)
-
-
 def long_run_config(tiny, folder, **overrides):
     return tiny_config(tiny, folder.parent, steps=4, eval_dataset=str(tiny / "train.jsonl"), eval_limit=2,
                        output_dir=str(folder), **overrides)
@@ -817,22 +773,6 @@ def uninterrupted(tiny, tmp_path_factory):
     return runs
 
 
-class Crash(Exception):
-    pass
-
-
-def rollout_that(monkeypatch, at_call, action):
-    """Run igrpo.rollout as usual, but call action() during its at_call-th call (1-based)."""
-    real, calls = igrpo.rollout, []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_call:
-            action()
-        return real(*args, **kwargs)
-    monkeypatch.setattr(igrpo, "rollout", wrapped)
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_each_step_once(
         tiny, tmp_path, monkeypatch, uninterrupted, dtype):
@@ -843,7 +783,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_ea
     def crash():
         raise Crash("killed")
     with monkeypatch.context() as patch:
-        rollout_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint, step 3 is logged
+        step_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint, step 3 is logged
         with pytest.raises(Crash):
             igrpo.train(cfg)
     assert training_steps(folder) == [1, 2, 3]
@@ -866,7 +806,7 @@ def test_resume_refuses_changed_settings_a_finished_run_and_a_folder_without_che
     with pytest.raises(SystemExit, match="no run to resume"):
         igrpo.train(long_run_config(tiny, tmp_path / "empty", resume=True))
     started = long_run_config(tiny, tmp_path / "started")
-    igrpo.prepare_output_dir(started)  # its args.json, and no checkpoint yet
+    igrpo.start_run(started, igrpo.World())  # its args.json, and no checkpoint yet
     with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
         igrpo.train(dataclasses.replace(started, resume=True))
 
@@ -889,8 +829,8 @@ def test_overwrite_deletes_the_old_runs_checkpoints_and_final_model_but_nothing_
     for name in ours + ("final-merged", "notes", "step-2-backup", "step-2.bak"):
         (out / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text("{}\n")
-    assert igrpo.prepare_output_dir(Config(steps=1, output_dir=str(out), overwrite=True)) is None
-    left = ["args.json", "final-merged", "notes", "step-2-backup", "step-2.bak"]
+    assert igrpo.start_run(Config(steps=1, output_dir=str(out), overwrite=True), igrpo.World()) == (0, [])
+    left = ["args.json", "notes", "step-2-backup", "step-2.bak"]  # final-merged: scale.py's, of final/
     assert sorted(p.name for p in out.iterdir()) == left
     assert json.loads((out / "args.json").read_text())["steps"] == 1
 
@@ -899,15 +839,14 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny, tmp_path, monkeypa
     igrpo.train(tiny_config(tiny, tmp_path, steps=2, save_every=1))
     state_path = tmp_path / "run" / "step-1" / "trainer_state.pt"
     state = torch.load(state_path, weights_only=True)
-    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run saves it
+    state["rng"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run saves it
     torch.save(state, state_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all",
                         lambda states: pytest.fail("restored CUDA random states without CUDA"))
     cfg = tiny_config(tiny, tmp_path, steps=2, save_every=1)
-    model, tokenizer = igrpo.load_model(str(tmp_path / "run" / "step-1"), cfg, torch.float32, "cpu")
-    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
-    step, order = igrpo.load_checkpoint(tmp_path / "run" / "step-1", optimizer, master, cfg)
+    policy = policy_of(dataclasses.replace(cfg, model=str(tmp_path / "run" / "step-1")))
+    step, order = igrpo.load_checkpoint(tmp_path / "run" / "step-1", policy, cfg, igrpo.World())
     assert step == 1 and order == state["order"]
 
 
@@ -926,7 +865,7 @@ def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newe
         raise Crash("killed mid-save")
     monkeypatch.setattr(type(tokenizer), "save_pretrained", killed)
     with pytest.raises(Crash):
-        igrpo.save(model, tokenizer, folder / "step-9")
+        saved(model, tokenizer, folder / "step-9")
     assert not (folder / "step-9").exists() and (folder / ".step-9.tmp" / "model.safetensors").exists()
 
 
@@ -982,7 +921,7 @@ def test_an_interrupted_final_scoring_leaves_final_and_resume_redoes_only_the_sc
         return real(*args, **kwargs)
     with monkeypatch.context() as patch:
         patch.setattr(igrpo, "held_out_accuracy", stopped_at_the_last)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit, match=f"interrupted, .*--resume goes on from {folder / 'final'}"):
             igrpo.train(cfg)
     assert (folder / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in metric_lines(folder)] == [0, 1, 2, 3, 4]
@@ -992,7 +931,7 @@ def test_an_interrupted_final_scoring_leaves_final_and_resume_redoes_only_the_sc
         igrpo.train(cfg)  # not finished: its final score is missing
     rollouts = []
     with monkeypatch.context() as patch:
-        rollout_that(patch, 1, lambda: rollouts.append(1))
+        step_that(patch, 1, lambda: rollouts.append(1))
         results = igrpo.train(dataclasses.replace(cfg, resume=True))
     rows = metric_lines(folder)
     assert rollouts == [] and [r["step"] for r in rows] == [0, 1, 2, 3, 4, 4]
@@ -1021,8 +960,8 @@ def test_a_folder_holding_only_a_final_model_or_a_checkpoint_counts_as_a_run(tin
         folder = tmp_path / leftover / "run"
         (folder / leftover).mkdir(parents=True)
         with pytest.raises(SystemExit, match="already holds a (finished )?run"):
-            igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, output_dir=str(folder)))
-        igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, output_dir=str(folder), overwrite=True))
+            igrpo.resume_point(tiny_config(tiny, tmp_path, output_dir=str(folder)))
+        igrpo.start_run(tiny_config(tiny, tmp_path, output_dir=str(folder), overwrite=True), igrpo.World())
         assert not (folder / leftover).exists() and (folder / "args.json").is_file()
 
 
@@ -1031,22 +970,78 @@ def test_a_run_started_with_another_scripts_settings_is_resumed_by_that_script_o
     class Wider(Config):  # as scale.py's settings are igrpo.py's and more
         lora_rank: int = igrpo.setting(0, "adapters")
     folder = tmp_path / "run"
-    igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, config_class=Wider, lora_rank=8))
+    igrpo.start_run(tiny_config(tiny, tmp_path, config_class=Wider, lora_rank=8), igrpo.World())
     with pytest.raises(SystemExit, match="started by a script with other settings .*--lora-rank"):
         igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, resume=True))
-    igrpo.prepare_output_dir(tiny_config(tiny, tmp_path, overwrite=True))  # igrpo.py's run...
+    igrpo.start_run(tiny_config(tiny, tmp_path, overwrite=True), igrpo.World())  # igrpo.py's run...
     igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, config_class=Wider, resume=True))
     with pytest.raises(SystemExit, match="--lora-rank 0 -> 8"):  # ...goes on with defaults only
         igrpo.check_resumable(folder, tiny_config(tiny, tmp_path, config_class=Wider, resume=True,
                                                   lora_rank=8))
 
 
-def test_ctrl_c_in_a_plain_run_is_one_line_naming_resume(tiny, tmp_path, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(igrpo, "train", interrupted)
-    with pytest.raises(SystemExit, match="interrupted: --resume goes on from the newest checkpoint"):
-        igrpo.main(["--model", str(tiny / "model"), "--dataset", str(tiny / "train.jsonl")])
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
+        tiny, tmp_path, monkeypatch, capsys, uninterrupted):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype="fp32")  # --save-every 0: Ctrl-C saves anyway
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        step_that(patch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+        with pytest.raises(SystemExit) as stopped:
+            igrpo.train(cfg)
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert re.search(r"interrupted after step 2, checkpoint .*step-2; continue with:\n .*--resume",
+                     capsys.readouterr().out)
+    assert (folder / "step-2" / "trainer_state.pt").exists() and training_steps(folder) == [1, 2]
+    igrpo.train(dataclasses.replace(cfg, resume=True))
+    assert f"resuming from {folder / 'step-2'}: step 2 of 4 done" in capsys.readouterr().out
+    expected, resumed = final_weights(uninterrupted["fp32"]), final_weights(folder)
+    assert training_steps(folder) == [1, 2, 3, 4]
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_sigterm_stops_like_a_first_ctrl_c(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    step_that(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(long_run_config(tiny, folder, dtype="fp32"))
+    assert stopped.value.code == 130 and (folder / "step-1" / "trainer_state.pt").exists()
+
+
+def test_a_ctrl_c_on_the_last_step_saves_final_and_says_resume_does_the_scoring_left(
+        tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    step_that(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(SystemExit, match=f"interrupted: {folder / 'final'} is saved; --resume "):
+        igrpo.train(long_run_config(tiny, folder, dtype="fp32"))
+    assert (folder / "final").is_dir() and not list(folder.glob("step-*"))
+    assert igrpo.train(long_run_config(tiny, folder, dtype="fp32", resume=True))["eval_after"] >= 0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint_and_promises_no_resume(
+        tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "run"
+    cfg = long_run_config(tiny, folder, dtype="fp32")
+
+    def twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    step_that(monkeypatch, 1, twice)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()
+            if not isinstance(v, bool)]
+    with pytest.raises(SystemExit, match="interrupted, no checkpoint written now; nothing to resume "
+                                         "from: the same command starts again"):
+        igrpo.main(argv + ["--no-gradient-checkpointing"])
+    assert not list(folder.glob("step-*")) and training_steps(folder) == []
+    igrpo.main(argv + ["--no-gradient-checkpointing", "--steps=1"])  # not a run yet: it starts
+
+
+def test_the_resume_command_starts_with_torchrun_under_torchrun(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--model", "m", "--overwrite"])
+    assert igrpo.resume_command(igrpo.World()) == "python scale.py --model m --resume"
+    two = igrpo.World(rank=0, size=2)
+    assert igrpo.resume_command(two) == "torchrun --nproc-per-node=2 scale.py --model m --resume"
 
 
 def test_a_run_resumed_at_a_held_out_scoring_step_logs_it_once_and_ends_like_an_unbroken_one(
@@ -1057,7 +1052,7 @@ def test_a_run_resumed_at_a_held_out_scoring_step_logs_it_once_and_ends_like_an_
         cfg = long_run_config(tiny, tmp_path / name, dtype="fp32", save_every=2, eval_every=2)
         if name == "resumed":
             with monkeypatch.context() as patch:
-                rollout_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint
+                step_that(patch, 4, crash)  # step 4 dies: step-2 is the newest checkpoint
                 with pytest.raises(Crash):
                     igrpo.train(cfg)
             cfg = dataclasses.replace(cfg, resume=True)
@@ -1081,7 +1076,7 @@ def test_checkpoint_rotation_and_resume_use_only_folders_named_exactly_step_n(
     (folder / "step-2-backup").mkdir(parents=True)  # the user's, made before the run
     (folder / "step-2-backup" / "notes.txt").write_text("mine")
     with monkeypatch.context() as patch:
-        rollout_that(patch, 3, crash)  # step 3 dies: step-2 is the newest checkpoint
+        step_that(patch, 3, crash)  # step 3 dies: step-2 is the newest checkpoint
         with pytest.raises(Crash):
             igrpo.train(cfg)
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["step-2", "step-2-backup"]
@@ -1100,7 +1095,7 @@ def run_stopped_in_step_3(tiny, tmp_path, monkeypatch):
     """A run of 3 steps that saved step-1 and step-2, then crashed in step 3; its config."""
     cfg = tiny_config(tiny, tmp_path, steps=3, save_every=1)
     with monkeypatch.context() as patch:
-        rollout_that(patch, 3, crash)
+        step_that(patch, 3, crash)
         with pytest.raises(Crash):
             igrpo.train(cfg)
     return cfg
@@ -1162,10 +1157,26 @@ def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothi
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
 
 
+@pytest.mark.parametrize("layout,lacks", [
+    (lambda state: dict(state, rng=state["rng"][0]), r"rng \(each process's python, torch and cuda"),
+    (lambda state: dict(state, master=[torch.zeros(1)]), r"master \(1 fp32 weights, the model has 0\)")])
+def test_a_trainer_state_with_every_key_but_an_older_layout_is_one_line_and_changes_nothing(
+        tiny, tmp_path, monkeypatch, layout, lacks):
+    cfg = run_stopped_in_step_3(tiny, tmp_path, monkeypatch)
+    path = tmp_path / "run" / "step-2" / "trainer_state.pt"
+    torch.save(layout(torch.load(path, weights_only=True)), path)  # rng: before torchrun saved each rank's
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.jsonl", "completions.jsonl")
+             if (tmp_path / "run" / name).exists()}
+    with pytest.raises(SystemExit, match=r"--resume: .*step-2/trainer_state.pt was written by another "
+                                         r"version of igrpo.py \(it lacks " + lacks):
+        igrpo.train(dataclasses.replace(cfg, resume=True))
+    assert all((tmp_path / "run" / name).read_bytes() == data for name, data in files.items())
+
+
 def test_a_cut_args_json_is_a_one_line_error_on_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded"))
     cfg = tiny_config(tiny, tmp_path)
-    igrpo.prepare_output_dir(cfg)
+    igrpo.start_run(cfg, igrpo.World())
     args = tmp_path / "run" / "args.json"
     args.write_text(args.read_text()[:40])  # a disk that filled up, an editor that crashed
     with pytest.raises(SystemExit) as stopped:
@@ -1178,12 +1189,16 @@ def test_a_cut_args_json_is_a_one_line_error_on_resume(tiny, tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------
 # The command line, and bad input
 # ----------------------------------------------------------------------------------------------
-def test_every_setting_is_a_kebab_case_flag_with_help():
-    import dataclasses
-    cfg, given = igrpo.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])
+def test_every_setting_is_a_kebab_case_flag_with_help_that_shows_its_default_once():
+    parser = igrpo.config_parser()
+    cfg = Config(**vars(parser.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])))
     assert cfg.num_drafts == 3 and cfg.gradient_checkpointing is False and cfg.lr == 0.5
-    assert given == {"num_drafts", "gradient_checkpointing", "lr"}
     assert all(f.metadata["help"] for f in dataclasses.fields(Config))
+    shown = " ".join(parser.format_help().split())
+    assert "--temperature TEMPERATURE sampling temperature during training (default: 0.7)" in shown
+    assert "(default: )" not in shown and "problem/question/prompt/query) (default" not in shown
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--num-draft", "3"])  # no abbreviations: a script can tell what was given
 
 
 def test_a_config_subclass_gets_its_own_fields_as_flags_too():
@@ -1192,12 +1207,12 @@ def test_a_config_subclass_gets_its_own_fields_as_flags_too():
     @dataclasses.dataclass
     class Bigger(Config):
         adapter_rank: int = igrpo.setting(0, "a field igrpo.py does not know")
-    cfg, given = igrpo.parse_args(["--adapter-rank", "4", "--lr", "0.5"], config_class=Bigger)
-    assert type(cfg) is Bigger and cfg.adapter_rank == 4 and cfg.lr == 0.5
-    assert given == {"adapter_rank", "lr"}
+    args = igrpo.config_parser(Bigger).parse_args(["--adapter-rank", "4", "--lr", "0.5"])
+    cfg = Bigger(**vars(args))
+    assert cfg.adapter_rank == 4 and cfg.lr == 0.5
     parser = argparse.ArgumentParser()
-    igrpo.add_config_flags(parser, Bigger, flags={"temp": "temperature", "rank": "adapter_rank"})
-    assert vars(parser.parse_args(["--temp", "0.3"])) == dict(temp=0.3, rank=0)
+    igrpo.add_flag(parser, dataclasses.fields(Bigger)[-1], "rank")  # under another name
+    assert vars(parser.parse_args(["--rank", "3"])) == dict(rank=3)
 
 
 BAD_INPUTS = [

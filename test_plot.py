@@ -332,7 +332,7 @@ def test_a_comparison_rerun_resumes_a_run_stopped_with_a_checkpoint_and_restarts
 
 
 def test_a_toy_build_killed_while_saving_leaves_no_cache_that_looks_complete(tmp_path, monkeypatch):
-    def killed_mid_save(model, tokenizer, folder):
+    def killed_mid_save(folder, policy, parts):
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
         raise KeyboardInterrupt

@@ -245,11 +245,12 @@ def test_one_step_trains_end_to_end_and_final_reloads_with_the_trained_logits(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     start, tokenizer = policy
     cfg = smol_config(smollm2, tmp_path, algo=algo, reward="judge", judge_url="unused")
-    saved = []
-    plain_save = igrpo.save
-    monkeypatch.setattr(igrpo, "save", lambda model, *args, **kwargs: saved.append(model) or
-                        plain_save(model, *args, **kwargs))
-    igrpo.train(cfg, judge=alternating_judge)
+    saved = []  # the model final/ is saved from
+
+    def save_model(model, folder):
+        saved.append(model)
+        model.save_pretrained(folder)
+    igrpo.train(cfg, igrpo.Parts(judge=alternating_judge, save_model=save_model))
     out = Path(cfg.output_dir)
     [record] = igrpo.read_metrics(out)
     assert record["step"] == 1 and record["completion_tokens"] > 0

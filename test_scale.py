@@ -1,16 +1,13 @@
-"""The specification of scale.py: igrpo.py's own training with engineered parts swapped in
-(scale.attached), each pinned here against igrpo.py's plain part it replaces: memory-lean blockwise
-log-probs and the output layer's gradient into fp32 master weights, static-cache sampling, LoRA,
-torchrun data parallelism (two gloo processes on the CPU), and long runs (Ctrl-C, non-finite
-updates, collapse warnings, failures that name their fix). Offline: tiny models, no hub."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
-
+"""The specification of scale.py: igrpo.py's own training with engineered parts handed to it
+(igrpo.Parts, built by scale.scale_parts), each pinned here against igrpo.py's plain part it
+replaces: memory-lean blockwise log-probs and the output layer's gradient into fp32 master weights,
+static-cache sampling, LoRA, torchrun data parallelism (two gloo processes on the CPU), and long
+runs (non-finite updates, collapse warnings, failures that name their fix). Offline: tiny models,
+no hub."""
 import dataclasses
 import json
+import os
 import re
-import signal
 import socket
 import sys
 
@@ -21,9 +18,9 @@ from safetensors.torch import load_file
 
 import igrpo
 import scale
+from conftest import (Crash, final_weights, hostile_generation_defaults, parity_reward, saved,
+                      step_that, tiny_config, training_steps)
 from scale import ScaleConfig
-from test_igrpo import tiny, tiny_config  # noqa: F401  (tiny is a fixture)
-from test_igrpo import hostile_generation_defaults, rollout_that
 
 PROMPTS = ["Problem: What is 1 + 1?\n\nSolution:", "Problem: What is 7 + 1?\n\nSolution:"]
 ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.25, -0.25])  # 2 problems x 4
@@ -42,55 +39,31 @@ def load_tiny(tiny, dtype=torch.float32, cfg=None, lean=False):
     return load(str(tiny / "model"), cfg, dtype, "cpu")
 
 
-def parity_reward(completion, gold):
-    """Differs between the completions of a random tiny model, so every update moves the weights."""
-    return float(sum(map(ord, completion)) % 2)
-
-
-def final_weights(folder):
-    return load_file(folder / "final" / "model.safetensors")
-
-
-def training_steps(folder):
-    return [r["step"] for r in map(json.loads, open(folder / "metrics.jsonl")) if "reward" in r]
-
-
-class Crash(Exception):
-    pass
-
-
-def alternate_scores(completions, *_):
-    """igrpo.score, but every group's rewards differ: every step has a gradient."""
+def alternate_rewards(completions, *_):
+    """igrpo.compute_rewards, but every group's rewards differ: every step has a gradient."""
     rewards = torch.arange(len(completions)) % 2.0
-    return igrpo.Scores(rewards, rewards, torch.zeros(len(completions)), 0)
+    return igrpo.Rewards(rewards, rewards, torch.zeros(len(completions)), 0)
 
 
 # ----------------------------------------------------------------------------------------------
-# Attaching: scale.py runs igrpo.py's loop with some parts swapped, and changes nothing else
+# The parts: scale.py runs igrpo.py's loop with its own parts, and changes nothing else
 # ----------------------------------------------------------------------------------------------
-def test_attached_swaps_the_parts_inside_and_restores_igrpos_own_on_exit_even_after_an_error():
-    own = {name: getattr(igrpo, name) for name in scale.PLAIN}
-    assert own == scale.PLAIN  # scale.PLAIN holds igrpo's own parts, not swapped ones
-    handler = signal.getsignal(signal.SIGINT)
-    with scale.attached(ScaleConfig(), "cpu"):  # none of scale's flags
-        assert igrpo.token_logprobs is scale.lean_token_logprobs
-        assert igrpo.load_model is scale.lean_load_model
-        assert igrpo.master_weights is scale.tagged_master_weights
-        assert igrpo.save is scale.save_adapter_or_model
-        assert "compile_generation" in igrpo.RESUMABLE_CHANGES
-        assert igrpo.optimizer_step is not own["optimizer_step"]  # skips non-finite updates
-        assert igrpo.should_save is not own["should_save"]  # saves after a Ctrl-C
-        unchanged = ("sample", "load_policy", "next_batch", "batch_totals", "seed", "write_metrics")
-        assert all(getattr(igrpo, name) is own[name] for name in unchanged)  # one process, no flags
-        assert signal.getsignal(signal.SIGINT) is not handler  # a Ctrl-C sets the run's event
-    assert all(getattr(igrpo, name) is part for name, part in own.items())
-    assert signal.getsignal(signal.SIGINT) is handler
-    with pytest.raises(Crash):
-        with scale.attached(ScaleConfig(compile_generation="on", lora_rank=4), "cpu"):
-            assert igrpo.sample is scale.compiled_sample and igrpo.load_policy is scale.lora_policy
-            raise Crash("mid-run")
-    assert all(getattr(igrpo, name) is part for name, part in own.items())
-    assert signal.getsignal(signal.SIGINT) is handler
+def test_scale_parts_are_the_engineered_ones_cfg_asks_for_and_nothing_else():
+    plain = scale.scale_parts(ScaleConfig())  # none of scale's flags, one process, a CPU
+    assert plain.token_logprobs is scale.lean_token_logprobs
+    assert plain.load_policy is scale.lean_policy and plain.save_model is scale.save_model
+    assert plain.make_optimizer is scale.tagged_master_weights_and_optimizer
+    assert plain.sample is igrpo.sample and plain.world == igrpo.World() and plain.judge is None
+    assert plain.optimizer_step is not igrpo.optimizer_step and len(plain.watches) == 1
+    flagged = scale.scale_parts(ScaleConfig(compile_generation="on", lora_rank=4))
+    assert flagged.sample is scale.compiled_sample and flagged.load_policy is scale.lora_policy
+    assert igrpo.sample is igrpo.Parts().sample  # igrpo.py itself is never changed
+
+
+def test_no_program_file_rewrites_a_name_of_igrpo_py():
+    programs = [p for p in os.listdir(".") if p.endswith(".py") and not p.startswith(("test_", "conftest"))]
+    swaps = re.compile(r"vars\(igrpo\)|setattr\(igrpo|igrpo\.[a-z_]+ *=[^=]")
+    assert [(p, line) for p in programs for line in open(p) if swaps.search(line)] == []
 
 
 def test_scale_train_without_its_flags_ends_with_the_weights_of_igrpo_train(
@@ -240,7 +213,7 @@ def test_a_tied_bf16_output_layer_gets_both_of_its_gradients_in_its_fp32_master(
     plain, _ = load_tiny(tiny, torch.bfloat16)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert not model.scored_by_forward  # the output layer's path, which fills the master
-    master = scale.tagged_master_weights(model)
+    master, _ = scale.tagged_master_weights_and_optimizer(model, ScaleConfig())
     ids = torch.arange(1, 17)[None]
     attention, completion = torch.ones_like(ids), torch.ones(1, 12, dtype=torch.bool)
     for _ in range(2):  # two micro-batches accumulate
@@ -460,10 +433,10 @@ def test_static_cache_sampling_draws_the_same_tokens_as_the_default_path(tiny):
         cfg = ScaleConfig(chat_template="off", compile_generation=mode)
         model, tokenizer = load_tiny(tiny, cfg=cfg)
         torch.manual_seed(3)
-        with scale.attached(cfg, "cpu"):
-            assert (igrpo.sample is scale.compiled_sample) == (mode == "on")
-            drawn[mode] = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=4,
-                                       max_new_tokens=10, temperature=1.0)
+        sample = scale.scale_parts(cfg).sample
+        assert (sample is scale.compiled_sample) == (mode == "on")
+        drawn[mode] = sample(model, tokenizer, prompts, cfg, per_prompt=4, max_new_tokens=10,
+                             temperature=1.0)
     assert drawn["on"].texts == drawn["off"].texts and len(set(drawn["on"].texts)) > 1
     assert torch.equal(drawn["on"].completion_mask, drawn["off"].completion_mask)
 
@@ -559,14 +532,14 @@ def fixed_samples(model, tokenizer, cfg):
     return igrpo.sample(model, tokenizer, PROMPTS, cfg, per_prompt=4, temperature=1.0)
 
 
-def update(model, samples, cfg, ref_model=None, advantages=ADVANTAGES, optimizer=None):
-    """One igrpo.policy_update with scale.py's parts attached (torchrun's, under torchrun)."""
-    with scale.attached(cfg, "cpu"):
-        master = igrpo.master_weights(model)
-        optimizer = optimizer or torch.optim.AdamW(master, lr=cfg.lr)
-        keep = torch.ones(len(advantages), dtype=torch.bool)
-        return igrpo.policy_update(model, optimizer, master, samples, advantages, keep, cfg,
-                                   ref_model)
+def update(model, samples, cfg, reference=None, advantages=ADVANTAGES, optimizer=None,
+           world=igrpo.World()):
+    """One igrpo.policy_update with scale.py's parts (torchrun's, in world); returns its sums."""
+    parts = scale.scale_parts(cfg, world)
+    master, fresh = parts.make_optimizer(model, cfg)
+    policy = igrpo.Policy(model, None, optimizer or fresh, master, reference)
+    keep = torch.ones(len(advantages), dtype=torch.bool)
+    return igrpo.policy_update(policy, samples, advantages, keep, cfg, parts)
 
 
 def logprobs(model, samples):
@@ -582,8 +555,8 @@ def test_lora_trains_only_fp32_adapters_over_a_frozen_bf16_base(tiny, tmp_path):
     assert trainable and all("lora_" in name and p.dtype == torch.float32
                              for name, p in trainable.items())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
-    master = scale.tagged_master_weights(model)  # fp32 adapters are their own masters: no copies
-    assert len(master) == len(trainable)
+    master, _ = scale.tagged_master_weights_and_optimizer(model, ScaleConfig())
+    assert len(master) == len(trainable)  # fp32 adapters are their own masters: no copies
     assert all(any(m is p for p in trainable.values()) for m in master)
 
 
@@ -628,8 +601,7 @@ def test_k3_kl_to_the_adapters_off_reference_is_zero_at_step_zero_and_not_after(
     samples = fixed_samples(model, tokenizer, cfg)
     reference = scale.AdaptersOff(model)
     assert list(reference.parameters()) == []  # no second copy of the weights
-    master = scale.tagged_master_weights(model)
-    optimizer = torch.optim.AdamW(master, lr=cfg.lr)
+    master, optimizer = scale.tagged_master_weights_and_optimizer(model, cfg)
     kls = [update(model, samples, cfg, reference, optimizer=optimizer)["kl"] for _ in range(3)]
     assert kls[0] == 0.0 and kls[2] > 0.0
     assert torch.allclose(logprobs(reference, samples), logprobs(base, samples), atol=1e-6)
@@ -644,9 +616,10 @@ def test_the_adapters_off_reference_is_scored_on_the_lean_path_with_the_bases_lo
     rows = torch.arange(len(samples.texts))
     monkeypatch.setattr(scale.AdaptersOff, "forward", lambda *args, **kwargs: pytest.fail(
         "the reference pass went through AdaptersOff's whole-logits forward"))
-    with scale.attached(cfg, "cpu"):
-        reference, = igrpo.frozen_logprobs(scale.AdaptersOff(model), samples, [(rows, None)], cfg)
-    expected, = igrpo.frozen_logprobs(base, samples, [(rows, None)], cfg)
+    parts = scale.scale_parts(cfg)
+    reference, = igrpo.no_grad_logprobs(scale.AdaptersOff(model), samples, [(rows, None)], cfg,
+                                        parts)
+    expected, = igrpo.no_grad_logprobs(base, samples, [(rows, None)], cfg, igrpo.Parts())
     assert torch.allclose(reference, expected, atol=1e-5)
 
 
@@ -659,7 +632,7 @@ def test_saved_adapter_and_merged_model_reload_with_the_trained_log_probs(tiny, 
         update(model, samples, cfg)
     trained = logprobs(model, samples)
     final = tmp_path / "run" / "final"
-    scale.save_adapter_or_model(model, tokenizer, final)
+    igrpo.save(final, igrpo.Policy(model, tokenizer, None, []), scale.scale_parts(cfg))
     scale.save_merged(cfg)
     assert (final / "adapter_config.json").is_file()
     assert not (final / "model.safetensors").exists()  # the adapter alone, not the base again
@@ -689,8 +662,7 @@ def test_overwrite_deletes_the_old_runs_merged_model_too_but_nothing_else(tiny, 
     for name in ("step-3", ".step-4.tmp", "final", "final-merged", "notes"):
         (out / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text("{}\n")
-    with scale.attached(ScaleConfig(), "cpu"):
-        assert igrpo.prepare_output_dir(scale_config(tiny, tmp_path, overwrite=True)) is None
+    assert igrpo.start_run(scale_config(tiny, tmp_path, overwrite=True), igrpo.World()) == (0, [])
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "notes"]
 
 
@@ -729,25 +701,27 @@ def join_as(rank, port):
 
 def train_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    real_save, writes = scale.save_adapter_or_model, []
-
-    def save_and_record(model, tokenizer, folder, *state):  # every rank's weights, to compare
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   tmp_path / f"weights-{folder.name}-rank{rank}.pt")
-        real_save(model, tokenizer, folder, *state)
-    scale.save_adapter_or_model = save_and_record
+    writes = []
 
     def recorded(name, write):
         def call(*args, **kwargs):
             writes.append(name)
             return write(*args, **kwargs)
         return call
-    for name in ("save", "write_metrics", "prepare_output_dir"):  # igrpo's parts that write
-        scale.PLAIN[name] = recorded(name, scale.PLAIN[name])
+    igrpo.write_metrics = recorded("metrics", igrpo.write_metrics)
+    igrpo.log_completions = recorded("completions", igrpo.log_completions)
+    scale.AdapterOnly.save_pretrained = recorded("adapter", scale.AdapterOnly.save_pretrained)
+    real_save = scale.save_model
 
-    igrpo.score = alternate_scores
+    def save_and_record(model, folder):  # every rank's weights, to compare
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   tmp_path / f"weights-{folder.name.strip('.').removesuffix('.tmp')}-rank{rank}.pt")
+        real_save(model, folder)
+    scale.save_model = save_and_record
+    igrpo.compute_rewards = alternate_rewards
     cfg = scale_config(tiny, tmp_path, lora_rank=4, beta=0.01, lr=0.05, save_every=1,
-                       eval_limit=1, eval_dataset=str(tiny / "train.jsonl"))  # rank 1: none
+                       log_completions_every=1, eval_limit=1,
+                       eval_dataset=str(tiny / "train.jsonl"))  # rank 1: no held-out problem
     scale.train(cfg)
     torch.save(writes, tmp_path / f"writes-rank{rank}.pt")
 
@@ -756,13 +730,13 @@ def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_write
     """LoRA with KL, checkpoints, and held-out scoring with fewer problems than ranks."""
     spawn_two_ranks(train_on_rank, tiny, tmp_path)
     writes = [torch.load(tmp_path / f"writes-rank{rank}.pt") for rank in (0, 1)]
-    assert writes[1] == [] and {"save", "write_metrics", "prepare_output_dir"} <= set(writes[0])
+    assert writes[1] == [] and {"metrics", "completions", "adapter"} <= set(writes[0])
     run = tmp_path / "run"
     assert (run / "args.json").is_file() and (run / "final" / "adapter_config.json").is_file()
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1, 2, 2]
     assert all(records[i]["eval_accuracy"] in (0.0, 1.0) for i in (0, 3))  # 1 held-out problem
-    assert all(r["completion_tokens"] > 0 for r in records[1:3])
+    assert all(r["completion_tokens"] > 0 and r["reward"] == 0.5 for r in records[1:3])
     for folder in ("step-1", "final"):
         rank0, rank1 = (torch.load(tmp_path / f"weights-{folder}-rank{r}.pt") for r in (0, 1))
         assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), folder
@@ -771,22 +745,21 @@ def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_write
 
 def checkpoint_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    scale.setup_distributed()
+    world = scale.setup_distributed()
     cfg = scale_config(tiny, tmp_path)
+    parts = scale.scale_parts(cfg, world)
     model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
+    policy = igrpo.Policy(model, tokenizer, *parts.make_optimizer(model, cfg)[::-1])
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
-    with scale.attached(cfg, "cpu"):
-        master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
-        metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
-        igrpo.seed(cfg)  # as train() seeds: the same problem order, each rank its own samples
-        igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics, cfg)
-        metrics.close()
-        after_save = torch.rand(4)
-        scale.barrier()  # rank 0 has written step-1
-        torch.manual_seed(1234)
-        igrpo.load_checkpoint(out / "step-1", optimizer, master, cfg)
-        torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
+    metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
+    igrpo.seed(cfg, world)  # as train() seeds: the same problem order, each rank its own samples
+    igrpo.save_checkpoint(out, 1, policy, [], metrics, cfg, parts)  # every rank waits for it
+    metrics.close()
+    after_save = torch.rand(4)
+    torch.manual_seed(1234)
+    igrpo.load_checkpoint(out / "step-1", policy, cfg, world)
+    torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
 
 
 def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny, tmp_path):
@@ -813,7 +786,7 @@ def test_under_torchrun_every_rank_counts_all_judge_replies_and_stops_at_the_sam
         tiny, tmp_path):
     spawn_two_ranks(judge_stop_on_rank, tiny, tmp_path)
     for rank in (0, 1):
-        assert "no judge reply held a score for 3 steps" in torch.load(
+        assert "steps 1 to 3 had no judge reply that held a score" in torch.load(
             tmp_path / f"stop-rank{rank}.pt")
     run = tmp_path / "run"
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -822,45 +795,25 @@ def test_under_torchrun_every_rank_counts_all_judge_replies_and_stops_at_the_sam
     assert (run / "step-3" / "trainer_state.pt").is_file()
 
 
-def test_a_torchrun_checkpoint_written_on_gpus_resumes_on_a_cpu(tiny, tmp_path, monkeypatch):
-    cfg = scale_config(tiny, tmp_path)
-    model, tokenizer = load_tiny(tiny, cfg=cfg)
-    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
-    out = tmp_path / "run"
-    out.mkdir()
-    with open(out / "metrics.jsonl", "a") as metrics:
-        folder = igrpo.save_checkpoint(out, 1, model, tokenizer, optimizer, master, [], metrics,
-                                       cfg)
-    state = torch.load(folder / "trainer_state.pt", weights_only=True)
-    torch.manual_seed(7)
-    saved_stream = torch.get_rng_state()
-    state["rng"]["ranks"] = [dict(torch=saved_stream, cuda=[torch.zeros(16, dtype=torch.uint8)])]
-    torch.save(state, folder / "trainer_state.pt")  # as one CUDA rank of a torchrun run saves it
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
-                        lambda states: pytest.fail("restored CUDA random states without CUDA"))
-    assert scale.load_checkpoint_of_each_rank(folder, optimizer, master, cfg) == (1, [])
-    assert torch.equal(torch.get_rng_state(), saved_stream)  # the rank's own stream, back
-
-
 LOSSES = ("grpo", "dapo", "dr_grpo")  # per-completion mean, global token mean, constant normalizer
 
 
-def sgd_step(tiny, tmp_path, loss, samples, advantages):
+def sgd_step(tiny, tmp_path, loss, samples, advantages, world=igrpo.World()):
     """SGD with lr 1 and no clipping: the weight change is minus the step's gradient."""
     cfg = scale_config(tiny, tmp_path, loss=loss, max_grad_norm=1e9)
     model, _ = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     update(model, samples, cfg, advantages=advantages,
-           optimizer=torch.optim.SGD(model.parameters(), lr=1.0))
+           optimizer=torch.optim.SGD(model.parameters(), lr=1.0), world=world)
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}
 
 
 def update_on_rank(rank, port, tiny, tmp_path):
     join_as(rank, port)
-    scale.setup_distributed()
+    world = scale.setup_distributed()
     batch = torch.load(tmp_path / "batch.pt", weights_only=False)
     rows = slice(4 * rank, 4 * rank + 4)  # this rank's problem: one group
-    changes = {loss: sgd_step(tiny, tmp_path, loss, batch.subset(rows), ADVANTAGES[rows])
+    changes = {loss: sgd_step(tiny, tmp_path, loss, batch.subset(rows), ADVANTAGES[rows], world)
                for loss in LOSSES}
     torch.save(changes, tmp_path / f"changes-rank{rank}.pt")
 
@@ -885,13 +838,6 @@ def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_prob
                     (loss, rank, name)
 
 
-def test_the_resume_command_printed_under_torchrun_starts_with_torchrun(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["scale.py", "--model", "m", "--overwrite"])
-    assert scale.resume_command() == "python scale.py --model m --resume"
-    monkeypatch.setattr(scale, "process_count", lambda: 2)
-    assert scale.resume_command() == "torchrun --nproc-per-node=2 scale.py --model m --resume"
-
-
 # ----------------------------------------------------------------------------------------------
 # Long runs: Ctrl-C, non-finite updates, collapse warnings, failures that name their fix
 # ----------------------------------------------------------------------------------------------
@@ -908,41 +854,6 @@ def uninterrupted(tiny, tmp_path_factory):
         patch.setattr(igrpo, "math_reward", parity_reward)
         scale.train(long_run_config(tiny, folder))
     return folder
-
-
-def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_prints_how_to_resume(
-        tiny, tmp_path, monkeypatch, capsys, uninterrupted):
-    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
-    folder = tmp_path / "run"
-    cfg = long_run_config(tiny, folder)
-    handler = signal.getsignal(signal.SIGINT)
-    with monkeypatch.context() as patch:
-        rollout_that(patch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
-        with pytest.raises(SystemExit) as stopped:
-            scale.train(cfg)
-    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is handler
-    assert re.search(r"interrupted after step 2, checkpoint .*step-2; continue with:\n .*--resume",
-                     capsys.readouterr().out)
-    assert (folder / "step-2" / "trainer_state.pt").exists() and training_steps(folder) == [1, 2]
-    scale.train(dataclasses.replace(cfg, resume=True))
-    expected, resumed = final_weights(uninterrupted), final_weights(folder)
-    assert training_steps(folder) == [1, 2, 3, 4]
-    assert all(torch.allclose(expected[name], resumed[name], atol=1e-6) for name in expected)
-
-
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny, tmp_path, monkeypatch):
-    folder = tmp_path / "run"
-    cfg = long_run_config(tiny, folder)
-
-    def twice():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-    rollout_that(monkeypatch, 1, twice)
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()
-            if not isinstance(v, bool)]
-    with pytest.raises(SystemExit, match="interrupted, no checkpoint written"):
-        scale.main(argv + ["--no-gradient-checkpointing"])
-    assert not list(folder.glob("step-*")) and training_steps(folder) == []
 
 
 def nan_losses(monkeypatch):
@@ -989,7 +900,7 @@ def test_a_finite_update_after_a_skipped_one_is_applied_and_logged_with_no_skips
         calls.append(1)
         return (loss * float("nan") if len(calls) <= 2 else loss), clipped, kl
     monkeypatch.setattr(igrpo, "policy_loss", nan_once)
-    monkeypatch.setattr(igrpo, "score", alternate_scores)
+    monkeypatch.setattr(igrpo, "compute_rewards", alternate_rewards)
     scale.train(scale_config(tiny, tmp_path, steps=2, micro_batch_size=2))  # 2 micro-batches
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["skipped_updates"] for r in records] == [1, 0]
@@ -1040,10 +951,11 @@ def test_a_collapsed_or_stuck_policy_is_warned_about():
 
 def test_the_collapse_warning_is_printed_once_at_the_step_it_starts(capsys):
     from types import SimpleNamespace
-    run = SimpleNamespace(skipped=0, history=[])
-    record_step = scale.with_long_run_fields(lambda record: record, run)
+    run = SimpleNamespace(skipped=0, skipped_in_a_row=0, history=[])
+    watch = scale.long_run_watch(run, ScaleConfig())
     for step in range(1, 9):  # collapsed from the first step: the warning's 5 steps end at step 5
-        assert record_step(dict(step=step, entropy=0.0, accuracy=0.5))["skipped_updates"] == 0
+        record = dict(step=step, entropy=0.0, accuracy=0.5)
+        assert watch(record) is None and record["skipped_updates"] == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert warnings == [f"step {scale.COLLAPSE_STEPS}: warning: "
                         f"{scale.collapse_warning(run.history)}"]

@@ -5,6 +5,7 @@ import json
 import struct
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 
 import igrpo
 import track
-from test_igrpo import parity_reward, tiny, tiny_config  # noqa: F401  (tiny is a fixture)
+from conftest import parity_reward, tiny_config
 
 
 def tracked_run(tiny, folder, **overrides):
@@ -268,8 +269,9 @@ def test_completions_jsonl_cuts_a_long_text_to_its_start_and_end_around_a_marker
     long, short = "".join(f"{i:04d}" for i in range(200)), "x" * 600  # 800 and 600 characters
     cfg = igrpo.Config(output_dir=str(tmp_path), algo="grpo")
     batch = [dict(problem=long, answer="7")]
-    igrpo.log_completions(3, batch, [long, short], torch.tensor([1.0, 0.0]),
-                          torch.tensor([0.7, -0.7]), {}, cfg)
+    rewards = igrpo.Rewards(torch.tensor([1.0, 0.0]), torch.zeros(2), torch.zeros(2), 0)
+    rollout = igrpo.Rollout(SimpleNamespace(texts=[long, short]), rewards, 2, ["q"])
+    igrpo.log_completions(3, batch, rollout, torch.tensor([0.7, -0.7]), cfg)
     [row] = jsonl(tmp_path / "completions.jsonl")
     cut = long[:300] + " [...] " + long[-300:]
     assert row == dict(step=3, problem=cut, gold="7", group=[

@@ -61,7 +61,8 @@ SETTINGS = dict(steps=60, prompts_per_step=16, group_size=8, num_drafts=4,
 @dataclass
 class ToyConfig(igrpo.Config):
     right_drafts: float = igrpo.setting(0.5, "toy: share of the warm start's refinement examples "
-                                             "whose draft is right (the rest have one wrong step)")
+                                             "whose draft is right (the rest have one wrong step)",
+                                        rule="in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def warm_start(model, tokenizer, examples, rng, calibrate, band=CALIBRATION_BAND
                           f"jumped past the band {band}")
                 return step, accuracy, loss.item()
     bar.close()
-    igrpo.fail(f"toy: the warm start did not reach {band[0]:.0%} calibration accuracy "
+    fail(f"the warm start did not reach {band[0]:.0%} calibration accuracy "
                f"in {max_steps} steps (last {accuracy:.0%}); "
                f"delete {cache_root()} and report this machine's torch version")
 
@@ -221,7 +222,7 @@ def build(folder, cfg, seed=0, **warm_start_options):
           f"at {accuracy:.1%} calibration accuracy, loss {loss:.3f}")
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    igrpo.save(model, tokenizer, partial / "model")
+    igrpo.save(partial / "model", igrpo.Policy(model, tokenizer, None, []), igrpo.Parts())
     for name, rows in (("train", train), ("test", test)):
         with open(partial / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n"
@@ -263,7 +264,8 @@ def run_folder(cfg, given):
     """runs/toy-<algo>-seed<N>, plus each other setting the user gave: runs never share a folder,
     while the flags that a resumed run may change (--resume, --micro-batch-size...) keep the folder
     of the run."""
-    extra = sorted(given - {"algo", "seed", "output_dir"} - igrpo.RESUMABLE_CHANGES)
+    resumable = {f.name for f in dataclasses.fields(ToyConfig) if f.metadata["resumable"]}
+    extra = sorted(given - {"algo", "seed"} - resumable)
     parts = [f"toy-{cfg.algo}-seed{cfg.seed}"]
     parts += [f"{name.replace('_', '-')}-{getattr(cfg, name)}" for name in extra]
     return str(Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)))
@@ -344,14 +346,14 @@ def compare(argv=None):
     parser.add_argument("--output-dir", default="runs/toy-compare",
                         help="one folder per run, table.md, compare.png")
     args, flags = parser.parse_known_args(argv)
-    igrpo.check_config(igrpo.parse_args(flags, ToyConfig)[0])  # a typo fails before any file
+    igrpo.check_config(parse_flags(flags)[0])  # a typo fails before any file
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "compare.json"
     recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
     if recorded is not None and recorded["flags"] != flags:
         previous = " ".join(recorded["flags"]) or "none"
-        igrpo.fail(f"{out} holds a comparison run with other flags ({previous}): "
+        fail(f"{out} holds a comparison run with other flags ({previous}): "
                    "give another --output-dir")
     record_path.write_text(json.dumps(dict(flags=flags)))
     for seed in args.seeds:
@@ -369,7 +371,7 @@ def compare(argv=None):
     table = comparison_table(out, args.seeds)
     (out / "table.md").write_text(table)
     print(table)
-    right_drafts = igrpo.parse_args(flags, ToyConfig)[0].right_drafts
+    right_drafts = parse_flags(flags)[0].right_drafts
     starts = [json.loads((cache_folder(seed, right_drafts) / "toy.json").read_text())
               for seed in args.seeds]
     print("warm starts: " + ", ".join(f"seed {s['seed']}: {s['warm_start_steps']} steps, "
@@ -382,15 +384,30 @@ def compare(argv=None):
 def main(argv=None):
     """python toy.py [igrpo.py flags]: this seed's toy world (built once), then igrpo.py's training
     on it."""
-    cfg, given = igrpo.parse_args(argv, ToyConfig)
+    cfg, given = parse_flags(argv)
     igrpo.check_config(cfg)  # before the warm start spends minutes
-    if not 0 <= cfg.right_drafts <= 1:
-        igrpo.fail(f"--right-drafts {cfg.right_drafts}: a share, from 0 to 1")
     if cfg.model:
-        igrpo.fail(f"--model {cfg.model}: the toy world trains its own model; "
-                   "run igrpo.py to train yours")
-    with igrpo.interrupt_explained(cfg):
-        return igrpo.train(prepare(cfg, given))
+        fail(f"--model {cfg.model}: the toy world trains its own model; run igrpo.py to train "
+             "yours")
+    return igrpo.train(prepare(cfg, given))
+
+
+def fail(message):
+    raise SystemExit(f"toy: error: {message}")
+
+
+def parse_flags(argv=None, prog="toy.py", description=None):
+    """(a ToyConfig with the toy's settings as defaults, the names of the settings the command line
+    gave): igrpo.py's flags, plus --right-drafts."""
+    parser = igrpo.config_parser(ToyConfig, prog=prog, description=description or (
+        "The offline toy world: a tiny model trained with igrpo.py on two-digit additions. "
+        "`python toy.py compare --help` and `python toy.py explain --help` show the others."))
+    parser.set_defaults(**SETTINGS, output_dir="runs/toy-<algo>-seed<seed>")
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = ToyConfig(**vars(parser.parse_args(argv)))
+    given = {action.dest for action in parser._actions for option in action.option_strings
+             for arg in argv if arg == option or arg.startswith(option + "=")}
+    return cfg, given
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,26 +424,15 @@ ALGO_NAMES = dict(igrpo="iGRPO", grpo="GRPO")
 LINE_START, WRAPPED = "\u2502", "\u250a"  # the prompt's lines, and the pieces of a wrapped one
 
 
-class Loaded(NamedTuple):
-    """What igrpo.train has in hand when its first step starts."""
-    model: object
-    tokenizer: object
-    ref_model: object  # None unless --beta > 0
-    master: list
-    optimizer: object
-    problems: list
-    judge: object
-
-
 class Step(NamedTuple):
-    """One step's samples, kept whole: igrpo.rollout hands on the drafts only in part."""
+    """One step's samples (igrpo.Rollout), as the printout reads them."""
     batch: list
-    drafts: object          # Stage 1's Samples (None for GRPO)
+    drafts: object          # Stage 1's Sequences (None for GRPO)
     draft_rewards: object   # (B, N) (None for GRPO)
     best: list              # d* per problem, cut to --max-draft-tokens (None for GRPO)
     prompts: list           # what the trained sequences were sampled from: q' (iGRPO) or q
     samples: object         # the trained sequences: refinements (iGRPO) or the group (GRPO)
-    scores: object          # igrpo.Scores of the samples
+    scores: object          # igrpo.Rewards of the samples
     group_size: int
 
 
@@ -471,12 +477,10 @@ def explain_settings(argv):
         "printed; other flags are igrpo.py's (--algo grpo, --beta 0.04, --loss dapo, --seed 1)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the printout there")
     args, flags = parser.parse_known_args(argv)
-    cfg, given = igrpo.parse_args(flags, ToyConfig)
+    cfg, given = parse_flags(flags, prog="toy.py explain")
     igrpo.check_config(cfg)
-    if not 0 <= cfg.right_drafts <= 1:
-        igrpo.fail(f"--right-drafts {cfg.right_drafts}: a share, from 0 to 1")
     if cfg.model:
-        igrpo.fail(f"--model {cfg.model}: the toy world explains its own model")
+        fail(f"--model {cfg.model}: the toy world explains its own model")
     return prepare(cfg, given), given, args.markdown
 
 
@@ -484,71 +488,40 @@ def explain_step(cfg, command, say, judge=None):
     """igrpo.train's set-up and first step, call for call, each quantity said as it comes. The
     held-out scoring a run does first is left out: it changes nothing that training samples."""
     cfg = dataclasses.replace(cfg, eval_dataset="")
-    loaded = load_as_train_does(cfg, judge)
+    igrpo.check_config(cfg, judge)
+    problems, _, policy, parts = igrpo.set_up(cfg, igrpo.Parts(judge=judge), None)
     say_settings(say, cfg, command)
-    batch, _ = igrpo.next_batch(loaded.problems, [], cfg)
-    step = sample_and_score(loaded, batch, cfg)
-    advantages = igrpo.group_advantages(step.scores.rewards, step.group_size,
+    batch, _ = igrpo.next_batch(problems, [], cfg)
+    rollout = igrpo.sample_and_score(batch, policy, cfg, parts)
+    draft_rewards = rollout.draft_rewards and rollout.draft_rewards.total.view(-1, cfg.num_drafts)
+    step = Step(batch, rollout.drafts, draft_rewards, rollout.best_drafts, rollout.prompts,
+                rollout.sequences, rollout.rewards, rollout.per_group)
+    advantages = igrpo.group_advantages(step.scores.total, step.group_size,
                                         scale_by_std=cfg.loss != "dr_grpo")
-    trained = torch.ones_like(step.scores.rewards, dtype=torch.bool)                 # (B*G,)
+    trained = torch.ones_like(step.scores.total, dtype=torch.bool)                   # (B*G,)
     if cfg.loss == "dapo":
-        trained = igrpo.informative_groups(step.scores.rewards, step.group_size)
+        trained = igrpo.informative_groups(step.scores.total, step.group_size)
     shown = problems_to_show(step)
     for i in shown:
-        say_problem(say, step, i, advantages, loaded.tokenizer, cfg, first=i == shown[0])
+        say_problem(say, step, i, advantages, policy.tokenizer, cfg, first=i == shown[0])
     record = say_batch(say, step, advantages, trained, cfg)
     row = refinement_to_show(step, advantages, trained, shown)
-    before = token_view(loaded, step.samples, row, cfg)
-    for param_group in loaded.optimizer.param_groups:
+    before = token_view(policy, parts, step.samples, row, cfg)
+    for param_group in policy.optimizer.param_groups:
         param_group["lr"] = igrpo.learning_rate(0, cfg)
-    update = igrpo.policy_update(loaded.model, loaded.optimizer, loaded.master, step.samples,
-                                 advantages, trained, cfg, loaded.ref_model)
-    after = token_view(loaded, step.samples, row, cfg)
-    say_tokens(say, step, row, advantages, trained, before, after, loaded.tokenizer, cfg)
-    say_update(say, update, loaded.optimizer.param_groups[0]["lr"], cfg)
-    return dict(record, **update, lr=loaded.optimizer.param_groups[0]["lr"])
-
-
-def load_as_train_does(cfg, judge=None):
-    """igrpo.train's set-up without its run folder: the same calls, so the same random draws
-    follow."""
-    igrpo.check_config(cfg, judge)
-    igrpo.seed(cfg)
-    problems, _ = igrpo.load_data(cfg)  # no held-out set: explain_step leaves it out
-    device, dtype = igrpo.device_and_dtype(cfg.dtype)
-    judge = judge or igrpo.load_judge(cfg, device, dtype)
-    model, tokenizer, ref_model = igrpo.load_policy(cfg, None, device, dtype)
-    context = igrpo.max_positions(model)
-    problems = igrpo.short_enough(problems, tokenizer, cfg, context, "dataset")
-    master, optimizer = igrpo.master_weights_and_optimizer(model, cfg)
-    return Loaded(model, tokenizer, ref_model, master, optimizer, problems, judge)
-
-
-def sample_and_score(loaded, batch, cfg):
-    """igrpo.rollout's calls one by one: Stage 1 (drafts, d*), q' = q + d*, Stage 2 (or GRPO's
-    group), the rewards."""
-    model, tokenizer, judge = loaded.model, loaded.tokenizer, loaded.judge
-    problems, golds = [b["problem"] for b in batch], [b["answer"] for b in batch]
-    prompts = [igrpo.build_prompt(tokenizer, problem, cfg) for problem in problems]
-    drafts = draft_rewards = best = None
-    group_size = cfg.group_size
-    if cfg.algo == "igrpo":
-        drafts = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.num_drafts)
-        best, draft_scores = igrpo.best_drafts(tokenizer, batch, drafts, cfg, judge)
-        draft_rewards = draft_scores.rewards.view(-1, cfg.num_drafts)            # (B, N)
-        prompts = [igrpo.build_prompt(tokenizer, igrpo.refine_message(problem, draft), cfg)
-                   for problem, draft in zip(problems, best)]
-        group_size = cfg.group_size - cfg.num_drafts
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=group_size)
-    scores = igrpo.score(samples.texts, igrpo.repeat(golds, group_size), cfg, samples.lengths,
-                         igrpo.repeat(problems, group_size), judge)
-    return Step(batch, drafts, draft_rewards, best, prompts, samples, scores, group_size)
+    update = igrpo.policy_update(policy, step.samples, advantages, trained, cfg, parts)
+    logged = igrpo.step_metrics(1, rollout, trained, update, 1.0, cfg, parts.world)
+    after = token_view(policy, parts, step.samples, row, cfg)
+    say_tokens(say, step, row, advantages, trained, before, after, policy.tokenizer, cfg)
+    say_update(say, logged, policy.optimizer.param_groups[0]["lr"], cfg)
+    update = {k: logged[k] for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")}
+    return dict(record, **update, lr=policy.optimizer.param_groups[0]["lr"])
 
 
 def problems_to_show(step):
     """Up to SHOWN_PROBLEMS problems, each case first found: a group whose rewards differ, a group
     that agrees, a wrong d*; then the batch's first problems."""
-    groups = step.scores.rewards.view(-1, step.group_size)
+    groups = step.scores.total.view(-1, step.group_size)
     agrees = (groups.amax(1) == groups.amin(1)).tolist()
     cases = [[not agree for agree in agrees], agrees]
     if step.best is not None:
@@ -689,7 +662,7 @@ def wrapped_exactly(line, width):
 def say_group(say, step, i, advantages, cfg):
     G = step.group_size
     rows = range(i * G, (i + 1) * G)
-    rewards = step.scores.rewards[i * G:(i + 1) * G]
+    rewards = step.scores.total[i * G:(i + 1) * G]
     what = ("refinements of q', with gradient" if cfg.algo == "igrpo" else
             "completions of q, the group, with gradient")
     say(f"  {'Stage 2: ' if cfg.algo == 'igrpo' else ''}{G} {what}; advantage A over these {G}")
@@ -712,7 +685,7 @@ def say_group(say, step, i, advantages, cfg):
 
 def say_batch(say, step, advantages, trained, cfg):
     """The batch's numbers, as the run logs them; returns them."""
-    rewards, G = step.scores.rewards, step.group_size
+    rewards, G = step.scores.total, step.group_size
     agree = int((~igrpo.informative_groups(rewards, G)).sum()) // G
     record = dict(algo=cfg.algo, reward=rewards.mean().item(),
                   accuracy=step.scores.accuracy.mean().item(), texts=step.samples.texts,
@@ -745,14 +718,14 @@ def refinement_to_show(step, advantages, trained, shown):
     return (moving or rows)[0]
 
 
-def token_view(loaded, samples, row, cfg):
+def token_view(policy, parts, samples, row, cfg):
     """(token ids, log pi, log pi_ref or None, mask) of one sequence, each (1, T), from
-    igrpo.frozen_logprobs: the pass policy_update makes for pi_old and pi_ref."""
+    igrpo.no_grad_logprobs: the pass policy_update makes for pi_old and pi_ref."""
     rows = torch.tensor([row], device=samples.input_ids.device)
     input_ids, _, prompt_length, mask = igrpo.micro_batch(samples, rows)
-    logp = igrpo.frozen_logprobs(loaded.model, samples, [(rows, None)], cfg)[0]
-    ref = loaded.ref_model and igrpo.frozen_logprobs(loaded.ref_model, samples,
-                                                     [(rows, None)], cfg)[0]
+    logp = igrpo.no_grad_logprobs(policy.model, samples, [(rows, None)], cfg, parts)[0]
+    ref = policy.reference and igrpo.no_grad_logprobs(policy.reference, samples,
+                                                      [(rows, None)], cfg, parts)[0]
     return input_ids[:, prompt_length:], logp, ref, mask
 
 
@@ -833,7 +806,8 @@ def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, re
     rows = trained.nonzero().squeeze(1).tolist()
     if row in rows:
         weights = igrpo.loss_weights(step.samples.completion_mask[rows], cfg.loss,
-                                     cfg.max_completion_tokens)[rows.index(row), :mask.shape[1]]
+                                     cfg.max_completion_tokens, igrpo.World())
+        weights = weights[rows.index(row), :mask.shape[1]]
         terms = [token_terms(logp, logp, ref, advantage, mask, t, cfg)[0]
                  for t in range(int(mask.sum()))]
         share = sum(term * weight for term, weight in zip(terms, weights.tolist()))
@@ -861,7 +835,7 @@ def say_update(say, update, lr, cfg):
     say(f"  loss       {update['loss']:+.6g}  (metrics.jsonl loss)")
     say(f"             {loss_note(cfg)}")
     norm, limit = update["grad_norm"], cfg.max_grad_norm
-    last = ", the last epoch's" if cfg.ppo_epochs > 1 else ""
+    last = ", the mean over the epochs" if cfg.ppo_epochs > 1 else ""
     say(f"  grad norm  {norm:.6g}  (grad_norm{last}), before clipping to --max-grad-norm "
         f"{limit:g}: " + (f"scaled down to {limit:g}" if norm > limit else "used as it is"))
     warmup = max(1, round(cfg.warmup_ratio * cfg.steps))

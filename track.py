@@ -12,6 +12,7 @@ close(). The tracker packages are optional: none is needed to train.
   trackio      a run of the trackio project "igrpo", in trackio's local database
                (`trackio show --project igrpo`)
 """
+import contextlib
 import importlib
 import json
 import os
@@ -29,6 +30,16 @@ def open_tracker(kind, run_name, settings, output_dir):
         return Silent()
     backend = dict(tensorboard=TensorBoard, wandb=WandB, trackio=Trackio)[kind]
     return backend(run_name, {**settings, "run_name": run_name}, Path(output_dir))
+
+
+@contextlib.contextmanager
+def tracking(kind, run_name, settings, output_dir):
+    """open_tracker's tracker, closed however the run ends."""
+    tracker = open_tracker(kind, run_name, settings, output_dir)
+    try:
+        yield tracker
+    finally:
+        tracker.close()
 
 
 def require(kind):
