@@ -1448,10 +1448,8 @@ def join_digit_groups(answer):
         counted = char in "()[]" or (char in "{}" and index > 0 and answer[index - 1] == "\\")
         depth += (char in "([{") - (char in ")]}") if counted else 0
         depth_at.append(depth)
-
-    def join_outside_brackets(found):
-        return without_commas(found) if depth_at[found.start()] == 0 else found.group()
-    return THOUSANDS.sub(join_outside_brackets, answer)
+    return THOUSANDS.sub(lambda found: found.group() if depth_at[found.start()] else
+                         without_commas(found), answer)
 
 
 def repeating_decimal_as_fraction(found):
@@ -1470,9 +1468,7 @@ TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 def number_word_as_digits(answer):
     """'twelve' -> '12', 'Forty-two' -> '42'; any other answer unchanged."""
     found = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", answer.lower())
-    if not found:
-        return answer
-    word, units = found.groups()
+    word, units = found.groups() if found else (None, None)
     if units is None and word in NUMBER_WORDS:
         return str(NUMBER_WORDS.index(word))
     if word in TENS_WORDS and (units is None or units in NUMBER_WORDS[1:10]):
@@ -1582,18 +1578,15 @@ def unknown_on_the_left(left, relation, right):
         return left, relation, right
     if is_unknown(right):
         return right, FLIPPED[relation], left
-    left_value, right_value = parse_math(left), parse_math(right)
-    if left_value is None or right_value is None:
+    sides = parse_math(left), parse_math(right)
+    difference = sides[0] - sides[1] if None not in sides else sympy.Integer(0)
+    if len(difference.free_symbols) != 1:  # unreadable, or not in one unknown
         return None
-    difference = left_value - right_value  # linear in one unknown: slope * x + offset
-    if len(difference.free_symbols) != 1:
-        return None
-    unknown = next(iter(difference.free_symbols))
+    unknown = next(iter(difference.free_symbols))  # linear in it: slope * x + offset
     offset = difference.xreplace({unknown: 0})
     slope = difference.xreplace({unknown: 1}) - offset
-    if not (slope.is_positive or slope.is_negative):
-        return None
-    if not values_equal(difference, slope * unknown + offset):  # not linear after all: x^2 < 4
+    linear = values_equal(difference, slope * unknown + offset)  # x^2 < 4 is not
+    if not (linear and (slope.is_positive or slope.is_negative)):
         return None
     relation = relation if slope.is_positive else FLIPPED[relation]
     return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
@@ -1924,11 +1917,8 @@ def values_equal(pred, gold, points=3):
     if not gold.free_symbols:
         return numbers_equal(pred, gold)
     symbols = sorted(gold.free_symbols, key=str)
-    for shift in range(points):
-        point = sample_point(symbols, shift)
-        if not numbers_equal(pred.xreplace(point), gold.xreplace(point)):
-            return False
-    return True
+    samples = [sample_point(symbols, shift) for shift in range(points)]
+    return all(numbers_equal(pred.xreplace(point), gold.xreplace(point)) for point in samples)
 
 
 def sample_point(symbols, shift):
