@@ -259,6 +259,17 @@ CHECKER_CASES = [
     ("\\boxed{\\cos(90^\\circ - x)}", "\\cos x", False, "trig identity with degree marks, wrong"),
     ("\\boxed{-1 \\le g(x) \\le 1}", "[-1, 1]", True, "inequality for a named expression"),
     ("\\boxed{-1 \\le g(x) < 1}", "[-1, 1]", False, "inequality for a named expression, open end"),
+    # issue 32: forms from public graders' test suites (Math-Verify, open-instruct, Qwen2.5-Math)
+    ("is $\\boxed{11,\\! 111,\\! 111,\\! 100}$", "11111111100", True,
+     "digit groups marked ,\\! and a space"),
+    ("\\boxed{11,\\! 111,\\! 111,\\! 100}", "11, 111, 111, 100", False,
+     "digit groups marked ,\\! and a space are one number, not a list"),
+    ("\\boxed{32, 349}", "32349", False, "a comma and a space without a group mark separate items"),
+    ("Final Answer: The final answer is $14 {, }916$. I hope it is correct.", "14{,}916", True,
+     "a spaced {, } digit group mark"),
+    ("\\boxed{1,000.99€}", "1000.99", True, "a euro sign"),
+    ("\\boxed{€5}", "6", False, "a euro sign, another number"),
+    ("\\boxed{14 {, }916}", "14, 916", False, "a spaced {, } groups digits, it does not separate items"),
     # safety: nothing runs, nothing hangs, code-shaped answers are wrong
     ("\\boxed{__import__('os').system('echo pwned')}", "0", False, "import"),
     ("\\boxed{(lambda: 1)()}", "1", False, "lambda"),

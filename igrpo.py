@@ -1260,10 +1260,11 @@ def interrupt_explained(cfg):
 #   <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty answer
 #   is no answer, even against an empty gold.
 # - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
-#   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, case, Unicode, a stray
-#   trailing backslash. Digit groups join (12,345 12{,}345 12,\!345 1\,000; 2-digit Indian groups
-#   1,\!00,\!000). `;`, "and", "or" separate items like commas (1, 2, and 3). 0.\overline{3} is
-#   1/3; a number word (zero to ninety-nine) is its number; of `x \approx 0.7` only x counts.
+#   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, $ € £, case, Unicode, a
+#   stray trailing backslash. Digit groups join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000;
+#   2-digit Indian groups 1,\!00,\!000). `;`, "and", "or" separate items like commas (1, 2, and 3).
+#   0.\overline{3} is 1/3; a number word (zero to ninety-nine) is its number; of `x \approx 0.7`
+#   only x counts.
 # - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits
 #   (0.333 != 1/3, 3.14 != pi); expressions at three rational points, the same variables required.
 #   In a trig function, degrees are angles: \cos(90^\circ - x) is \sin x.
@@ -1400,7 +1401,7 @@ COSMETIC = [(re.compile(pattern), replacement) for pattern, replacement in [  # 
     (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""),
     (r"(?<!\\)\\[()\[\]]", ""),
     (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
-    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
+    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$|€|£", ""),
     (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"),
     (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
@@ -1431,7 +1432,7 @@ def normalize(answer):
     return answer
 
 
-GROUP_MARK = r"(?:\{,\}|,\\!|\\,|\\ )"
+GROUP_MARK = r"(?: ?\{, ?\}|,\\!|\\,|\\ ) ?"  # a space may follow: 11,\! 111  14 {, }916
 DIGIT_GROUP_MARK = re.compile(  # 12{,}345  1\,000, and Indian 2-digit groups: 1,\!00,\!000
     rf"(?<=\d){GROUP_MARK}(?=(?:\d\d{GROUP_MARK})*\d{{3}}(?!\d))")
 THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345

@@ -39,7 +39,8 @@ def test_plus_minus_is_two_items_where_it_stands_alone(answer, items):
     ("1,\\!00,\\!000", "100000"), ("12,\\!34,\\!567", "1234567"), ("3.141\\,592", "3.141592"),
     ("1203_{5}", "1203_5"), ("x_{10}", "x_{10}"),
     ("\\frac{\\sqrt2}{2} \\approx 0.707", "\\frac{\\sqrt2}{2}"), ("42\\\\", "42"),
-    ("1, 2, \\text{ and } 3", "1, 2, 3"), ("\\mathcal{B}", "B")])
+    ("1, 2, \\text{ and } 3", "1, 2, 3"), ("\\mathcal{B}", "B"),
+    ("11,\\! 111,\\! 100", "11111100"), ("14 {, }916", "14916"), ("5 €", "5")])
 def test_normalize_spells_each_new_form_one_way(answer, spelling):
     assert normalize(answer) == spelling
 
