@@ -1255,10 +1255,11 @@ def interrupt_explained(cfg):
 #
 # Grading policy. A false accept pays the policy for a wrong answer: a reading in doubt is wrong.
 # - The answer: the last \boxed{}/\fbox{}, with the boxes before it on its line that only list
-#   connectors separate (`\boxed{-2} and \boxed{1}`, `\boxed{4} for part (a) and \boxed{9}` are
-#   lists); else the last marker ("final answer is", "the answer is", "Answer:", "####",
-#   <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty answer
-#   is no answer, even against an empty gold.
+#   connectors, labels or one word before and/or separate (`\boxed{-2} and \boxed{1}`, `y_1 =
+#   \boxed{a}, y_2 = \boxed{b}`, `\boxed{1} papers and \boxed{2}`, `\boxed{4} for part (a) and
+#   \boxed{9}` are lists); else the last marker ("final answer is", "the answer is", "Answer:",
+#   "####", <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty
+#   answer is no answer, even against an empty gold.
 # - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
 #   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, $ € £, case, Unicode, a
 #   stray trailing backslash. Digit groups join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000;
@@ -1334,8 +1335,8 @@ def time_limit(seconds):
 # Which answer: the last box (with the boxes of the same list before it), else the last marker.
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 BOX_CONNECTOR = re.compile(  # what may lie between the boxes of one list answer
-    r"(?:[ \t$,;&~}]|\\[(),;!]|\\q?quad|\\text\{|and|or|[a-zA-Z] *=|for part \(\w\))*",
-    re.IGNORECASE)
+    r"(?:[ \t$,;&~}]|\\[(),;!\[\] ]|\\q?quad|\\text\{|and|or|[a-zA-Z](?:_\{?\w+\}?)? *="  # y_2 =
+    r"|[a-zA-Z]+ +(?:and|or)|for part \(\w\))*", re.IGNORECASE)  # "1 papers and 2 bins"
 MARKER = re.compile(  # without a box: the last of these
     r"<answer>(?P<tag>[^<]{1,400})</answer>"
     r"|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is correct|\n|$)"
@@ -1894,11 +1895,12 @@ def exact_number(token):
 
 def safe_power(base, exponent):
     """Refuse powers whose value would be astronomically large, e.g. 9^9^9^9 or 10^{10^{10}}."""
-    if exponent.is_Number:
-        if abs(exponent) > 10_000:
+    size = exponent if exponent.free_symbols else sympy.N(exponent, 15)  # 10^{\sqrt{13}/6} too
+    if size.is_Number:
+        if abs(size) > 10_000:
             raise ValueError("exponent too large")
         if base.is_Number and base != 0:
-            digits = abs(exponent) * abs(math.log10(abs(complex(base))) + 1)
+            digits = abs(size) * abs(math.log10(abs(complex(base))) + 1)
             if digits > MAX_RESULT_DIGITS:
                 raise ValueError("power too large")
     elif exponent.has(sympy.Pow) and base.is_Number:

@@ -51,6 +51,21 @@ def test_boxes_joined_by_part_text_are_one_list_answer():
     assert extract_answer("\\boxed{4} is wrong, so \\boxed{9}") == "9"
 
 
+def test_boxes_after_a_label_or_one_word_before_and_are_one_list_answer():
+    assert extract_answer("y_1 = \\boxed{a} \\) and \\( y_2 = \\boxed{b}") == "a, b"
+    assert extract_answer("\\boxed{1} papers and \\boxed{2} bins") == "1, 2"
+    assert extract_answer("\\[\\boxed{2}\\] or \\[\\boxed{3}\\]") == "2, 3"
+    assert extract_answer("\\boxed{1} no no no \\boxed{2}") == "2"
+    assert extract_answer("\\boxed{1}, or rather \\boxed{2}") == "2"
+
+
+@pytest.mark.parametrize("text,readable", [
+    ("10^{\\frac{\\sqrt{13} - 5}{6}}", True), ("10^{10^{\\sqrt{2}}}", True),
+    ("10^{\\sqrt{10^{10}}}", False), ("2^{\\pi \\cdot 10^{4}}", False), ("2^{x^2}", False)])
+def test_a_power_with_a_constant_exponent_is_bounded_by_its_value(text, readable):
+    assert (parse_math(text) is not None) is readable
+
+
 @pytest.mark.parametrize("time_text,seconds", [
     ("14:05", 50700), ("14:05:00", 50700), ("2:05 PM", 50700), ("2:05 p.m", 50700),
     ("12:30 AM", 1800), ("12:30 PM", 45000), ("2:05", 7500), ("3:5", None), ("a:b", None)])
