@@ -1273,10 +1273,11 @@ def interrupt_explained(cfg):
 #   items a+b, a-b. Tuples, intervals and matrices are ordered (brackets must agree).
 # - An inequality in one unknown, or in a function's value g(x), is that name labelled with its
 #   interval: a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), like x \in (-\infty,1).
-# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value
-#   on either side; labels on both sides must agree, but y and g(t) both name the function. Other
-#   equations match side by side, or rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our
-#   parser rejects is compared as text.
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=..., |AB|=... match the
+#   bare value on either side; labels on both sides must agree, but y and g(t) both name the
+#   function. p=5, q=2; p=7, q=2 is the solutions (p, q) = (5, 2), (7, 2). Other equations match
+#   side by side, or rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is
+#   compared as text.
 # Ambiguous readings, decided (each one is a row of the case table):
 # - 7 3/4 is the mixed number 31/4, like 1\frac14; never 7 * 3/4. 7 5/4 and 7 3 read as nothing.
 # - Multiple choice: the letters must agree, and the option texts where both sides give one; the
@@ -1411,6 +1412,8 @@ COSMETIC = [(re.compile(pattern), replacement) for pattern, replacement in [  # 
     (r"_(?<=\d_)\{(\d+)\}", r"_\1"),  # 1203_{5} -> 1203_5 (a literal first: fast on long answers)
     (r"\s+", " ")]]
 LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
+VALUE = r"([^\s,;=]+(?: +[^\s,;=]+)*)"  # words a space apart: spaces read one way
+PAIR = rf" *([a-zA-Z][\w{{}}]*) *= *{VALUE} *, *([a-zA-Z][\w{{}}]*) *= *{VALUE} *"  # p=5, q=2
 REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
 TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)")
 DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°)")
@@ -1425,6 +1428,8 @@ def normalize(answer):
         answer = DEGREES.sub(r"{\1\\pi/180}", answer)
     for pattern, replacement in COSMETIC:
         answer = pattern.sub(replacement, answer)
+    if re.fullmatch(rf"{PAIR}(?:;{PAIR})+", answer):  # p=5, q=2; p=7, q=2: solutions of (p, q)
+        answer = re.sub(rf"(?<![^;]){PAIR}", r"(\1, \3) = (\2, \4)", answer)
     answer = LIST_CONNECTOR.sub(", ", answer).replace(",,", ",")  # 1, 2, and 3
     answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
     answer = number_word_as_digits(answer.strip().rstrip(". \\"))  # a stray backslash: 5\\ -> 5
@@ -1634,7 +1639,8 @@ FUNCTION = re.compile(r"y|[a-zA-Z]'*(?:_\{?\w+\}?)?\( ?[a-zA-Z](?: ?, ?[a-zA-Z])
 LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?"            # k  f(x)
                    rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
                    rf"|{NAME}(?::{NAME})+"               # a:b
-                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")  # \frac{AB}{CD}
+                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}"  # \frac{AB}{CD}
+                   rf"|\|{NAME}\|")                      # |AB|
 
 
 def split_label(answer):
