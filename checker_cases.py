@@ -300,6 +300,14 @@ CHECKER_CASES = [
     ("\\boxed{(2,5),(2,7)}", "p=5,q=2;p=7,q=2", False,
      "labelled solutions grouped by semicolons, values in the wrong order"),
     ("\\boxed{(5,2)}", "p=5,q=2;p=7,q=2", False, "labelled solutions grouped by semicolons, one missing"),
+    ("so $\\boxed{255}$ after six months. Final Answer: The final answer is $10,455$. "
+     "I hope it is correct.", "10455", True, "a final-answer statement after an earlier box"),
+    ("so $\\boxed{255}$ after six months. Final Answer: The final answer is $10,455$. "
+     "I hope it is correct.", "255", False, "an earlier box before a final-answer statement"),
+    ("first \\boxed{1} then \\boxed 2$ done", "2", True, "a bare box after a braced one"),
+    ("first \\boxed{1} then \\boxed 2$ done", "1", False, "a braced box before a bare one"),
+    ("So answer is consistent.\n\nFinal Answer: **73**", "73", True, "a marker answer in bold"),
+    ("**Final Answer:** $72$", "73", False, "a bold marker, another number"),
     # safety: nothing runs, nothing hangs, code-shaped answers are wrong
     ("\\boxed{__import__('os').system('echo pwned')}", "0", False, "import"),
     ("\\boxed{(lambda: 1)()}", "1", False, "lambda"),

@@ -1257,9 +1257,10 @@ def interrupt_explained(cfg):
 # - The answer: the last \boxed{}/\fbox{}, with the boxes before it on its line that only list
 #   connectors, labels or one word before and/or separate (`\boxed{-2} and \boxed{1}`, `y_1 =
 #   \boxed{a}, y_2 = \boxed{b}`, `\boxed{1} papers and \boxed{2}`, `\boxed{4} for part (a) and
-#   \boxed{9}` are lists); else the last marker ("final answer is", "the answer is", "Answer:",
-#   "####", <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty
-#   answer is no answer, even against an empty gold.
+#   \boxed{9}` are lists), unless a bare `\boxed 5` or MATH's "The final answer is 5. I hope it is
+#   correct." follows it; else the last marker ("final answer is", "the answer is", "Answer:",
+#   "####", <answer></answer>; **bold** off); else none: 0. A full-solution gold is read the same
+#   way. An empty answer is no answer, even against an empty gold.
 # - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
 #   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, $ € £, case, Unicode, a
 #   stray trailing backslash. Digit groups join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000;
@@ -1342,10 +1343,12 @@ MARKER = re.compile(  # without a box: the last of these
     r"<answer>(?P<tag>[^<]{1,400})</answer>"
     r"|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is correct|\n|$)"
     r"|the answer is:?\s*(?P<answer_is>[^\n]{1,400})"
-    r"|answer:\s*(?P<colon>[^\n]{1,400})"
+    r"|answer\**:\s*(?P<colon>[^\n]{1,400})"
     r"|####\s*(?P<hash>[^\n]{1,400})"
     r"|\\boxed\s+(?P<bare>[^\s$]{1,100})",
     re.IGNORECASE)
+LATER_ANSWER = re.compile(  # after the last box, these override it: MARKER reads them
+    r"\\boxed\s+[^\s{$]|final answer is[^\n]{1,400}I hope it is correct", re.IGNORECASE)
 
 
 def extract_answer(text):
@@ -1354,14 +1357,15 @@ def extract_answer(text):
     closing_brace = closing_braces(text)
     boxes = [(box.start(), box.end(), closing_brace[box.end() - 1])  # (start, content start, end)
              for box in BOX.finditer(text) if box.end() - 1 in closing_brace]
-    if boxes:
+    after = boxes[-1][2] if boxes else 0  # where the last box ends
+    if boxes and not LATER_ANSWER.search(text, after):
         return final_boxes(text, boxes)
-    markers = list(MARKER.finditer(text))
+    markers = list(MARKER.finditer(text, after))
     if not markers:
         return None
     answer = next(found for found in markers[-1].groupdict().values() if found is not None)
     answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
-    answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
+    answer = re.sub(r"^[\s$*]+|[\s$.*]+$", "", answer)  # "$\frac92$." -> "\frac92"; **5** -> 5
     if BOX.search(answer):  # a box that never closes: the completion was cut inside its answer
         return None
     # a marker inside the marked text points further: "Answer: The final answer is 5" -> "5"
@@ -1574,8 +1578,7 @@ def is_unknown(text):
 
 def interval(low, low_relation, high, high_relation):
     """low < x <= high -> '(low, high]'."""
-    brackets = ("(" if low_relation == "<" else "[") + (")" if high_relation == "<" else "]")
-    return f"{brackets[0]}{low}, {high}{brackets[1]}"
+    return "(["[low_relation != "<"] + f"{low}, {high}" + ")]"[high_relation != "<"]
 
 
 def unknown_on_the_left(left, relation, right):
@@ -1636,11 +1639,10 @@ def proportional(a, b):
 
 NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
 FUNCTION = re.compile(r"y|[a-zA-Z]'*(?:_\{?\w+\}?)?\( ?[a-zA-Z](?: ?, ?[a-zA-Z])* ?\)")  # g(t)
-LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?"            # k  f(x)
+LABEL = re.compile(rf"(?:{NAME}|\|{NAME}\|)(?:\([^()=]*\))?"  # k  f(x)  |AB|
                    rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
                    rf"|{NAME}(?::{NAME})+"               # a:b
-                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}"  # \frac{AB}{CD}
-                   rf"|\|{NAME}\|")                      # |AB|
+                   rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")  # \frac{AB}{CD}
 
 
 def split_label(answer):
@@ -1787,8 +1789,7 @@ class MathParser:
 
     def accept(self, *tokens):
         """Take the next token if it is one of `tokens` (and return it)."""
-        if self.peek() in tokens:
-            return self.take()
+        return self.take() if self.peek() in tokens else None
 
     def expression(self):
         self.depth += 1
@@ -1903,12 +1904,9 @@ def safe_power(base, exponent):
     """Refuse powers whose value would be astronomically large, e.g. 9^9^9^9 or 10^{10^{10}}."""
     size = exponent if exponent.free_symbols else sympy.N(exponent, 15)  # 10^{\sqrt{13}/6} too
     if size.is_Number:
-        if abs(size) > 10_000:
-            raise ValueError("exponent too large")
-        if base.is_Number and base != 0:
-            digits = abs(size) * abs(math.log10(abs(complex(base))) + 1)
-            if digits > MAX_RESULT_DIGITS:
-                raise ValueError("power too large")
+        scale = abs(math.log10(abs(complex(base))) + 1) if base.is_Number and base != 0 else 0
+        if abs(size) > 10_000 or abs(size) * scale > MAX_RESULT_DIGITS:  # the value's digits, about
+            raise ValueError("power too large")
     elif exponent.has(sympy.Pow) and base.is_Number:
         raise ValueError("power tower")
     return sympy.Pow(base, exponent)

@@ -61,6 +61,16 @@ def test_boxes_after_a_label_or_one_word_before_and_are_one_list_answer():
     assert extract_answer("\\boxed{1}, or rather \\boxed{2}") == "2"
 
 
+def test_a_bare_box_or_a_math_style_final_answer_after_the_last_box_overrides_it():
+    assert extract_answer("first \\boxed{1} then \\boxed 2$ done") == "2"
+    assert extract_answer("\\boxed{255}. Final Answer: The final answer is $10,455$. I hope it is "
+                          "correct.") == "10,455"
+    assert extract_answer("\\boxed{5}. So the final answer is indeed right.") == "5"
+    assert extract_answer("\\boxed {5}") == "5"
+    assert extract_answer("Final Answer: **73**") == "73"
+    assert extract_answer("**Final Answer:** $73$") == "73"
+
+
 @pytest.mark.parametrize("text,readable", [
     ("10^{\\frac{\\sqrt{13} - 5}{6}}", True), ("10^{10^{\\sqrt{2}}}", True),
     ("10^{\\sqrt{10^{10}}}", False), ("2^{\\pi \\cdot 10^{4}}", False), ("2^{x^2}", False)])
