@@ -1262,11 +1262,11 @@ def interrupt_explained(cfg):
 #   "####", <answer></answer>; **bold** off); else none: 0. A full-solution gold is read the same
 #   way. An empty answer is no answer, even against an empty gold.
 # - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
-#   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, $ € £, case, Unicode, a
-#   stray trailing backslash. Digit groups join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000;
-#   2-digit Indian groups 1,\!00,\!000). `;`, "and", "or" separate items like commas (1, 2, and 3).
-#   0.\overline{3} is 1/3; a number word (zero to ninety-nine) is its number; of `x \approx 0.7`
-#   only x counts.
+#   \mathcal, spacing, \left/\right/\bigl, \dfrac, delimiters, degrees, percent, $ € £, case,
+#   Unicode, a stray trailing backslash, a relation's spelling (>= \geqq ≥; != \ne). Digit groups
+#   join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000; Indian 1,\!00,\!000). `;`, "and", "or"
+#   separate items like commas (1, 2, and 3). 0.\overline{3} is 1/3; a number word (zero to
+#   ninety-nine) is its number; of `x \approx 0.7` only x counts.
 # - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits
 #   (0.333 != 1/3, 3.14 != pi); expressions at three rational points, the same variables required.
 #   In a trig function, degrees are angles: \cos(90^\circ - x) is \sin x.
@@ -1293,7 +1293,7 @@ def interrupt_explained(cfg):
 # - A single name on the left is a label even before an expression: 2x+3 matches y = 2x + 3.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
 # - Inequalities: the unknown is a label, so t<1 is not x<1 (a<d<c is not a<b<c) but both match
-#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
+#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown. 5!=120 is 5! = 120.
 # - Boxes on different lines, or with other words between them, are not joined: the last box counts.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
@@ -1400,16 +1400,18 @@ def final_boxes(text, boxes):
 
 # One spelling per answer, so that cosmetics never decide a grade.
 UNICODE = str.maketrans({"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ",
-                         "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/", "≈": "\\approx "})
+                         "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/", "≈": "\\approx ",
+                         "≠": "\\neq ", "⩽": "\\leq ", "⩾": "\\geq "})
 COSMETIC = [(re.compile(pattern), replacement) for pattern, replacement in [  # in order
     (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mathcal|mbox|hbox"
      r"|operatorname)\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
-    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""),
+    (r"\\(?:left|right|middle|displaystyle|textstyle|[Bb]igg?[lr]?)(?![a-zA-Z])", ""),
     (r"(?<!\\)\\[()\[\]]", ""),
     (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
     (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$|€|£", ""),
-    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"),
-    (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
+    (r"\\le(?:qq?|qslant|slant)?(?![a-zA-Z])|<=", r"\\leq"),
+    (r"\\ge(?:qq?|qslant|slant)?(?![a-zA-Z])|>=", r"\\geq"),
+    (r"\\neq?(?![a-zA-Z])|(?<![\d!)}])!=", r"\\neq"),  # not in 5!=120: a factorial, then =
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
     (r"\\approx[^,;]*", ""),  # the exact value before its approximation is the answer

@@ -42,7 +42,9 @@ def test_plus_minus_is_two_items_where_it_stands_alone(answer, items):
     ("1, 2, \\text{ and } 3", "1, 2, 3"), ("\\mathcal{B}", "B"),
     ("11,\\! 111,\\! 100", "11111100"), ("14 {, }916", "14916"), ("5 €", "5"),
     ("p=5,q=2;p=7,q=2", "(p, q) = (5, 2), (p, q) = (7, 2)"), ("x = 1; y = 2", "x = 1, y = 2"),
-    ("a=1, b=2; c=3", "a=1, b=2, c=3")])
+    ("a=1, b=2; c=3", "a=1, b=2, c=3"), ("x ≠ 3", "x \\neq 3"), ("x ⩾ 2", "x \\geq 2"),
+    ("x >= 5", "x \\geq 5"), ("x \\geqq 0", "x \\geq 0"), ("5!=120", "5!=120"),
+    ("\\bigl(1, 2\\bigr)", "(1, 2)")])
 def test_normalize_spells_each_new_form_one_way(answer, spelling):
     assert normalize(answer) == spelling
 
