@@ -304,6 +304,12 @@ CHECKER_CASES = [
      "I hope it is correct.", "10455", True, "a final-answer statement after an earlier box"),
     ("so $\\boxed{255}$ after six months. Final Answer: The final answer is $10,455$. "
      "I hope it is correct.", "255", False, "an earlier box before a final-answer statement"),
+    ("so the sum is between $\\boxed{12 $ and $13 }. $ Final Answer: The final answer is "
+     "\"$12 $ and $13 $\". I hope it is correct.", "12\\text{ and }13", True,
+     "a quoted final-answer statement after a box"),
+    ("so the sum is between $\\boxed{12 $ and $13 }. $ Final Answer: The final answer is "
+     "\"$12 $ and $14 $\". I hope it is correct.", "12\\text{ and }13", False,
+     "a quoted final-answer statement after a box, one number wrong"),
     ("first \\boxed{1} then \\boxed 2$ done", "2", True, "a bare box after a braced one"),
     ("first \\boxed{1} then \\boxed 2$ done", "1", False, "a braced box before a bare one"),
     ("So answer is consistent.\n\nFinal Answer: **73**", "73", True, "a marker answer in bold"),

@@ -1365,7 +1365,7 @@ def extract_answer(text):
         return None
     answer = next(found for found in markers[-1].groupdict().values() if found is not None)
     answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
-    answer = re.sub(r"^[\s$*]+|[\s$.*]+$", "", answer)  # "$\frac92$." -> "\frac92"; **5** -> 5
+    answer = re.sub(r"^[\s$*\"]+|[\s$.*\"]+$", "", answer)  # "$\frac92$." -> "\frac92"; **5** -> 5
     if BOX.search(answer):  # a box that never closes: the completion was cut inside its answer
         return None
     # a marker inside the marked text points further: "Answer: The final answer is 5" -> "5"
