@@ -294,6 +294,7 @@ CHECKER_CASES = [
     ("$$\\boxed{1}$$", "$$|AB|=1$$", True, "a length label |AB|"),
     ("\\boxed{2}", "|AB|=1", False, "a length label |AB|, another value"),
     ("\\boxed{|CD| = 1}", "|AB|=1", False, "a length label |AB|, another length"),
+    ("\\boxed{|x| = 3}", "3", False, "|x| = 3 is an equation, not a label: x may be -3"),
     ("\\boxed{(5,2),(7,2)}", "p=5,q=2;p=7,q=2", True, "labelled solutions grouped by semicolons"),
     ("\\boxed{p=7, q=2; p=5, q=2}", "p=5,q=2;p=7,q=2", True,
      "labelled solutions grouped by semicolons, in another order"),

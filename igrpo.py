@@ -1641,7 +1641,7 @@ def proportional(a, b):
 
 NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
 FUNCTION = re.compile(r"y|[a-zA-Z]'*(?:_\{?\w+\}?)?\( ?[a-zA-Z](?: ?, ?[a-zA-Z])* ?\)")  # g(t)
-LABEL = re.compile(rf"(?:{NAME}|\|{NAME}\|)(?:\([^()=]*\))?"  # k  f(x)  |AB|
+LABEL = re.compile(rf"(?:{NAME}|\|[A-Z]{{2,}}\|)(?:\([^()=]*\))?"  # k  f(x)  |AB| (not |x|)
                    rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
                    rf"|{NAME}(?::{NAME})+"               # a:b
                    rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")  # \frac{AB}{CD}
