@@ -1339,7 +1339,7 @@ BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 BOX_CONNECTOR = re.compile(  # what may lie between the boxes of one list answer
     r"(?:[ \t$,;&~}]|\\[(),;!\[\] ]|\\q?quad|\\text\{|and|or|[a-zA-Z](?:_\{?\w+\}?)? *="  # y_2 =
     r"|[a-zA-Z]+ +(?:and|or)|for part \(\w\))*", re.IGNORECASE)  # "1 papers and 2 bins"
-MARKER = re.compile(  # without a box: the last of these
+MARKER = re.compile(  # without a box, or after it where LATER_ANSWER finds one: the last of these
     r"<answer>(?P<tag>[^<]{1,400})</answer>"
     r"|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is correct|\n|$)"
     r"|the answer is:?\s*(?P<answer_is>[^\n]{1,400})"
