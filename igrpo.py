@@ -1447,15 +1447,18 @@ def main(argv=None):
 #
 # Grading policy. A false accept pays the policy for a wrong answer: a reading in doubt is wrong.
 # - The answer: the last \boxed{}/\fbox{}, with the boxes before it on its line that only list
-#   connectors separate (`\boxed{-2} and \boxed{1}`, `\boxed{4} for part (a) and \boxed{9}` are
-#   lists); else the last marker ("final answer is", "the answer is", "Answer:", "####",
-#   <answer></answer>); else none: 0. A full-solution gold is read the same way. An empty answer
-#   is no answer, even against an empty gold.
+#   connectors, labels or one word before and/or separate (`\boxed{-2} and \boxed{1}`, `y_1 =
+#   \boxed{a}, y_2 = \boxed{b}`, `\boxed{1} papers and \boxed{2}`, `\boxed{4} for part (a) and
+#   \boxed{9}` are lists), unless a bare `\boxed 5` or MATH's "The final answer is 5. I hope it is
+#   correct." follows it; else the last marker ("final answer is", "the answer is", "Answer:",
+#   "####", <answer></answer>; **bold** off); else none: 0. A full-solution gold is read the same
+#   way. An empty answer is no answer, even against an empty gold.
 # - Cosmetics never matter: units (spaced, in \text/\mbox, or a known one glued on: 7days), \text,
-#   \mathcal, spacing, \left/\right, \dfrac, delimiters, degrees, percent, case, Unicode, a stray
-#   trailing backslash. Digit groups join (12,345 12{,}345 12,\!345 1\,000; 2-digit Indian groups
-#   1,\!00,\!000). `;`, "and", "or" separate items like commas (1, 2, and 3). 0.\overline{3} is
-#   1/3; a number word (zero to ninety-nine) is its number; of `x \approx 0.7` only x counts.
+#   \mathcal, spacing, \left/\right/\bigl, \dfrac, delimiters, degrees, percent, $ € £, case,
+#   Unicode, a stray trailing backslash, a relation's spelling (>= \geqq ≥; != \ne). Digit groups
+#   join (12,345 12{,}345 14 {, }916 12,\! 345 1\,000; Indian 1,\!00,\!000). `;`, "and", "or"
+#   separate items like commas (1, 2, and 3). 0.\overline{3} is 1/3; a number word (zero to
+#   ninety-nine) is its number; of `x \approx 0.7` only x counts.
 # - Values match when exactly equal: rationals exactly, radicals/pi/e to 35 significant digits
 #   (0.333 != 1/3, 3.14 != pi); expressions at three rational points, the same variables required.
 #   In a trig function, degrees are angles: \cos(90^\circ - x) is \sin x.
@@ -1463,10 +1466,11 @@ def main(argv=None):
 #   items a+b, a-b. Tuples, intervals and matrices are ordered (brackets must agree).
 # - An inequality in one unknown, or in a function's value g(x), is that name labelled with its
 #   interval: a<x<b is x=(a,b), -x>-1 is x=(-\infty,1), like x \in (-\infty,1).
-# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=... match the bare value
-#   on either side; labels on both sides must agree, but y and g(t) both name the function. Other
-#   equations match side by side, or rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our
-#   parser rejects is compared as text.
+# - A label names a value: k=1, f(x)=1, (p,q)=(3,2), a:b=3:5, \frac{AB}{CD}=..., |AB|=... match the
+#   bare value on either side; labels on both sides must agree, but y and g(t) both name the
+#   function. p=5, q=2; p=7, q=2 is the solutions (p, q) = (5, 2), (7, 2). Other equations match
+#   side by side, or rearranged or scaled (2x+4y-3=0 and y=-x/2+3/4). What our parser rejects is
+#   compared as text.
 # Ambiguous readings, decided (each one is a row of the case table):
 # - 7 3/4 is the mixed number 31/4, like 1\frac14; never 7 * 3/4. 7 5/4 and 7 3 read as nothing.
 # - Multiple choice: the letters must agree, and the option texts where both sides give one; the
@@ -1481,7 +1485,7 @@ def main(argv=None):
 # - A single name on the left is a label even before an expression: 2x+3 matches y = 2x + 3.
 # - An equation between two upper-case names (MR=SRMC) is a statement, not a labelled value.
 # - Inequalities: the unknown is a label, so t<1 is not x<1 (a<d<c is not a<b<c) but both match
-#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown.
+#   (-\infty,1); with a letter on each side (x>a) the left one is the unknown. 5!=120 is 5! = 120.
 # - Boxes on different lines, or with other words between them, are not joined: the last box counts.
 # ----------------------------------------------------------------------------------------------
 MAX_ANSWER_CHARS = 300      # longer answers are compared as text only
@@ -1525,16 +1529,18 @@ def time_limit(seconds):
 # Which answer: the last box (with the boxes of the same list before it), else the last marker.
 BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 BOX_CONNECTOR = re.compile(  # what may lie between the boxes of one list answer
-    r"(?:[ \t$,;&~}]|\\[(),;!]|\\q?quad|\\text\{|and|or|[a-zA-Z] *=|for part \(\w\))*",
-    re.IGNORECASE)
-MARKER = re.compile(  # without a box: the last of these
+    r"(?:[ \t$,;&~}]|\\[(),;!\[\] ]|\\q?quad|\\text\{|and|or|[a-zA-Z](?:_\{?\w+\}?)? *="  # y_2 =
+    r"|[a-zA-Z]+ +(?:and|or)|for part \(\w\))*", re.IGNORECASE)  # "1 papers and 2 bins"
+MARKER = re.compile(  # without a box, or after it where LATER_ANSWER finds one: the last of these
     r"<answer>(?P<tag>[^<]{1,400})</answer>"
     r"|final answer is:?\s*(?P<final>[^\n]{1,400}?)(?:\.?\s*I hope it is correct|\n|$)"
     r"|the answer is:?\s*(?P<answer_is>[^\n]{1,400})"
-    r"|answer:\s*(?P<colon>[^\n]{1,400})"
+    r"|answer\**:\s*(?P<colon>[^\n]{1,400})"
     r"|####\s*(?P<hash>[^\n]{1,400})"
     r"|\\boxed\s+(?P<bare>[^\s$]{1,100})",
     re.IGNORECASE)
+LATER_ANSWER = re.compile(  # after the last box, these override it: MARKER reads them
+    r"\\boxed\s+[^\s{$]|final answer is[^\n]{1,400}I hope it is correct", re.IGNORECASE)
 
 
 def extract_answer(text):
@@ -1543,14 +1549,15 @@ def extract_answer(text):
     closing_brace = closing_braces(text)
     boxes = [(box.start(), box.end(), closing_brace[box.end() - 1])  # (start, content start, end)
              for box in BOX.finditer(text) if box.end() - 1 in closing_brace]
-    if boxes:
+    after = boxes[-1][2] if boxes else 0  # where the last box ends
+    if boxes and not LATER_ANSWER.search(text, after):
         return final_boxes(text, boxes)
-    markers = list(MARKER.finditer(text))
+    markers = list(MARKER.finditer(text, after))
     if not markers:
         return None
     answer = next(found for found in markers[-1].groupdict().values() if found is not None)
     answer = re.sub(r"\.?\s*I hope it is correct.*", "", answer)
-    answer = re.sub(r"^[\s$]+|[\s$.]+$", "", answer)  # "$\frac{9}{2}$." -> "\frac{9}{2}"
+    answer = re.sub(r"^[\s$*\"]+|[\s$.*\"]+$", "", answer)  # "$\frac92$." -> "\frac92"; **5** -> 5
     if BOX.search(answer):  # a box that never closes: the completion was cut inside its answer
         return None
     # a marker inside the marked text points further: "Answer: The final answer is 5" -> "5"
@@ -1585,22 +1592,26 @@ def final_boxes(text, boxes):
 
 # One spelling per answer, so that cosmetics never decide a grade.
 UNICODE = str.maketrans({"−": "-", "π": "\\pi ", "√": "\\sqrt", "×": "\\times ", "·": "\\cdot ",
-                         "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/", "≈": "\\approx "})
+                         "∞": "\\infty ", "≤": "\\leq ", "≥": "\\geq ", "÷": "/", "≈": "\\approx ",
+                         "≠": "\\neq ", "⩽": "\\leq ", "⩾": "\\geq "})
 COSMETIC = [(re.compile(pattern), replacement) for pattern, replacement in [  # in order
     (r"\\(?:text|textbf|textrm|textit|textnormal|textsf|mathrm|mathbf|mathit|mathcal|mbox|hbox"
      r"|operatorname)\s*\{([^{}]*)\}", r" \1"),  # the space keeps a unit apart: 5\text{cm} -> 5 cm
-    (r"\\(?:left|right|displaystyle|big|Big|bigg|Bigg)(?![a-zA-Z])", ""),
+    (r"\\(?:left|right|middle|displaystyle|textstyle|[Bb]igg?[lr]?)(?![a-zA-Z])", ""),
     (r"(?<!\\)\\[()\[\]]", ""),
     (r"\\!", ""), (r"(?<!\\)\\[,;: ]|\\q?quad|~", " "), (r"\\[dtc]frac", r"\\frac"),
-    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$", ""),
-    (r"\\le(?:q|qslant|slant)?(?![a-zA-Z])", r"\\leq"),
-    (r"\\ge(?:q|qslant|slant)?(?![a-zA-Z])", r"\\geq"),
+    (r"\^\s*\{?\s*\\circ\s*\}?|°|\\%|%|\\\$|\$|€|£", ""),
+    (r"\\le(?:qq?|qslant|slant)?(?![a-zA-Z])|<=", r"\\leq"),
+    (r"\\ge(?:qq?|qslant|slant)?(?![a-zA-Z])|>=", r"\\geq"),
+    (r"\\neq?(?![a-zA-Z])|(?<![\d!)}])!=", r"\\neq"),  # not in 5!=120: a factorial, then =
     (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\in(?![a-zA-Z])", "="),  # "x \in [1,4]" is the label x on [1,4]
     (r"\\approx[^,;]*", ""),  # the exact value before its approximation is the answer
     (r"_(?<=\d_)\{(\d+)\}", r"_\1"),  # 1203_{5} -> 1203_5 (a literal first: fast on long answers)
     (r"\s+", " ")]]
 LIST_CONNECTOR = re.compile(r"\s*(?:;|(?<![a-zA-Z\\])(?:and|or)(?![a-zA-Z]))\s*", re.IGNORECASE)
+VALUE = r"([^\s,;=]+(?: +[^\s,;=]+)*)"  # words a space apart: spaces read one way
+PAIR = rf" *([a-zA-Z][\w{{}}]*) *= *{VALUE} *, *([a-zA-Z][\w{{}}]*) *= *{VALUE} *"  # p=5, q=2
 REPEATING_DECIMAL = re.compile(r"(?<!\d)(\d{0,30})\.(\d{0,30})\\overline\s*\{(\d{1,30})\}")
 TRIG = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)")
 DEGREES = re.compile(r"(\d+(?:\.\d+)?)\s*(?:\^\s*\{?\s*\\circ\s*\}?|°)")
@@ -1615,6 +1626,8 @@ def normalize(answer):
         answer = DEGREES.sub(r"{\1\\pi/180}", answer)
     for pattern, replacement in COSMETIC:
         answer = pattern.sub(replacement, answer)
+    if re.fullmatch(rf"{PAIR}(?:;{PAIR})+", answer):  # p=5, q=2; p=7, q=2: solutions of (p, q)
+        answer = re.sub(rf"(?<![^;]){PAIR}", r"(\1, \3) = (\2, \4)", answer)
     answer = LIST_CONNECTOR.sub(", ", answer).replace(",,", ",")  # 1, 2, and 3
     answer = REPEATING_DECIMAL.sub(repeating_decimal_as_fraction, answer)
     answer = number_word_as_digits(answer.strip().rstrip(". \\"))  # a stray backslash: 5\\ -> 5
@@ -1623,7 +1636,7 @@ def normalize(answer):
     return answer
 
 
-GROUP_MARK = r"(?:\{,\}|,\\!|\\,|\\ )"
+GROUP_MARK = r"(?: ?\{, ?\}|,\\!|\\,|\\ ) ?"  # a space may follow: 11,\! 111  14 {, }916
 DIGIT_GROUP_MARK = re.compile(  # 12{,}345  1\,000, and Indian 2-digit groups: 1,\!00,\!000
     rf"(?<=\d){GROUP_MARK}(?=(?:\d\d{GROUP_MARK})*\d{{3}}(?!\d))")
 THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?!\d)")                      # 12,345
@@ -1640,10 +1653,8 @@ def join_digit_groups(answer):
         counted = char in "()[]" or (char in "{}" and index > 0 and answer[index - 1] == "\\")
         depth += (char in "([{") - (char in ")]}") if counted else 0
         depth_at.append(depth)
-
-    def join_outside_brackets(found):
-        return without_commas(found) if depth_at[found.start()] == 0 else found.group()
-    return THOUSANDS.sub(join_outside_brackets, answer)
+    return THOUSANDS.sub(lambda found: found.group() if depth_at[found.start()] else
+                         without_commas(found), answer)
 
 
 def repeating_decimal_as_fraction(found):
@@ -1662,9 +1673,7 @@ TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 def number_word_as_digits(answer):
     """'twelve' -> '12', 'Forty-two' -> '42'; any other answer unchanged."""
     found = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", answer.lower())
-    if not found:
-        return answer
-    word, units = found.groups()
+    word, units = found.groups() if found else (None, None)
     if units is None and word in NUMBER_WORDS:
         return str(NUMBER_WORDS.index(word))
     if word in TENS_WORDS and (units is None or units in NUMBER_WORDS[1:10]):
@@ -1763,8 +1772,7 @@ def is_unknown(text):
 
 def interval(low, low_relation, high, high_relation):
     """low < x <= high -> '(low, high]'."""
-    brackets = ("(" if low_relation == "<" else "[") + (")" if high_relation == "<" else "]")
-    return f"{brackets[0]}{low}, {high}{brackets[1]}"
+    return "(["[low_relation != "<"] + f"{low}, {high}" + ")]"[high_relation != "<"]
 
 
 def unknown_on_the_left(left, relation, right):
@@ -1774,18 +1782,15 @@ def unknown_on_the_left(left, relation, right):
         return left, relation, right
     if is_unknown(right):
         return right, FLIPPED[relation], left
-    left_value, right_value = parse_math(left), parse_math(right)
-    if left_value is None or right_value is None:
+    sides = parse_math(left), parse_math(right)
+    difference = sides[0] - sides[1] if None not in sides else sympy.Integer(0)
+    if len(difference.free_symbols) != 1:  # unreadable, or not in one unknown
         return None
-    difference = left_value - right_value  # linear in one unknown: slope * x + offset
-    if len(difference.free_symbols) != 1:
-        return None
-    unknown = next(iter(difference.free_symbols))
+    unknown = next(iter(difference.free_symbols))  # linear in it: slope * x + offset
     offset = difference.xreplace({unknown: 0})
     slope = difference.xreplace({unknown: 1}) - offset
-    if not (slope.is_positive or slope.is_negative):
-        return None
-    if not values_equal(difference, slope * unknown + offset):  # not linear after all: x^2 < 4
+    linear = values_equal(difference, slope * unknown + offset)  # x^2 < 4 is not
+    if not (linear and (slope.is_positive or slope.is_negative)):
         return None
     relation = relation if slope.is_positive else FLIPPED[relation]
     return normalize(sympy.latex(unknown)), relation, normalize(sympy.latex(-offset / slope))
@@ -1828,7 +1833,7 @@ def proportional(a, b):
 
 NAME = r"\\?[a-zA-Z]+'*(?:_\{?\w+\}?)?"  # k, AB, x_1, a_{10}, \theta, f'
 FUNCTION = re.compile(r"y|[a-zA-Z]'*(?:_\{?\w+\}?)?\( ?[a-zA-Z](?: ?, ?[a-zA-Z])* ?\)")  # g(t)
-LABEL = re.compile(rf"{NAME}(?:\([^()=]*\))?"            # k  f(x)
+LABEL = re.compile(rf"(?:{NAME}|\|[A-Z]{{2,}}\|)(?:\([^()=]*\))?"  # k  f(x)  |AB| (not |x|)
                    rf"|\({NAME}(?:,{NAME})+\)"           # (p,q)
                    rf"|{NAME}(?::{NAME})+"               # a:b
                    rf"|\\frac\{{{NAME}\}}\{{{NAME}\}}")  # \frac{AB}{CD}
@@ -1978,8 +1983,7 @@ class MathParser:
 
     def accept(self, *tokens):
         """Take the next token if it is one of `tokens` (and return it)."""
-        if self.peek() in tokens:
-            return self.take()
+        return self.take() if self.peek() in tokens else None
 
     def expression(self):
         self.depth += 1
@@ -2092,13 +2096,11 @@ def exact_number(token):
 
 def safe_power(base, exponent):
     """Refuse powers whose value would be astronomically large, e.g. 9^9^9^9 or 10^{10^{10}}."""
-    if exponent.is_Number:
-        if abs(exponent) > 10_000:
-            raise ValueError("exponent too large")
-        if base.is_Number and base != 0:
-            digits = abs(exponent) * abs(math.log10(abs(complex(base))) + 1)
-            if digits > MAX_RESULT_DIGITS:
-                raise ValueError("power too large")
+    size = exponent if exponent.free_symbols else sympy.N(exponent, 15)  # 10^{\sqrt{13}/6} too
+    if size.is_Number:
+        scale = abs(math.log10(abs(complex(base))) + 1) if base.is_Number and base != 0 else 0
+        if abs(size) > 10_000 or abs(size) * scale > MAX_RESULT_DIGITS:  # the value's digits, about
+            raise ValueError("power too large")
     elif exponent.has(sympy.Pow) and base.is_Number:
         raise ValueError("power tower")
     return sympy.Pow(base, exponent)
@@ -2116,11 +2118,8 @@ def values_equal(pred, gold, points=3):
     if not gold.free_symbols:
         return numbers_equal(pred, gold)
     symbols = sorted(gold.free_symbols, key=str)
-    for shift in range(points):
-        point = sample_point(symbols, shift)
-        if not numbers_equal(pred.xreplace(point), gold.xreplace(point)):
-            return False
-    return True
+    samples = [sample_point(symbols, shift) for shift in range(points)]
+    return all(numbers_equal(pred.xreplace(point), gold.xreplace(point)) for point in samples)
 
 
 def sample_point(symbols, shift):
