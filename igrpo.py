@@ -46,103 +46,83 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------
 # Settings: the paper's where it states them, ours where it is silent; one flag each (--kebab-case)
 # ----------------------------------------------------------------------------------------------
-def setting(default, help, choices=(), rule="", resumable=False):
-    """A Config field: its default, one line of help, and what check_config holds it to: one of
-    `choices`, or a `rule` ('>= 1', '> 0', 'in (0, 1]'). A resumable one may change on --resume."""
-    return field(default=default, metadata=dict(help=help, choices=choices, rule=rule,
-                                                resumable=resumable))
+def setting(default, help, rule="", resumable=False):
+    """A Config field: its default, one line of help, and the rule check_config holds it to: a
+    bound ('>= 1', '> 0', 'in (0, 1]') or the choices ('on | off'). Resumable: may change on
+    --resume."""
+    return field(default=default, metadata=dict(help=help, rule=rule, resumable=resumable))
 
 
 @dataclass
 class Config:
     # what to train
-    model: str = setting("", "Hugging Face causal LM (hub name, local folder, .gguf file or a "
-                             "run folder's final/) to train")
-    dataset: str = setting("", "hub dataset name or local .jsonl/.json/.parquet file of problems")
+    model: str = setting("", "causal LM to train: hub name, folder, .gguf file, or a run's final/")
+    dataset: str = setting("", "problems: a hub dataset, or a local .jsonl, .json or .parquet file")
     dataset_config: str = setting("", "hub dataset config, e.g. 'main' for openai/gsm8k")
     split: str = setting("train", "dataset split to train on")
     problem_key: str = setting("", "problem column (default: problem/question/prompt/query)")
     answer_key: str = setting("", "gold answer or solution column (default: answer/solution/...)")
     eval_dataset: str = setting("", "held-out problems, scored before and after (file or hub)")
     eval_split: str = setting("test", "split of a hub --eval-dataset")
-    eval_limit: int = setting(200, "score at most this many held-out problems", rule=">= 1")
-    eval_every: int = setting(0, "also score the held-out set every N steps (0: never)",
-                              rule=">= 0")
-    eval_samples: int = setting(1, "samples per held-out problem (accuracy: the paper's avg@k)",
-                                rule=">= 1")
+    eval_limit: int = setting(200, "score at most this many held-out problems", ">= 1")
+    eval_every: int = setting(0, "also score the held-out set every N steps (0: never)", ">= 0")
+    eval_samples: int = setting(1, "samples per held-out problem (the paper's avg@k)", ">= 1")
     # the method
-    algo: str = setting("igrpo", "igrpo (drafts, then refinements) or grpo (the baseline)",
-                        choices=("igrpo", "grpo"))
-    loss: str = setting("grpo", "how the loss clips and averages",
-                        choices=("grpo", "dr_grpo", "dapo", "gspo"))
-    group_size: int = setting(8, "sequences generated per problem per step, both stages together",
-                              rule=">= 2")
+    algo: str = setting("igrpo", "drafts, then refinements; or the baseline", "igrpo | grpo")
+    loss: str = setting("grpo", "how the loss clips and averages", "grpo | dr_grpo | dapo | gspo")
+    group_size: int = setting(8, "sequences generated per problem per step, both stages", ">= 2")
     num_drafts: int = setting(4, "iGRPO Stage-1 drafts per problem; the rest are refinements")
-    prompts_per_step: int = setting(8, "problems per update step", rule=">= 1")
-    steps: int = setting(100, "update steps", rule=">= 1")
-    lr: float = setting(1e-6, "peak learning rate", rule="> 0")
-    warmup_ratio: float = setting(0.1, "fraction of steps spent in linear warm-up", rule="in [0, 1)")
-    min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a fraction of the peak",
-                                  rule="in [0, 1]")
-    weight_decay: float = setting(0.0, "AdamW weight decay", rule=">= 0")
-    max_grad_norm: float = setting(1.0, "gradient clipping norm", rule="> 0")
-    clip_eps_low: float = setting(0.0, "ratio clip below 1 (0: the loss's default, 0.2; gspo 3e-4)",
-                                  rule=">= 0")
-    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's default; dapo 0.28)",
-                                   rule=">= 0")
-    beta: float = setting(0.0, "weight of the k3 KL penalty to the frozen reference (paper: 0)",
-                          rule=">= 0")
-    ppo_epochs: int = setting(1, "updates per sampled batch (1: no old-logprob pass is needed)",
-                              rule=">= 1")
-    reward: str = setting("rule", "rule (answer checker) | judge (an LM) | rule+judge (their mean)",
-                          choices=("rule", "judge", "rule+judge"))
+    prompts_per_step: int = setting(8, "problems per update step", ">= 1")
+    steps: int = setting(100, "update steps", ">= 1")
+    lr: float = setting(1e-6, "peak learning rate", "> 0")
+    warmup_ratio: float = setting(0.1, "fraction of steps spent in linear warm-up", "in [0, 1)")
+    min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, a fraction of the peak",
+                                  "in [0, 1]")
+    weight_decay: float = setting(0.0, "AdamW weight decay", ">= 0")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", "> 0")
+    clip_eps_low: float = setting(0.0, "ratio clip below 1 (0: the loss's; 0.2, gspo 3e-4)", ">= 0")
+    clip_eps_high: float = setting(0.0, "ratio clip above 1 (0: the loss's; dapo 0.28)", ">= 0")
+    beta: float = setting(0.0, "weight of the k3 KL penalty to the frozen reference", ">= 0")
+    ppo_epochs: int = setting(1, "updates per sampled batch (1: no pass for pi_old)", ">= 1")
+    reward: str = setting("rule", "the answer checker, an LM judge, or their mean",
+                          "rule | judge | rule+judge")
     judge_model: str = setting("", "judge LM (hub name or folder) for --reward judge")
     judge_url: str = setting("", "OpenAI-compatible endpoint (vLLM, SGLang) serving the judge")
     format_weight: float = setting(0.0, "weight of the format reward (the paper's appendix: 1)")
-    overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens",
-                                   rule=">= 0")
-    # sampling
-    temperature: float = setting(0.7, "sampling temperature during training",
-                                 rule="> 0")  # log-probs are of softmax(logits / T)
-    top_p: float = setting(1.0, "nucleus sampling in training (log-probs ignore its cut)",
-                           rule="in (0, 1]")
-    max_prompt_tokens: int = setting(1024, "longer problems are skipped", rule=">= 1")
-    max_completion_tokens: int = setting(4096, "generation budget per completion", rule=">= 1")
-    max_draft_tokens: int = setting(2048, "a longer best draft loses its beginning", rule=">= 1")
-    eval_temperature: float = setting(0.6, "temperature for held-out scoring (and eval.py)",
-                                      rule=">= 0")
-    eval_top_p: float = setting(0.95, "nucleus sampling for held-out scoring (and eval.py)",
-                                rule="in (0, 1]")
-    chat_template: str = setting("auto", "the tokenizer's chat template: auto (if it has one), on "
-                                         "or off", choices=("auto", "on", "off"))
+    overlong_buffer: int = setting(0, "DAPO's soft penalty over the budget's last N tokens", ">= 0")
+    # sampling (log-probs are of softmax(logits / T), without top-p's cut)
+    temperature: float = setting(0.7, "sampling temperature in training", "> 0")
+    top_p: float = setting(1.0, "nucleus sampling in training", "in (0, 1]")
+    max_prompt_tokens: int = setting(1024, "longer problems are skipped", ">= 1")
+    max_completion_tokens: int = setting(4096, "generation budget per completion", ">= 1")
+    max_draft_tokens: int = setting(2048, "a longer best draft loses its beginning", ">= 1")
+    eval_temperature: float = setting(0.6, "temperature of held-out scoring (and eval.py)", ">= 0")
+    eval_top_p: float = setting(0.95, "top-p of held-out scoring (and eval.py)", "in (0, 1]")
+    chat_template: str = setting("auto", "the tokenizer's (auto: if it has one)", "auto | on | off")
     # engineering
-    micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory",
-                                    rule=">= 1", resumable=True)
-    generation_batch_size: int = setting(256, "sequences per generate call", rule=">= 1",
-                                         resumable=True)
-    gradient_checkpointing: bool = setting(True, "recompute activations in backward to save "
-                                                 "memory", resumable=True)
-    dtype: str = setting("auto", "auto (GPU: bf16, CPU: fp32) | bf16 | fp32 (master weights: fp32)",
-                         choices=("auto", "bf16", "fp32"))
+    micro_batch_size: int = setting(8, "sequences per forward/backward; sets peak memory", ">= 1",
+                                    resumable=True)
+    generation_batch_size: int = setting(256, "sequences per generate call", ">= 1", resumable=True)
+    gradient_checkpointing: bool = setting(True, "recompute activations in backward: less memory",
+                                           resumable=True)
+    dtype: str = setting("auto", "bf16 on a GPU, fp32 on a CPU (master weights: fp32)",
+                         "auto | bf16 | fp32")
     trust_remote_code: bool = setting(False, "allow model/tokenizer code from the hub")
     seed: int = setting(0, "random seed")
     output_dir: str = setting("runs/igrpo", "metrics.jsonl, args.json and checkpoints go here",
                               resumable=True)  # a run folder moved elsewhere resumes there
-    save_every: int = setting(0, "also save a checkpoint every N steps (0: only the final model; "
-                                 "Ctrl-C saves one too)", rule=">= 0", resumable=True)
-    keep_checkpoints: int = setting(2, "keep only the newest N step-N checkpoints (0: keep all)",
-                                    rule=">= 0", resumable=True)
-    resume: bool = setting(False, "continue the run in --output-dir from its newest checkpoint",
-                           resumable=True)
-    overwrite: bool = setting(False, "delete the run in --output-dir and start afresh",
+    save_every: int = setting(0, "also save a checkpoint every N steps (and on Ctrl-C)", ">= 0",
                               resumable=True)
-    log_completions_every: int = setting(10, "write a few problems' completions of every Nth "
-                                             "step to completions.jsonl (0: never)", rule=">= 0",
-                                         resumable=True)
-    track: str = setting("none", "also send the metrics and completions to this tracker "
-                                 "(track.py)", choices=("none", "tensorboard", "wandb", "trackio"),
-                         resumable=True)
-    run_name: str = setting("", "the run's name in the tracker (default: --output-dir's name)",
+    keep_checkpoints: int = setting(2, "keep the newest N step-N checkpoints (0: all)", ">= 0",
+                                    resumable=True)
+    resume: bool = setting(False, "go on from the newest checkpoint in --output-dir",
+                           resumable=True)
+    overwrite: bool = setting(False, "delete the run in --output-dir, start afresh", resumable=True)
+    log_completions_every: int = setting(10, "every Nth step, write some completions to "
+                                             "completions.jsonl (0: never)", ">= 0", resumable=True)
+    track: str = setting("none", "also send metrics and completions there (track.py)",
+                         "none | tensorboard | wandb | trackio", resumable=True)
+    run_name: str = setting("", "the run's name in the tracker (default: --output-dir's)",
                             resumable=True)
 
 
@@ -488,6 +468,32 @@ def master_weights_and_optimizer(model, cfg):
     return master, torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def save_optimizer(policy, folder):
+    """optimizer.pt: what resumes the update exactly, beyond the model's weights: AdamW's moments,
+    and the fp32 master copies of bf16 weights (which the saved bf16 model rounds)."""
+    torch.save(dict(optimizer=policy.optimizer.state_dict(),
+                    master=[m for m in policy.master if not m.requires_grad]),
+               folder / "optimizer.pt")
+
+
+def load_optimizer(policy, folder, processes):
+    """optimizer.pt back into the optimizer and master weights; processes: how many wrote it."""
+    path = folder / "optimizer.pt"
+    if not path.is_file():
+        fail(f"--resume: {folder} was written by {processes} processes under torchrun (scale.py, "
+             "its optimizer sharded in optimizer/); this run is 1 process: resume it with "
+             f"torchrun --nproc-per-node {processes} scale.py")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    masters = [m for m in policy.master if not m.requires_grad]
+    if len(state["master"]) != len(masters):
+        fail(f"--resume: {path} holds {len(state['master'])} fp32 master weights, the model has "
+             f"{len(masters)} (another --dtype?)")
+    policy.optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():
+        for m, saved in zip(masters, state["master"]):
+            m.copy_(saved)
+
+
 class Policy(NamedTuple):
     """What a step trains and reads: the model and its tokenizer, AdamW over its fp32 master
     weights, and the frozen reference model the KL penalty holds it near (None at --beta 0)."""
@@ -602,8 +608,11 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
     """per_prompt completions for each prompt, grouped: rows i*per_prompt .. (i+1)*per_prompt-1.
     Temperature, top-p and the token budget default to training's; held-out scoring and the judge
     pass their own. progress: a label for a progress bar, shown once sampling takes over 2 s (None:
-    no bar). generate_options: more GenerationConfig fields (scale.py's static cache)."""
+    no bar). generate_options: more arguments of generate (scale.py's static cache)."""
     from transformers import GenerationConfig
+    if not prompts:  # a process whose share of the problems is empty: nothing to sample
+        empty = torch.zeros(0, 0, dtype=torch.long, device=model.device)
+        return Sequences(empty, empty, 0, empty.bool(), [])
     temperature = cfg.temperature if temperature is None else temperature
     top_p = cfg.top_p if top_p is None else top_p
     max_new_tokens, context = max_new_tokens or cfg.max_completion_tokens, max_positions(model)
@@ -611,7 +620,7 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
     sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if temperature else {}
     generation = GenerationConfig(do_sample=temperature > 0, **sampling, eos_token_id=stop,
                                   pad_token_id=tokenizer.pad_token_id,
-                                  num_return_sequences=per_prompt, **generate_options)
+                                  num_return_sequences=per_prompt)
     # generate() fills every field left unset from model.generation_config, so a checkpoint's own
     # defaults (sequence_bias, suppress_tokens, min_new_tokens, a top_k, ...) would sample from a
     # distribution our log-probs do not describe: during the call it holds transformers' plain ones
@@ -630,7 +639,7 @@ def sample(model, tokenizer, prompts, cfg, *, per_prompt, temperature=None, top_
                      "positions: lower --max-prompt-tokens or --max-draft-tokens")
             generation.max_new_tokens = min(max_new_tokens, context - longest if context else
                                             max_new_tokens)
-            output = model.generate(**encoded, generation_config=generation)
+            output = model.generate(**encoded, generation_config=generation, **generate_options)
             outputs.append((output, encoded.attention_mask.repeat_interleave(per_prompt, 0)))
             bar.update(len(output))
     finally:
@@ -690,9 +699,8 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     entropy = None
     if with_entropy:  # a metric, without gradient: -sum p log p, in one temporary (b, T, V)
         with torch.no_grad():
-            probabilities = all_logp.exp()
-            minus_p_log_p = torch.special.entr(probabilities, out=probabilities)  # p = 0 gives 0
-            entropy = minus_p_log_p.sum(-1).masked_fill(~completion_mask, 0.0)
+            p_log_p = all_logp.exp().mul_(all_logp)  # NaN where p = 0 and log p = -inf: it adds 0
+            entropy = -p_log_p.nansum(-1).masked_fill(~completion_mask, 0.0)
     return logp.masked_fill(~completion_mask, 0.0), entropy
 
 
@@ -789,6 +797,11 @@ def policy_update(policy, sequences, advantages, trained, cfg, parts):
                            parts.world)
     micro_batches = [(rows[i:i + cfg.micro_batch_size], weights[i:i + cfg.micro_batch_size])
                      for i in range(0, len(rows), cfg.micro_batch_size)]
+    real = len(micro_batches)
+    # every process runs as many (a sharded model's passes are collective): the extra ones, on
+    # sequence 0, weigh 0 and count in no metric (DAPO: a process whose groups all agree has none)
+    micro_batches += [(rows.new_zeros(1), weights.new_zeros(1, weights.shape[1]))] * (
+        max(parts.world.gather(real)) - real)
     # With one epoch the sampler *is* the policy being updated: pi_old = logp.detach(), no pass.
     old = no_grad_logprobs(model, sequences, micro_batches, cfg, parts) \
         if cfg.ppo_epochs > 1 else None
@@ -810,6 +823,8 @@ def policy_update(policy, sequences, advantages, trained, cfg, parts):
                                             completion_mask, micro_weights[:, :logp.shape[1]],
                                             cfg, reference[k] if reference else None)
             loss.backward()  # into the fp32 master gradients (move_gradient)
+            if k >= real:
+                continue
             sums["loss"] += loss.detach() / cfg.ppo_epochs
             sums["clipped"] += clipped
             sums["kl"] += kl
@@ -907,6 +922,8 @@ class Parts:
     token_logprobs: Callable = token_logprobs  # memory-lean: no (tokens x vocabulary) tensor
     optimizer_step: Callable = optimizer_step  # skip a non-finite update; torchrun: sum gradients
     save_model: Callable = lambda model, folder: model.save_pretrained(folder)  # LoRA: its adapter
+    save_optimizer: Callable = save_optimizer  # FSDP2: each process its shard of the state
+    load_optimizer: Callable = load_optimizer
     # --reward judge: (problems, golds, completions) -> a score in [0, 1] or None for each; by
     # default judge.py's, from --judge-model or --judge-url
     judge: Callable = None
@@ -928,7 +945,7 @@ def train(cfg, parts=Parts()):
         resume_from = resume_point(cfg)  # only reads: nothing changes before all has loaded
         problems, held_out, policy, parts = set_up(cfg, parts, resume_from)
         if resume_from:
-            start, order = load_checkpoint(resume_from, policy, cfg, world)
+            start, order = load_checkpoint(resume_from, policy, cfg, parts)
         else:
             start, order = start_run(cfg, world)
         with (open(out / "metrics.jsonl", "a") if world.rank == 0 else
@@ -1077,13 +1094,13 @@ def held_out_accuracy(model, tokenizer, problems, cfg, parts=Parts(), label="hel
     """Single-pass accuracy from q alone (no drafts at test time), eval_samples samples each; each
     process scores its share."""
     world = parts.world
-    share = problems[world.rank::world.size]  # none when there are more processes than problems
+    share = problems[world.rank::world.size]  # may be empty: the process samples nothing
     prompts = [build_prompt(tokenizer, p["problem"], cfg) for p in share]
     cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # scoring never changes what training samples next
         texts = parts.sample(model, tokenizer, prompts, cfg, per_prompt=cfg.eval_samples,
                              progress=label, temperature=cfg.eval_temperature,
-                             top_p=cfg.eval_top_p).texts if share else []
+                             top_p=cfg.eval_top_p).texts
     correct = sum(map(math_reward, texts, repeat([p["answer"] for p in share], cfg.eval_samples)))
     return world.sum(correct)[0] / (len(problems) * cfg.eval_samples)
 
@@ -1261,7 +1278,10 @@ def save(folder, policy, parts, trainer_state=None):
     try:
         if writer:
             shutil.rmtree(temporary, ignore_errors=True)
+        parts.world.gather(None)  # every process writes into the new temporary folder
         parts.save_model(policy.model, temporary)  # on every process: a sharded model gathers
+        if trainer_state is not None:
+            parts.save_optimizer(policy, temporary)
         if writer:
             policy.tokenizer.save_pretrained(temporary)
             if trainer_state is not None:
@@ -1280,8 +1300,7 @@ def save(folder, policy, parts, trainer_state=None):
     parts.world.gather(None)  # no process goes on, or stops, before the folder is complete
 
 
-TRAINER_STATE = ("step", "order", "optimizer", "rng", "metrics_bytes", "completions_bytes",
-                 "master")
+TRAINER_STATE = ("step", "order", "rng", "metrics_bytes", "completions_bytes")
 
 
 def save_checkpoint(out, step, policy, order, metrics, cfg, parts):
@@ -1289,12 +1308,9 @@ def save_checkpoint(out, step, policy, order, metrics, cfg, parts):
     an exact resume needs. Only the newest --keep-checkpoints stay."""
     completions = out / "completions.jsonl"
     rng = parts.world.gather(random_states())  # each process's, by rank
-    state = parts.world.rank == 0 and dict(
-        step=step, order=order, optimizer=policy.optimizer.state_dict(), rng=rng,
-        metrics_bytes=metrics.tell(),
-        completions_bytes=completions.stat().st_size if completions.is_file() else 0,
-        master=[m for m in policy.master if not m.requires_grad])  # the fp32 copies of bf16
-    save(out / f"step-{step}", policy, parts, state or None)
+    state = dict(step=step, order=order, rng=rng, metrics_bytes=metrics and metrics.tell(),
+                 completions_bytes=completions.stat().st_size if completions.is_file() else 0)
+    save(out / f"step-{step}", policy, parts, state)
     if parts.world.rank == 0:
         for old in checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -1313,25 +1329,22 @@ def random_states():
     return dict(python=random.getstate(), torch=torch.get_rng_state(), cuda=cuda)
 
 
-def load_checkpoint(folder, policy, cfg, world):
+def load_checkpoint(folder, policy, cfg, parts):
     """(first step, data order) of a resumed run: what save_checkpoint wrote restored (the weights
     loaded with the model), metrics.jsonl cut back to it, so each step is logged once. The state is
     checked whole before any file changes. final/ holds no trainer state: its run has only held-out
     scoring left."""
     if folder.name == "final":
         return cfg.steps, []
-    state = read_trainer_state(folder, policy)
+    world, state = parts.world, read_trainer_state(folder)
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
     if not metrics.is_file() or metrics.stat().st_size < state["metrics_bytes"]:
         fail(f"--resume: {metrics} is missing or shorter than when {folder} was saved")
+    parts.load_optimizer(policy, folder, len(state["rng"]))  # checked: before any file changes
     if world.rank == 0:
         os.truncate(metrics, state["metrics_bytes"])
         if metrics.with_name("completions.jsonl").is_file():
             os.truncate(metrics.with_name("completions.jsonl"), state["completions_bytes"])
-    policy.optimizer.load_state_dict(state["optimizer"])
-    with torch.no_grad():
-        for m, saved in zip([m for m in policy.master if not m.requires_grad], state["master"]):
-            m.copy_(saved)
     rng = state["rng"]
     random.setstate(rng[0]["python"])  # the problem order: the same on every process
     if len(rng) == world.size:
@@ -1344,7 +1357,7 @@ def load_checkpoint(folder, policy, cfg, world):
     return state["step"], state["order"]
 
 
-def read_trainer_state(folder, policy):
+def read_trainer_state(folder):
     """trainer_state.pt, with every part the resume reads; one line names what is damaged or
     missing."""
     path = folder / "trainer_state.pt"
@@ -1358,9 +1371,6 @@ def read_trainer_state(folder, policy):
     if not missing and not (isinstance(rng, list) and rng and all(
             isinstance(r, dict) and {"python", "torch", "cuda"} <= set(r) for r in rng)):
         missing = ["rng (each process's python, torch and cuda states)"]
-    masters = [m for m in policy.master if not m.requires_grad]
-    if not missing and len(state["master"]) != len(masters):
-        missing = [f"master ({len(state['master'])} fp32 weights, the model has {len(masters)})"]
     if missing:
         fail(f"--resume: {path} was written by another version of igrpo.py (it lacks "
              f"{', '.join(missing)}): resume with that version, or --overwrite")
@@ -1374,12 +1384,12 @@ def check_config(cfg, judge=None):
     """Each setting against its declared rule, then the rules between settings; a bad one stops the
     run with one line. judge: a judge function of one's own stands for --judge-model or -url."""
     for f in dataclasses.fields(cfg):
-        value, choices, rule = getattr(cfg, f.name), f.metadata["choices"], f.metadata["rule"]
-        if choices and value not in choices:
-            fail(f"{flag(f.name)} {value!r}: choose one of {', '.join(choices)}")
+        value, rule = getattr(cfg, f.name), f.metadata["rule"]
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"{flag(f.name)} {value}: must be a finite number")
-        if rule and not obeys(value, rule):
+        if rule and " | " in rule and value not in rule.split(" | "):
+            fail(f"{flag(f.name)} {value!r}: choose one of {rule.replace(' | ', ', ')}")
+        if rule and " | " not in rule and not obeys(value, rule):
             fail(f"{flag(f.name)} {value}: must be {rule}")
     if cfg.algo == "igrpo" and not 1 <= cfg.num_drafts < cfg.group_size - 1:
         fail(f"--num-drafts {cfg.num_drafts} with --group-size {cfg.group_size}: iGRPO needs at "
@@ -1390,14 +1400,14 @@ def check_config(cfg, judge=None):
         fail(f"--dataset {cfg.dataset} needs --model (`python toy.py` trains the toy world)")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite: choose one (continue the run, or replace it)")
-    if cfg.reward != "rule" and not judge:
+    if cfg.reward != "rule":
         companion("judge", f"--reward {cfg.reward}")
     if cfg.track != "none":  # a missing package fails now, not after the model loads
         companion("track", f"--track {cfg.track}").require(cfg.track)
 
 
 def obeys(value, rule):
-    """Whether value keeps a rule: '>= 1', '> 0', 'in [0, 1)', 'in (0, 1]'."""
+    """Whether value keeps a bound: '>= 1', '> 0', 'in [0, 1)', 'in (0, 1]'."""
     if rule.startswith("in "):
         low, high = (float(bound) for bound in rule[4:-1].split(","))
         return (low <= value if rule[3] == "[" else low < value) and \
@@ -1421,9 +1431,9 @@ def config_parser(config_class=Config, **options):
 
 def add_flag(parser, setting, name=None):
     """A Config field as a flag (--name, default: --field-name), with its default and help."""
-    help = setting.metadata["help"].replace("%", "%%")
-    if setting.default not in ("", None) and "default" not in help:
-        help += " (default: %(default)s)"
+    help, rule = setting.metadata["help"].replace("%", "%%"), setting.metadata["rule"]
+    if rule or (setting.default not in ("", None) and "default" not in help):
+        help += f" ({rule + '; ' if rule else ''}default: %(default)s)"
     kind = dict(type=type(setting.default))
     if isinstance(setting.default, bool):  # --flag / --no-flag
         kind = dict(action=argparse.BooleanOptionalAction)

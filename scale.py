@@ -39,12 +39,12 @@ from igrpo import fail, setting
 
 @dataclass
 class ScaleConfig(igrpo.Config):
-    compile_generation: str = setting("auto", "auto (CUDA: on) | on | off: a static KV cache, so "
-                                              "generate compiles its decoding step (CUDA)",
-                                      choices=("auto", "on", "off"), resumable=True)
+    compile_generation: str = setting("auto", "a static KV cache, so generate compiles its "
+                                              "decoding step (auto: on with CUDA)",
+                                      "auto | on | off", resumable=True)
     lora_rank: int = setting(0, "LoRA adapters of this rank on a frozen base (0: all weights)",
-                             rule=">= 0")
-    lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x")
+                             ">= 0")
+    lora_alpha: float = setting(32.0, "LoRA scale: adapters add (alpha / rank) * B A x", "> 0")
     lora_targets: str = setting("all-linear", "modules with adapters (or e.g. q_proj,v_proj)")
     save_merged: bool = setting(False, "with --lora-rank: also save the merged model")
 
@@ -403,9 +403,11 @@ class AdaptersOff(torch.nn.Module):
         super().__init__()
         self.policy = [policy]  # in a list: not a submodule, so its weights are not counted twice
 
-    def forward(self, **inputs):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
         with adapters_disabled(self.policy[0]):
-            return self.policy[0](**inputs)
+            return self.policy[0](input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep)
 
 
 @contextlib.contextmanager
@@ -422,10 +424,16 @@ def adapters_disabled(policy):
 
 
 def lora_policy(cfg, resume_from, device, dtype):
-    """igrpo.load_policy with adapters: (policy, tokenizer, its adapters-off self or None)."""
-    model, tokenizer, _ = lean_policy(dataclasses.replace(cfg, beta=0.0), resume_from, device,
-                                      dtype)
+    """igrpo.load_policy with adapters: (policy, tokenizer, its adapters-off self or None). A
+    resumed run's adapters are those its checkpoint saved, on the same base."""
+    model, tokenizer, _ = lean_policy(dataclasses.replace(cfg, beta=0.0), None, device, dtype)
     model = apply_lora(model, cfg)
+    if resume_from is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        saved = load_file(Path(resume_from) / "adapter_model.safetensors", device=str(device))
+        set_peft_model_state_dict(model, {name.removeprefix("base_model.model."): tensor
+                                          for name, tensor in saved.items()})
     return model, tokenizer, AdaptersOff(model) if cfg.beta > 0 else None
 
 
@@ -443,13 +451,14 @@ class AdapterOnly:
     def __init__(self, model):
         self.model = model
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, state_dict=None):  # state_dict: a sharded model's, gathered
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        adapter = get_peft_model_state_dict(self.model, state_dict=state_dict)
         weights = {f"base_model.model.{name}": tensor.detach().contiguous().cpu()  # peft's prefix
-                   for name, tensor in get_peft_model_state_dict(self.model).items()}
+                   for name, tensor in adapter.items()}
         save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         self.model.peft_config["default"].save_pretrained(folder)
 
@@ -476,31 +485,31 @@ def save_merged(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# torchrun: rank k of n samples and scores problems k, k+n, ... of the step (a group lives on one
-# rank, so advantages need no communication); igrpo.py shares the problems and sums the loss's
-# normalizers and the metrics over igrpo.World, which this section supplies. Every normalizer
-# counts the whole step, so each rank's loss is its share of the one-process loss, and the step's
-# gradient is their sum:
+# Many GPUs and nodes: torchrun, with PyTorch's FSDP2. Each process (rank) holds 1/N of every
+# parameter, of its gradient and of AdamW's state, in fp32: the shards are the master weights, and
+# bf16 is only what a layer computes in once FSDP2 has gathered it. Rank k samples and scores
+# problems k, k+N, ... of the step (a group lives on one rank: advantages need no communication).
+# Every normalizer of the loss counts the whole step (igrpo.World sums them), so each rank's loss
+# is its share of the one-process loss, and the gradient FSDP2 sums (reduce-scatter, in fp32) is
+# the one-process gradient:
 #   grad L = sum_k grad L_k,   L_k = sum over rank k's tokens of w_jt * loss_jt
-# Data parallelism by hand: one all-reduce of the fp32 master gradients per optimizer step. (The
-# DistributedDataParallel of PyTorch would reduce bf16 model gradients at each micro-batch.)
 # ----------------------------------------------------------------------------------------------
 def setup_distributed(cfg=None):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (once); ranks other than 0 print
-    nothing. Returns the igrpo.World of this process (one process: the plain one)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+    """Under torchrun: join the process group (once) and return this process's igrpo.World; ranks
+    other than 0 print nothing. Without torchrun: None."""
+    if "LOCAL_RANK" not in os.environ:  # torchrun sets it
+        return None
+    if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(torch.distributed.destroy_process_group)
-        if process_rank() != 0:
-            sys.stdout = open(os.devnull, "w")
-            os.environ["TQDM_DISABLE"] = "1"  # and no progress bars
+    if process_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"  # and no progress bars
     if cfg and cfg.prompts_per_step % process_count():
         fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
              f"{process_count()} ranks: make it a multiple of {process_count()}")
-    if process_count() == 1:
-        return igrpo.World()
     return igrpo.World(process_rank(), process_count(), sum=summed_over_ranks, gather=every_ranks)
 
 
@@ -529,20 +538,109 @@ def every_ranks(own):
     return ranks
 
 
-def reduced(optimizer_step):
-    """An optimizer step that first sums every rank's gradient (a rank without completions to
-    train on still takes part, with zeros)."""
-    def step(policy, cfg):
-        master = policy.master
-        if not summed_over_ranks(any(m.grad is not None for m in master))[0]:
-            return torch.zeros(())  # no rank has a gradient (DAPO: every group agreed): no step
-        for m in master:
-            if m.grad is None:
-                m.grad = torch.zeros_like(m)
-        for work in [torch.distributed.all_reduce(m.grad, async_op=True) for m in master]:
-            work.wait()
-        return optimizer_step(policy, cfg)
-    return step
+def sharded_policy(cfg, resume_from, device, dtype):
+    """igrpo.load_policy's policy (and reference), or LoRA's, read in fp32 on the CPU, then each
+    decoder layer and the root sharded over the ranks onto the device."""
+    load = lora_policy if cfg.lora_rank else lean_policy
+    model, tokenizer, reference = load(cfg, resume_from, "cpu", torch.float32)
+    for shardable in [model] + ([reference] if isinstance(reference, torch.nn.Module) and
+                                not isinstance(reference, AdaptersOff) else []):
+        shard(shardable, dtype, device)
+    return model, tokenizer, reference
+
+
+def shard(model, dtype, device):
+    """FSDP2 on each decoder layer (the model's own _no_split_modules), then on the root (the
+    embeddings, final norm and output layer): compute in dtype, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    precision = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in layers] + [model]:
+        fully_shard(module, mp_policy=precision)  # moves each shard to this rank's device
+        module.set_gradient_divide_factor(1.0)  # a sum, not FSDP2's mean: each loss is a share
+        module.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-scaled one)
+    for module in model.modules():  # buffers (rotary frequencies) are not sharded: moved whole
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+    return model
+
+
+def sharded_optimizer(model, cfg):
+    """(master weights, AdamW): the trainable fp32 shards themselves, no copies. Rank 0 says what
+    each rank holds."""
+    master = [p for p in model.parameters() if p.requires_grad]
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.to_local().numel() for p in master)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"torchrun: {process_count()} ranks, FSDP2; parameters, gradients and AdamW state per "
+          f"rank: {(local + 12 * trained) / 2**20:.0f} MB (one process would hold "
+          f"{(whole + 12 * trained * process_count()) / 2**20:.0f} MB)")
+    return master, torch.optim.AdamW(master, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def gathered_once(sample):
+    """sample on a sharded model: its weights gathered once for the call (not at each token), so
+    ranks whose completions stop at different lengths never wait on each other; rank 0 alone shows
+    progress."""
+    def sample_whole(model, tokenizer, prompts, cfg, **options):
+        from torch.distributed.fsdp import FSDPModule
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False)
+        try:
+            options.update(progress=options.get("progress") if process_rank() == 0 else None)
+            return sample(model, tokenizer, prompts, cfg, synced_gpus=False, **options)
+        finally:
+            for module in sharded:
+                module.reshard()
+                module.set_reshard_after_forward(True)
+    return sample_whole
+
+
+def save_gathered(model, folder):
+    """The sharded model gathered on rank 0, in its CPU memory, and saved there as an ordinary
+    Hugging Face folder (fp32: the master weights); LoRA: its adapter alone."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    unique = dict(model.named_parameters())
+    for name, _ in model.named_parameters(remove_duplicate=False):  # a tied output layer: once
+        if name not in unique:
+            whole.pop(name, None)
+    if process_rank() == 0:
+        if is_lora(model):
+            AdapterOnly(model).save_pretrained(folder, whole)
+        else:
+            model.save_pretrained(folder, state_dict=whole)
+
+
+def save_optimizer_shards(policy, folder):
+    """optimizer/: AdamW's state, each rank writing its shard (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as checkpoint
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(policy.model, policy.optimizer)
+    checkpoint.save(state, checkpoint_id=folder / "optimizer")
+
+
+def load_optimizer_shards(policy, folder, processes):
+    """AdamW's state from optimizer/, resharded over this run's ranks (their number may differ
+    from the processes that wrote it)."""
+    import torch.distributed.checkpoint as checkpoint
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    if not (folder / "optimizer").is_dir():
+        fail(f"--resume: {folder} was written by {processes} process without torchrun (its "
+             f"optimizer in optimizer.pt); this run has {process_count()} ranks: resume it "
+             "without torchrun")
+    state = get_optimizer_state_dict(policy.model, policy.optimizer)  # the layout to fill
+    checkpoint.load(state, checkpoint_id=folder / "optimizer")
+    set_optimizer_state_dict(policy.model, policy.optimizer, state)
+
+
+def whole_norm(norm):
+    """A gradient norm as one number on every rank (FSDP2's is a DTensor of the shards')."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,10 +655,10 @@ def skipping_non_finite(optimizer_step, run):
     """An optimizer step that skips an update whose gradient norm is NaN or infinite (a NaN loss
     makes one): it would poison the weights and Adam's moments. Counts them in run.skipped."""
     def step(policy, cfg):
-        norm = torch.nn.utils.get_total_norm([m.grad for m in policy.master
-                                              if m.grad is not None])
-        if torch.isfinite(norm):
-            return optimizer_step(policy, cfg)
+        norm = whole_norm(torch.nn.utils.get_total_norm([m.grad for m in policy.master
+                                                         if m.grad is not None]))
+        if torch.isfinite(norm):  # the whole step's norm: every rank decides alike
+            return whole_norm(optimizer_step(policy, cfg))
         policy.optimizer.zero_grad(set_to_none=True)
         run.skipped += 1
         return norm
@@ -629,32 +727,30 @@ def lean_policy(cfg, resume_from, device, dtype):
     return igrpo.load_policy(cfg, resume_from, device, dtype, load=lean_load_model)
 
 
-def scale_parts(cfg, world=igrpo.World()):
-    """igrpo.Parts with scale.py's engineering: lean log-probs, master-weight tags, the long-run
-    watch and the non-finite skip always; compiled sampling, LoRA and torchrun as cfg and the
-    launcher ask."""
+def scale_parts(cfg, world=None):
+    """igrpo.Parts with scale.py's engineering: the long-run watch and the non-finite skip always;
+    under torchrun (world) FSDP2, else lean log-probs with master-weight tags, and compiled sampling
+    and LoRA as cfg asks."""
     run = SimpleNamespace(skipped=0, skipped_in_a_row=0, history=[])
-    optimizer_step = skipping_non_finite(igrpo.optimizer_step, run)
-    if world.size > 1:
-        optimizer_step = reduced(optimizer_step)
+    common = dict(optimizer_step=skipping_non_finite(igrpo.optimizer_step, run),
+                  watches=(long_run_watch(run, cfg),))
+    if world is not None:  # FSDP2 reads the output layer only in its forward: the plain path
+        return igrpo.Parts(load_policy=sharded_policy, make_optimizer=sharded_optimizer,
+                           sample=gathered_once(igrpo.sample), save_model=save_gathered,
+                           save_optimizer=save_optimizer_shards,
+                           load_optimizer=load_optimizer_shards, world=world, **common)
     device = igrpo.device_and_dtype(cfg.dtype)[0]
     return igrpo.Parts(
         load_policy=lora_policy if cfg.lora_rank else lean_policy,
         make_optimizer=tagged_master_weights_and_optimizer,
         sample=compiled_sample if compiles_generation(cfg, device) else igrpo.sample,
-        token_logprobs=lean_token_logprobs, optimizer_step=optimizer_step, save_model=save_model,
-        watches=(long_run_watch(run, cfg),), world=world)
+        token_logprobs=lean_token_logprobs, save_model=save_model, **common)
 
 
 def check_scale_config(cfg, judge=None):
     igrpo.check_config(cfg, judge)
-    if cfg.lora_rank and cfg.lora_alpha <= 0:
-        fail(f"--lora-rank {cfg.lora_rank} --lora-alpha {cfg.lora_alpha}: alpha must be positive")
     if cfg.save_merged and not cfg.lora_rank:
         fail("--save-merged: only with --lora-rank (a full fine-tune is saved whole anyway)")
-    if cfg.lora_rank and cfg.resume:
-        fail("--resume with --lora-rank: not supported yet (a LoRA checkpoint reloads merged into "
-             "its base)")
     if cfg.lora_rank:
         import_peft()
 

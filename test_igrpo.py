@@ -1157,18 +1157,19 @@ def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothi
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
 
 
-@pytest.mark.parametrize("layout,lacks", [
-    (lambda state: dict(state, rng=state["rng"][0]), r"rng \(each process's python, torch and cuda"),
-    (lambda state: dict(state, master=[torch.zeros(1)]), r"master \(1 fp32 weights, the model has 0\)")])
-def test_a_trainer_state_with_every_key_but_an_older_layout_is_one_line_and_changes_nothing(
-        tiny, tmp_path, monkeypatch, layout, lacks):
+@pytest.mark.parametrize("file,layout,problem", [
+    ("trainer_state.pt", lambda state: dict(state, rng=state["rng"][0]),  # before each rank's was kept
+     r"trainer_state.pt was written by another version of igrpo.py \(it lacks rng \(each process's"),
+    ("optimizer.pt", lambda state: dict(state, master=[torch.zeros(1)]),
+     r"optimizer.pt holds 1 fp32 master weights, the model has 0 \(another --dtype\?\)")])
+def test_a_checkpoint_with_every_file_but_an_older_layout_is_one_line_and_changes_nothing(
+        tiny, tmp_path, monkeypatch, file, layout, problem):
     cfg = run_stopped_in_step_3(tiny, tmp_path, monkeypatch)
-    path = tmp_path / "run" / "step-2" / "trainer_state.pt"
-    torch.save(layout(torch.load(path, weights_only=True)), path)  # rng: before torchrun saved each rank's
+    path = tmp_path / "run" / "step-2" / file
+    torch.save(layout(torch.load(path, weights_only=True)), path)
     files = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.jsonl", "completions.jsonl")
              if (tmp_path / "run" / name).exists()}
-    with pytest.raises(SystemExit, match=r"--resume: .*step-2/trainer_state.pt was written by another "
-                                         r"version of igrpo.py \(it lacks " + lacks):
+    with pytest.raises(SystemExit, match=r"--resume: .*step-2/" + problem):
         igrpo.train(dataclasses.replace(cfg, resume=True))
     assert all((tmp_path / "run" / name).read_bytes() == data for name, data in files.items())
 
@@ -1195,7 +1196,8 @@ def test_every_setting_is_a_kebab_case_flag_with_help_that_shows_its_default_onc
     assert cfg.num_drafts == 3 and cfg.gradient_checkpointing is False and cfg.lr == 0.5
     assert all(f.metadata["help"] for f in dataclasses.fields(Config))
     shown = " ".join(parser.format_help().split())
-    assert "--temperature TEMPERATURE sampling temperature during training (default: 0.7)" in shown
+    assert "--temperature TEMPERATURE sampling temperature in training (> 0; default: 0.7)" in shown
+    assert "--algo ALGO drafts, then refinements; or the baseline (igrpo | grpo; default: igrpo)" in shown
     assert "(default: )" not in shown and "problem/question/prompt/query) (default" not in shown
     with pytest.raises(SystemExit):
         parser.parse_args(["--num-draft", "3"])  # no abbreviations: a script can tell what was given

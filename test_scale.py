@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 import re
-import socket
+import shutil
 import sys
+import uuid
+import zlib
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from safetensors.torch import load_file
 
 import igrpo
 import scale
-from conftest import (Crash, final_weights, hostile_generation_defaults, parity_reward, saved,
+from conftest import (Crash, final_weights, hostile_generation_defaults, parity_reward,
                       step_that, tiny_config, training_steps)
 from scale import ScaleConfig
 
@@ -447,9 +449,8 @@ def test_fixed_shape_generate_calls_drop_their_padding_rows(tiny, monkeypatch):
     shapes, real_generate = [], model.generate
 
     def generate(**kwargs):
-        config = kwargs["generation_config"]
-        shapes.append((len(kwargs["input_ids"]), config.cache_implementation,
-                       config.max_cache_len))
+        shapes.append((len(kwargs["input_ids"]), kwargs["cache_implementation"],
+                       kwargs["max_cache_len"]))
         return real_generate(**kwargs)
     monkeypatch.setattr(model, "generate", generate)
     prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
@@ -533,7 +534,7 @@ def fixed_samples(model, tokenizer, cfg):
 
 
 def update(model, samples, cfg, reference=None, advantages=ADVANTAGES, optimizer=None,
-           world=igrpo.World()):
+           world=None):
     """One igrpo.policy_update with scale.py's parts (torchrun's, in world); returns its sums."""
     parts = scale.scale_parts(cfg, world)
     master, fresh = parts.make_optimizer(model, cfg)
@@ -670,7 +671,6 @@ def test_overwrite_deletes_the_old_runs_merged_model_too_but_nothing_else(tiny, 
     (dict(lora_rank=-1), "--lora-rank -1"),
     (dict(save_merged=True), "--save-merged: only with --lora-rank"),
     (dict(lora_rank=4, lora_targets="no_such_proj"), "--lora-targets 'no_such_proj'"),
-    (dict(lora_rank=4, resume=True), "--resume with --lora-rank: not supported yet"),
 ])
 def test_bad_lora_settings_stop_with_a_clear_message(tiny, tmp_path, overrides, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -684,107 +684,235 @@ def test_lora_without_peft_installed_is_a_clear_error(tiny, tmp_path, monkeypatc
 
 
 # ----------------------------------------------------------------------------------------------
-# torchrun: two gloo processes on the CPU
+# torchrun: FSDP2 over two gloo processes on the CPU
 # ----------------------------------------------------------------------------------------------
-def spawn_two_ranks(worker, *args):
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(worker, args=(port, *args), nprocs=2, join=True)
+def spawn_ranks(worker, folder, *args, ranks=2):
+    """worker(rank, *args) in each of `ranks` processes that joined as under torchrun, through a
+    file in folder (no port to pick, free one moment and taken the next)."""
+    rendezvous = folder / f"rendezvous-{uuid.uuid4().hex}"
+    torch.multiprocessing.spawn(as_rank, args=(ranks, rendezvous, worker, args), nprocs=ranks)
 
 
-def join_as(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+def as_rank(rank, ranks, rendezvous, worker, args):
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(ranks))
     torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                         world_size=ranks)
+    try:
+        worker(rank, *args)
+    finally:  # a process that exits with its group alive may abort in gloo's threads
+        torch.distributed.destroy_process_group()
 
 
-def train_on_rank(rank, port, tiny, tmp_path):
-    join_as(rank, port)
-    writes = []
-
-    def recorded(name, write):
-        def call(*args, **kwargs):
-            writes.append(name)
-            return write(*args, **kwargs)
-        return call
-    igrpo.write_metrics = recorded("metrics", igrpo.write_metrics)
-    igrpo.log_completions = recorded("completions", igrpo.log_completions)
-    scale.AdapterOnly.save_pretrained = recorded("adapter", scale.AdapterOnly.save_pretrained)
-    real_save = scale.save_model
-
-    def save_and_record(model, folder):  # every rank's weights, to compare
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   tmp_path / f"weights-{folder.name.strip('.').removesuffix('.tmp')}-rank{rank}.pt")
-        real_save(model, folder)
-    scale.save_model = save_and_record
-    igrpo.compute_rewards = alternate_rewards
-    cfg = scale_config(tiny, tmp_path, lora_rank=4, beta=0.01, lr=0.05, save_every=1,
-                       log_completions_every=1, eval_limit=1,
-                       eval_dataset=str(tiny / "train.jsonl"))  # rank 1: no held-out problem
-    scale.train(cfg)
-    torch.save(writes, tmp_path / f"writes-rank{rank}.pt")
+def seeded_by_prompt(model, tokenizer, prompts, cfg, **options):
+    """igrpo.sample, each prompt's completions drawn with a seed of its own: the same completions
+    however the problems are shared out."""
+    each = []
+    for prompt in prompts:
+        torch.manual_seed(zlib.crc32(prompt.encode()))
+        each.append(igrpo.sample(model, tokenizer, [prompt], cfg, **options))
+    return igrpo.Sequences(*stacked(each)) if each else igrpo.sample(model, tokenizer, [], cfg,
+                                                                     **options)
 
 
-def test_two_ranks_train_end_to_end_hold_identical_weights_and_only_rank_0_writes(tiny, tmp_path):
-    """LoRA with KL, checkpoints, and held-out scoring with fewer problems than ranks."""
-    spawn_two_ranks(train_on_rank, tiny, tmp_path)
-    writes = [torch.load(tmp_path / f"writes-rank{rank}.pt") for rank in (0, 1)]
-    assert writes[1] == [] and {"metrics", "completions", "adapter"} <= set(writes[0])
-    run = tmp_path / "run"
-    assert (run / "args.json").is_file() and (run / "final" / "adapter_config.json").is_file()
-    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [0, 1, 2, 2]
-    assert all(records[i]["eval_accuracy"] in (0.0, 1.0) for i in (0, 3))  # 1 held-out problem
-    assert all(r["completion_tokens"] > 0 and r["reward"] == 0.5 for r in records[1:3])
-    for folder in ("step-1", "final"):
-        rank0, rank1 = (torch.load(tmp_path / f"weights-{folder}-rank{r}.pt") for r in (0, 1))
-        assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), folder
-    assert any(p.abs().max() > 0 for name, p in rank0.items() if "lora_B" in name)  # it trained
+def stacked(each):
+    """The fields of one Sequences from several, padded alike (left prompts, right completions)."""
+    P, T = max(s.prompt_length for s in each), max(s.completion_mask.shape[1] for s in each)
+
+    def pad(tensor, left, right, value):
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+    ids = torch.cat([pad(s.input_ids, P - s.prompt_length, T - s.completion_mask.shape[1], 0)
+                     for s in each])
+    attention = torch.cat([pad(s.attention_mask, P - s.prompt_length,
+                               T - s.completion_mask.shape[1], 0) for s in each])
+    mask = torch.cat([pad(s.completion_mask, 0, T - s.completion_mask.shape[1], False)
+                      for s in each])
+    return ids, attention, P, mask, [text for s in each for text in s.texts]
 
 
-def checkpoint_on_rank(rank, port, tiny, tmp_path):
-    join_as(rank, port)
-    world = scale.setup_distributed()
-    cfg = scale_config(tiny, tmp_path)
+def rewards_by_problem(completions, golds, cfg, lengths=None, problems=None, judge=None):
+    """1, 0, 1, ... within the groups of "What is a + 1?" with a even; all 0 for a odd (their
+    groups agree, and DAPO drops them)."""
+    odd = [int(re.search(r"\d+", p)[0]) % 2 for p in problems]
+    total = torch.tensor([0.0 if odd[i] else float(i % 2) for i in range(len(completions))])
+    return igrpo.Rewards(total, total, torch.zeros(len(completions)), 0)
+
+
+def fsdp_config(tiny, folder, **overrides):
+    """4 problems a step: two groups that differ, two that agree; 3 steps, a checkpoint each."""
+    return scale_config(tiny, folder.parent, output_dir=str(folder), steps=3, save_every=1,
+                        prompts_per_step=4, lr=1e-4, dtype="fp32", **overrides)
+
+
+def train_seeded(cfg, world=None):
+    """igrpo.train with scale.py's parts (FSDP2's in a world), each prompt sampled with its seed."""
     parts = scale.scale_parts(cfg, world)
-    model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-    policy = igrpo.Policy(model, tokenizer, *parts.make_optimizer(model, cfg)[::-1])
-    out = tmp_path / "run"
-    out.mkdir(exist_ok=True)
-    metrics = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a")
-    igrpo.seed(cfg, world)  # as train() seeds: the same problem order, each rank its own samples
-    igrpo.save_checkpoint(out, 1, policy, [], metrics, cfg, parts)  # every rank waits for it
-    metrics.close()
-    after_save = torch.rand(4)
-    torch.manual_seed(1234)
-    igrpo.load_checkpoint(out / "step-1", policy, cfg, world)
-    torch.save((after_save, torch.rand(4)), tmp_path / f"draws-rank{rank}.pt")
+    sample = scale.gathered_once(seeded_by_prompt) if world else seeded_by_prompt
+    return igrpo.train(cfg, dataclasses.replace(parts, sample=sample))
 
 
-def test_a_resumed_torchrun_run_gives_each_rank_back_its_own_random_stream(tiny, tmp_path):
-    spawn_two_ranks(checkpoint_on_rank, tiny, tmp_path)
-    draws = [torch.load(tmp_path / f"draws-rank{rank}.pt") for rank in (0, 1)]
-    for expected, resumed in draws:
-        assert torch.equal(expected, resumed)
-    assert not torch.equal(draws[0][1], draws[1][1])
+def train_on_rank(rank, tiny, folder, overrides, crash_in_step=None):
+    igrpo.compute_rewards = rewards_by_problem
+    if crash_in_step:
+        step_that(pytest.MonkeyPatch(), crash_in_step, crash)
+    cfg = fsdp_config(tiny, folder, **overrides)
+    try:
+        train_seeded(cfg, scale.setup_distributed(cfg))
+    except Crash:
+        return
+    model = igrpo.load_model(str(folder / "final"), cfg, torch.float32, "cpu")[0]
+    torch.save(dict(rank=rank, stdout=sys.stdout.name, final=model.state_dict()),
+               folder.parent / f"{folder.name}-rank{rank}.pt")
 
 
-def judge_stop_on_rank(rank, port, tiny, tmp_path):
-    join_as(rank, port)
+def crash():
+    raise Crash("killed")
 
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny, tmp_path_factory):
+    """Runs of 3 steps with --loss dapo: one process; two FSDP2 ranks; two ranks killed in step 3
+    and resumed by two ranks; the same killed run resumed by one FSDP2 rank, and by one process
+    without torchrun."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(igrpo, "compute_rewards", rewards_by_problem)
+        train_seeded(fsdp_config(tiny, folder / "one", loss="dapo"))
+    spawn_ranks(train_on_rank, folder, tiny, folder / "two", dict(loss="dapo"))
+    for name in ("killed", "killed-1"):
+        spawn_ranks(train_on_rank, folder, tiny, folder / name, dict(loss="dapo"), 3)
+    spawn_ranks(train_on_rank, folder, tiny, folder / "killed", dict(loss="dapo", resume=True))
+    spawn_ranks(train_on_rank, folder, tiny, folder / "killed-1", dict(loss="dapo", resume=True),
+                ranks=1)
+    return folder
+
+
+def test_two_fsdp_ranks_end_with_the_weights_of_one_process_over_the_same_problems(
+        tiny, fsdp_runs):
+    start = load_file(tiny / "model" / "model.safetensors")
+    one, two = final_weights(fsdp_runs / "one"), final_weights(fsdp_runs / "two")
+    moved = max((one[name] - start[name]).abs().max().item() for name in one)
+    difference = max((one[name] - two[name]).abs().max().item() for name in one)
+    assert moved > 1e-4 and difference < 1e-3 * moved, (moved, difference)
+    rows = [json.loads(line) for line in open(fsdp_runs / "two" / "metrics.jsonl")]
+    expected = [json.loads(line) for line in open(fsdp_runs / "one" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # step 3 drops 3 of its 4 groups: a rank whose groups all agree still takes part
+    assert [r["dropped_groups"] for r in rows] == [r["dropped_groups"] for r in expected] == [1, 2, 3]
+    for got, want in zip(rows, expected):  # each number of the step over both ranks
+        for name in ("reward", "accuracy", "clip_frac", "entropy", "completion_tokens",
+                     "mean_completion_length", "best_draft_reward", "grad_norm"):
+            assert got[name] == pytest.approx(want[name], rel=1e-4, abs=1e-6), name
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+
+
+def test_only_rank_0_writes_and_prints_and_final_is_the_gathered_model(fsdp_runs):
+    ranks = [torch.load(fsdp_runs / f"two-rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["stdout"] != os.devnull and ranks[1]["stdout"] == os.devnull
+    saved = final_weights(fsdp_runs / "two")
+    assert all(torch.equal(saved[name], ranks[0]["final"][name]) for name in saved)
+    assert not list((fsdp_runs / "two").glob("*rank*"))
+    [step] = [p for p in igrpo.checkpoints(fsdp_runs / "two")][-1:]
+    assert (step / "optimizer" / ".metadata").is_file()  # each rank's shard, by DCP
+
+
+def test_a_two_rank_run_killed_in_a_step_resumes_to_the_weights_of_an_unbroken_one(fsdp_runs):
+    unbroken = final_weights(fsdp_runs / "two")
+    for name in ("killed", "killed-1"):  # resumed by two ranks, and by one
+        resumed = final_weights(fsdp_runs / name)
+        assert training_steps(fsdp_runs / name) == [1, 2, 3]
+        difference = max((unbroken[k] - resumed[k]).abs().max().item() for k in unbroken)
+        assert difference < (1e-7 if name == "killed" else 1e-5), (name, difference)
+
+
+def test_a_sharded_checkpoint_resumed_without_torchrun_is_one_line_naming_both_sizes(
+        tiny, fsdp_runs, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(fsdp_runs / "killed", folder)
+    shutil.rmtree(folder / "final")
+    with pytest.raises(SystemExit, match=r"was written by 2 processes under torchrun .* this run "
+                                         r"is 1 process: resume it with torchrun --nproc-per-node 2"):
+        train_seeded(fsdp_config(tiny, folder, loss="dapo", resume=True))
+
+
+def bytes_on_rank(rank, tiny, folder):
+    world = scale.setup_distributed()
+    cfg = fsdp_config(tiny, folder)
+    model = scale.sharded_policy(cfg, None, "cpu", torch.float32)[0]
+    master, optimizer = scale.sharded_optimizer(model, cfg)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    torch.save(dict(local=local, whole=sum(p.numel() for p in model.parameters()), world=world.size),
+               folder / f"bytes-rank{rank}.pt")
+
+
+def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(tiny, tmp_path):
+    spawn_ranks(bytes_on_rank, tmp_path, tiny, tmp_path)
+    counts = [torch.load(tmp_path / f"bytes-rank{rank}.pt") for rank in (0, 1)]
+    assert counts[0]["world"] == 2 and counts[0]["local"] + counts[1]["local"] == counts[0]["whole"]
+    assert all(abs(c["local"] - c["whole"] / 2) < 0.05 * c["whole"] for c in counts)
+
+
+def lora_on_rank(rank, tiny, folder, crash_in_step=None, resume=False):
+    igrpo.compute_rewards = alternate_rewards  # every group's rewards differ: every step trains
+    if crash_in_step:
+        step_that(pytest.MonkeyPatch(), crash_in_step, crash)
+    cfg = scale_config(tiny, folder.parent, output_dir=str(folder), lora_rank=4, beta=0.01,
+                       lr=0.05, steps=3, save_every=1, log_completions_every=1, eval_limit=1,
+                       eval_dataset=str(tiny / "train.jsonl"), resume=resume)  # rank 1: no problem
+    try:
+        scale.train(cfg)
+    except Crash:
+        pass
+
+
+def adapter(folder):
+    return load_file(folder / "final" / "adapter_model.safetensors")
+
+
+def test_a_lora_run_on_two_ranks_with_kl_and_held_out_scoring_resumes_to_the_unbroken_weights(
+        tiny, tmp_path):
+    spawn_ranks(lora_on_rank, tmp_path, tiny, tmp_path / "unbroken")
+    spawn_ranks(lora_on_rank, tmp_path, tiny, tmp_path / "resumed", 3)
+    assert not (tmp_path / "resumed" / "final").exists()
+    spawn_ranks(lora_on_rank, tmp_path, tiny, tmp_path / "resumed", None, True)
+    unbroken, resumed = adapter(tmp_path / "unbroken"), adapter(tmp_path / "resumed")
+    assert any(p.abs().max() > 0 for name, p in unbroken.items() if "lora_B" in name)  # trained
+    assert all(torch.allclose(unbroken[name], resumed[name], atol=1e-6) for name in unbroken)
+    rows = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 3]  # held-out 1 problem, rank 1 none
+    assert all(r["kl"] is not None and r["completion_tokens"] > 0 for r in rows[1:4])
+    completions = [json.loads(line) for line in open(tmp_path / "resumed" / "completions.jsonl")]
+    assert [row["step"] for row in completions] == [1, 2, 3]  # rank 0's problem of each step
+
+
+def test_a_one_process_lora_run_resumes_to_the_weights_of_an_unbroken_one(tiny, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(igrpo, "compute_rewards", alternate_rewards)
+    settings = dict(lora_rank=4, beta=0.01, lr=0.05, steps=3, save_every=1)
+    scale.train(scale_config(tiny, tmp_path, output_dir=str(tmp_path / "unbroken"), **settings))
+    cfg = scale_config(tiny, tmp_path, output_dir=str(tmp_path / "resumed"), **settings)
+    with monkeypatch.context() as patch:
+        step_that(patch, 3, crash)
+        with pytest.raises(Crash):
+            scale.train(cfg)
+    scale.train(dataclasses.replace(cfg, resume=True))
+    unbroken, resumed = adapter(tmp_path / "unbroken"), adapter(tmp_path / "resumed")
+    assert all(torch.equal(unbroken[name], resumed[name]) for name in unbroken)
+
+
+def judge_stop_on_rank(rank, tiny, folder):
     def judge_that_never_scores(problems, golds, completions):
         return [None] * len(completions)
-    cfg = scale_config(tiny, tmp_path, reward="judge", steps=5)  # each rank: 1 problem of 2
+    cfg = scale_config(tiny, folder.parent, output_dir=str(folder), reward="judge", steps=5)
     try:
         scale.train(cfg, judge=judge_that_never_scores)
     except SystemExit as stop:
-        torch.save(str(stop), tmp_path / f"stop-rank{rank}.pt")
+        torch.save(str(stop), folder.parent / f"stop-rank{rank}.pt")
 
 
 def test_under_torchrun_every_rank_counts_all_judge_replies_and_stops_at_the_same_checkpoint(
         tiny, tmp_path):
-    spawn_two_ranks(judge_stop_on_rank, tiny, tmp_path)
+    spawn_ranks(judge_stop_on_rank, tmp_path, tiny, tmp_path / "run")
     for rank in (0, 1):
         assert "steps 1 to 3 had no judge reply that held a score" in torch.load(
             tmp_path / f"stop-rank{rank}.pt")
@@ -798,18 +926,23 @@ def test_under_torchrun_every_rank_counts_all_judge_replies_and_stops_at_the_sam
 LOSSES = ("grpo", "dapo", "dr_grpo")  # per-completion mean, global token mean, constant normalizer
 
 
-def sgd_step(tiny, tmp_path, loss, samples, advantages, world=igrpo.World()):
+def sgd_step(tiny, tmp_path, loss, samples, advantages, world=None):
     """SGD with lr 1 and no clipping: the weight change is minus the step's gradient."""
     cfg = scale_config(tiny, tmp_path, loss=loss, max_grad_norm=1e9)
     model, _ = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    update(model, samples, cfg, advantages=advantages,
-           optimizer=torch.optim.SGD(model.parameters(), lr=1.0), world=world)
-    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    if world:
+        scale.shard(model, torch.float32, "cpu")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    policy = igrpo.Policy(model, None, torch.optim.SGD(trained, lr=1.0), trained)
+    keep = torch.ones(len(advantages), dtype=torch.bool)
+    igrpo.policy_update(policy, samples, advantages, keep, cfg, scale.scale_parts(cfg, world))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    after = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {name: after[name] - before[name] for name in before}
 
 
-def update_on_rank(rank, port, tiny, tmp_path):
-    join_as(rank, port)
+def update_on_rank(rank, tiny, tmp_path):
     world = scale.setup_distributed()
     batch = torch.load(tmp_path / "batch.pt", weights_only=False)
     rows = slice(4 * rank, 4 * rank + 4)  # this rank's problem: one group
@@ -827,7 +960,7 @@ def test_two_process_gradient_equals_the_one_process_gradient_over_the_same_prob
     batch.completion_mask = torch.arange(batch.completion_mask.shape[1])[None] < lengths[:, None]
     batch.attention_mask[:, batch.prompt_length:] = batch.completion_mask
     torch.save(batch, tmp_path / "batch.pt")
-    spawn_two_ranks(update_on_rank, tiny, tmp_path)
+    spawn_ranks(update_on_rank, tmp_path, tiny, tmp_path)
     for loss in LOSSES:
         one_process = sgd_step(tiny, tmp_path, loss, batch, ADVANTAGES)
         assert any(change.abs().max() > 0 for change in one_process.values())

@@ -62,7 +62,7 @@ SETTINGS = dict(steps=60, prompts_per_step=16, group_size=8, num_drafts=4,
 class ToyConfig(igrpo.Config):
     right_drafts: float = igrpo.setting(0.5, "toy: share of the warm start's refinement examples "
                                              "whose draft is right (the rest have one wrong step)",
-                                        rule="in [0, 1]")
+                                        "in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------
