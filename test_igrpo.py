@@ -846,7 +846,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tiny, tmp_path, monkeypa
                         lambda states: pytest.fail("restored CUDA random states without CUDA"))
     cfg = tiny_config(tiny, tmp_path, steps=2, save_every=1)
     policy = policy_of(dataclasses.replace(cfg, model=str(tmp_path / "run" / "step-1")))
-    step, order = igrpo.load_checkpoint(tmp_path / "run" / "step-1", policy, cfg, igrpo.World())
+    step, order = igrpo.load_checkpoint(tmp_path / "run" / "step-1", policy, cfg, igrpo.Parts())
     assert step == 1 and order == state["order"]
 
 
