@@ -9,6 +9,8 @@ Benchmarks, not tests: numbers to report, with the command that produced them.
                                         # igrpo.py's full float32 log-softmax
     python bench.py step --lora-rank 32 # the same step training LoRA adapters only
     python bench.py step --path plain   # the step with igrpo.py's own parts
+    python bench.py fsdp-sampling       # 2 CPU processes: sampling from an FSDP2-sharded model,
+                                        # its weights gathered once per call vs at every token
 
 On a CPU, memory comes from torch's profiler (every tensor allocation and free), which also slows
 the measured phases: compare CPU times only with other runs of this script.
@@ -211,10 +213,49 @@ def bench_logprobs(args):
                   f"{time.time() - started:.2f}s")
 
 
+def bench_fsdp_sampling(args):
+    """Two gloo processes on the CPU (a file rendezvous): the same sampling call on one rank's
+    whole model, on the FSDP2-sharded model with its weights gathered once (scale.gathered_once),
+    and with generate's synced_gpus (every rank steps together; the weights regathered per token)."""
+    import tempfile
+    import uuid
+    folder = Path(tempfile.mkdtemp())
+    torch.multiprocessing.spawn(fsdp_sampling_rank, args=(folder / uuid.uuid4().hex, args),
+                                nprocs=2)
+
+
+def fsdp_sampling_rank(rank, rendezvous, args):
+    import os
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                                         world_size=2)
+    model, tokenizer = random_model(args, "cpu", torch.float32)
+    cfg = igrpo.Config(chat_template="off", max_completion_tokens=args.completion)
+    prompts = [igrpo.build_prompt(None, f"What is {a} + {rank}?", cfg) for a in range(args.prompts)]
+
+    def timed(name, sample, model, **options):
+        torch.manual_seed(rank)
+        torch.distributed.barrier()
+        started = time.time()
+        samples = sample(model, tokenizer, prompts, cfg, per_prompt=args.group_size, **options)
+        torch.distributed.barrier()
+        if rank == 0:
+            print(f"{name:>40}: {time.time() - started:6.2f} s, "
+                  f"{int(samples.lengths.sum())} tokens on rank 0")
+    for repeat in range(2):
+        timed("unsharded generate (the whole model)", igrpo.sample, model)
+    sharded = scale.shard(model, torch.float32, "cpu")
+    for repeat in range(2):
+        timed("FSDP2, weights gathered once", scale.gathered_once(igrpo.sample), sharded)
+        timed("FSDP2, synced_gpus (gathered per token)", igrpo.sample, sharded, synced_gpus=True)
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["checker", "step", "logprobs"])
+    parser.add_argument("what", choices=["checker", "step", "logprobs", "fsdp-sampling"])
     parser.add_argument("--algo", default="igrpo", choices=["igrpo", "grpo"])
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -233,4 +274,5 @@ if __name__ == "__main__":
     parser.add_argument("--path", default="scale", choices=["scale", "plain"],
                         help="step: scale.py's parts, or igrpo.py's own (plain)")
     args = parser.parse_args()
-    {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs}[args.what](args)
+    {"checker": bench_checker, "step": bench_step, "logprobs": bench_logprobs,
+     "fsdp-sampling": bench_fsdp_sampling}[args.what](args)

@@ -215,10 +215,10 @@ def load_problems(name, cfg, flag="dataset", limit=None, split=None):
         if not problem or not str(raw or "").strip():
             fail(f"--{flag} {name}, row {index}: empty or missing {keys[bool(problem)]!r}")
         problems.append({"problem": str(problem), "answer": gold_answer(str(raw))})
-        prose += not extract_answer(str(raw)) and len(str(raw).split()) > 3
+        prose += not extract_answer(str(raw)) and len(re.findall(r"[a-zA-Z]{2,}", str(raw))) > 2
     if prose:  # "It is four.": graded as written, which a right answer rarely matches
         print(f"--{flag} {name}: {prose} of {len(problems)} gold answers read like prose (no "
-              f"\\boxed{{}} or ####, over 3 words); each is compared whole")
+              f"\\boxed{{}} or ####, 3 words or more); each is compared whole")
     return problems
 
 
@@ -380,6 +380,9 @@ def load_model(name, cfg, dtype, device, flag="model"):
     except (OSError, ValueError, ImportError) as error:  # ImportError: a .gguf needs gguf
         fail(f"--{flag} {str(Path(name, *where.values()))!r}: not a local model folder, and the "
              f"Hugging Face hub failed to load it ({first_line(error)})")
+    if where:  # a .gguf's weights arrive dequantized: a plain model, saved as one
+        del model.config.quantization_config
+        model.hf_quantizer = None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     for module in model.modules():  # a training forward scores tokens under the policy that sampled

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -371,6 +372,14 @@ def import_peft():
     return peft
 
 
+@contextlib.contextmanager
+def peft_quietly():
+    """peft reads a property that transformers 5 deprecates: a warning a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        yield
+
+
 def apply_lora(model, cfg):
     """--lora-rank > 0: the same model, weights frozen, fp32 adapters inside to train."""
     peft = import_peft()
@@ -379,7 +388,8 @@ def apply_lora(model, cfg):
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                              target_modules=targets)
     try:  # peft freezes the base, adds the adapters and keeps them fp32 over a bf16 base
-        wrapped = peft.get_peft_model(model, config)
+        with peft_quietly():
+            wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. no module of the model has the given name
         fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
     local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names a local base absolutely
@@ -472,7 +482,9 @@ def load_lora_checkpoint(folder, cfg, dtype, device, flag="model"):
         fail(f"--{flag} {folder}: adapter_config.json names no base model "
              "(base_model_name_or_path)")
     model, tokenizer = igrpo.load_model(base, cfg, dtype, device, flag)
-    return peft.PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
+    with peft_quietly():
+        adapted = peft.PeftModel.from_pretrained(model, str(folder))
+    return adapted.merge_and_unload(), tokenizer
 
 
 def save_merged(cfg):

@@ -160,3 +160,15 @@ def test_docs_one_step_is_the_commands_output_and_reads_in_100_columns():
     assert "Written by `python toy.py explain --markdown docs/one-step.md`" in flat(text)
     blocks = re.findall(r"```text\n(.*?)```", text, re.S)
     assert len(blocks) == 2 and all(len(line) <= 100 for b in blocks for line in b.splitlines())
+
+
+def test_toy_help_describes_the_toy_its_subcommands_and_its_own_defaults(capsys):
+    with pytest.raises(SystemExit):
+        toy.parse_flags(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "offline toy world" in shown and "explain" in shown and "compare" in shown
+    assert "(>= 1; default: 60)" in shown  # --steps: the toy's, not igrpo.py's 100
+    assert "runs/toy-<algo>-seed<seed>" in shown and "runs/igrpo" not in shown
+    assert not re.search(r"\(default: [^)]*\) \(default", shown)  # one default a flag
+    with pytest.raises(SystemExit, match="^toy: error: --model m: the toy world trains its own"):
+        toy.main(["--model", "m"])

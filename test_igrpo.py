@@ -1139,6 +1139,109 @@ def test_igrpo_py_copied_alone_into_an_empty_folder_trains_saves_and_resumes(tin
     assert all(torch.equal(first[name], resumed[name]) for name in first)
     assert any(not torch.equal(first[name], start[name]) for name in start)  # it trained
     assert sorted(p.name for p in folder.iterdir()) == ["igrpo.py", "resumed", "run"]
+    for flag, companion in (("--reward=judge", "judge"), ("--track=wandb", "track")):
+        done = subprocess.run([sys.executable, "igrpo.py", *flags, flag, "--judge-url=u",
+                               "--output-dir=other"], cwd=folder, capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
+        assert f"needs {companion}.py beside igrpo.py" in done.stderr
+
+
+def test_a_run_folder_as_model_trains_from_its_final_model_and_says_so(tiny, tmp_path, capsys):
+    igrpo.train(tiny_config(tiny, tmp_path, steps=1, output_dir=str(tmp_path / "first")))
+    igrpo.train(tiny_config(tiny, tmp_path, steps=1, model=str(tmp_path / "first"),
+                            output_dir=str(tmp_path / "second")))
+    said = capsys.readouterr().out
+    assert f"--model {tmp_path / 'first'}: a training run folder; loading its final model" in said
+    assert training_steps(tmp_path / "second") == [1]
+
+
+def test_overwrite_with_a_broken_dataset_or_model_fails_before_the_old_run_is_touched(
+        tiny, tmp_path, uninterrupted):
+    folder = tmp_path / "run"
+    shutil.copytree(uninterrupted["fp32"], folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for broken, message in ((dict(dataset=str(tmp_path / "missing.jsonl")), "no such file"),
+                            (dict(model=str(tmp_path / "nothing")), "--model")):
+        with pytest.raises(SystemExit, match=message):
+            igrpo.train(long_run_config(tiny, folder, dtype="fp32", overwrite=True, **broken))
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_failed_start_leaves_a_folder_that_the_corrected_command_simply_starts_in(
+        tiny, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny, tmp_path, eval_dataset=str(tiny / "train.jsonl"), eval_limit=2)
+    with pytest.raises(SystemExit, match="no column 'questoin'"):
+        igrpo.train(dataclasses.replace(cfg, problem_key="questoin"))
+    with monkeypatch.context() as patch:  # args.json and the step-0 score written, then a crash
+        step_that(patch, 1, crash)
+        with pytest.raises(Crash):
+            igrpo.train(cfg)
+    assert (tmp_path / "run" / "args.json").is_file() and training_steps(tmp_path / "run") == []
+    igrpo.train(cfg)  # no --overwrite needed: no step was done
+    assert training_steps(tmp_path / "run") == [1, 2]
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_is_one_line_and_leaves_no_partial_folder(
+        tiny, tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def fills_on_the_second_checkpoint(state, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 3:  # step-1's optimizer.pt, trainer_state.pt, then step-2's optimizer.pt
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2176 vs "
+                               "2068; iostream error")
+        return real_save(state, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fills_on_the_second_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        igrpo.train(tiny_config(tiny, tmp_path, steps=3, save_every=1))
+    message = str(stopped.value.code)
+    assert f"saving {run / 'step-2'} failed (RuntimeError: " in message and "iostream" in message
+    assert f"--resume goes on from {run / 'step-1'}, which is complete" in message
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["step-1"]  # no .step-2.tmp
+    assert message.count("\n") == 1  # the line, then the command that resumes
+
+
+def test_with_several_ppo_epochs_grad_norm_is_the_mean_over_the_epochs_like_the_other_numbers(
+        tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "math_reward", parity_reward)
+    norms = []
+
+    def recorded(policy, cfg):
+        norm = igrpo.optimizer_step(policy, cfg)
+        norms.append(float(norm))
+        return norm
+    igrpo.train(tiny_config(tiny, tmp_path, steps=1, ppo_epochs=2, lr=0.05),
+                igrpo.Parts(optimizer_step=recorded))
+    [record] = metric_lines(tmp_path / "run")
+    assert len(norms) == 2 and norms[0] != norms[1]
+    assert record["grad_norm"] == pytest.approx(sum(norms) / 2)
+
+
+@pytest.mark.parametrize("lines,number", [
+    (["{oops", '{"problem": "1+1?", "answer": "2"}'], 1),
+    (['{"problem": "1+1?", "answer": "2"}', "", '{"problem": "2+2?", "answer": "4"}', "{oops"], 4)])
+def test_a_bad_jsonl_line_is_named_by_its_own_number(tmp_path, lines, number):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=f"problems.jsonl, line {number}: not valid JSON"):
+        igrpo.load_problems(str(path), Config())
+
+
+def test_gold_answers_that_read_like_prose_are_counted_once_at_the_start(tmp_path, capsys):
+    path = tmp_path / "problems.jsonl"
+    rows = [dict(problem="2+2?", answer="It is four."), dict(problem="1+1?", answer="2"),
+            dict(problem="3+3?", answer="so \\boxed{6}")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["answer"] for p in igrpo.load_problems(str(path), Config())] == ["It is four.", "2", "6"]
+    assert "1 of 3 gold answers read like prose" in capsys.readouterr().out
+
+
+def test_a_budget_that_fits_the_context_draws_no_warning_whatever_the_prompt_limit(tiny, tmp_path,
+                                                                                   capsys):
+    igrpo.train(tiny_config(tiny, tmp_path, steps=1, max_completion_tokens=8,
+                            max_prompt_tokens=1024, max_draft_tokens=8))
+    assert "reads at most" not in capsys.readouterr().out
 
 
 def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothing(

@@ -84,6 +84,21 @@ def test_smoothing_is_a_trailing_mean_and_off_by_default(tmp_path):
     assert plot.series(rows, "reward", smooth=2)[1] == [1.0, 1.5, 2.5, 3.5]
 
 
+def test_smoothing_applies_to_training_curves_and_held_out_accuracy_is_drawn_as_measured(
+        tmp_path, monkeypatch):
+    drawn, real = {}, plot.draw_line
+
+    def recorded(axis, members, metric, smooth, *args, **kwargs):
+        drawn[metric] = plot.across_seeds(members, metric, smooth)[1]
+        return real(axis, members, metric, smooth, *args, **kwargs)
+    monkeypatch.setattr(plot, "draw_line", recorded)
+    run = write_run(tmp_path / "run")
+    plot.plot_training([run], tmp_path / "smoothed.png", smooth=5)
+    measured = [r["eval_accuracy"] for r in plot.read_run(run)["rows"] if "eval_accuracy" in r]
+    assert drawn["eval_accuracy"] == measured  # the last point is the run's final accuracy
+    assert drawn["reward"] != plot.across_seeds([plot.read_run(run)], "reward")[1]  # smoothed
+
+
 def test_eval_summaries_become_an_avg_at_k_bar_chart(tmp_path):
     for name, accuracy in (("a", 0.25), ("b", 0.5)):
         (tmp_path / name).mkdir()

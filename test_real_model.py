@@ -272,6 +272,20 @@ def test_one_step_trains_end_to_end_and_final_reloads_with_the_trained_logits(
     shutil.rmtree(out)  # 540 MB of weights
 
 
+def test_the_packaged_gguf_file_as_model_trains_and_saves_an_ordinary_folder(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = smol_config(smollm2, tmp_path, model=str(gguf_path()), algo="grpo", reward="judge",
+                      judge_url="unused")
+    igrpo.train(cfg, igrpo.Parts(judge=alternating_judge))
+    final = tmp_path / "run" / "final"
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(final)
+    converted = AutoModelForCausalLM.from_pretrained(smollm2)  # the same weights, before the step
+    assert reloaded.config.vocab_size == converted.config.vocab_size
+    assert igrpo.read_metrics(tmp_path / "run")[0]["grad_norm"] > 0
+    shutil.rmtree(tmp_path / "run")
+
+
 def test_eval_summary_agrees_with_its_completions_file(smollm2, tmp_path):
     out = tmp_path / "eval"
     results = evaluate.main(["--model", str(smollm2), "--benchmarks", "gsm8k", "--limit", "2",

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import uuid
 import zlib
@@ -561,6 +562,17 @@ def test_lora_trains_only_fp32_adapters_over_a_frozen_bf16_base(tiny, tmp_path):
     assert all(any(m is p for p in trainable.values()) for m in master)
 
 
+def test_adding_adapters_to_a_checkpointed_model_warns_of_nothing(tiny, tmp_path):
+    import warnings
+    cfg = scale_config(tiny, tmp_path, lora_rank=4)
+    model, _ = load_tiny(tiny, cfg=cfg)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scale.apply_lora(model, cfg)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_a_lora_adapter_on_the_output_layer_shapes_the_log_probs_and_gets_gradients(
         tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(scale, "LOGITS_BLOCK_BYTES", 4 * 520 * 2)  # chunks of 2 tokens' logits
@@ -694,12 +706,15 @@ def spawn_ranks(worker, folder, *args, ranks=2):
 
 
 def as_rank(rank, ranks, rendezvous, worker, args):
+    import faulthandler
+    faulthandler.enable()  # a rank that aborts shows where
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(ranks))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                                          world_size=ranks)
     try:
         worker(rank, *args)
+        torch.distributed.barrier()  # both ranks done before either tears down
     finally:  # a process that exits with its group alive may abort in gloo's threads
         torch.distributed.destroy_process_group()
 
@@ -898,6 +913,24 @@ def test_a_one_process_lora_run_resumes_to_the_weights_of_an_unbroken_one(tiny, 
     scale.train(dataclasses.replace(cfg, resume=True))
     unbroken, resumed = adapter(tmp_path / "unbroken"), adapter(tmp_path / "resumed")
     assert all(torch.equal(unbroken[name], resumed[name]) for name in unbroken)
+
+
+def sigterm_on_rank(rank, tiny, folder):
+    if rank == 1:  # a preempted machine: one rank is told to stop, in step 2
+        step_that(pytest.MonkeyPatch(), 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    cfg = scale_config(tiny, folder.parent, output_dir=str(folder), steps=4)
+    try:
+        scale.train(cfg)
+    except SystemExit as stop:
+        torch.save(stop.code, folder.parent / f"exit-rank{rank}.pt")
+
+
+def test_a_sigterm_on_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(
+        tiny, tmp_path):
+    spawn_ranks(sigterm_on_rank, tmp_path, tiny, tmp_path / "run")
+    assert [torch.load(tmp_path / f"exit-rank{rank}.pt") for rank in (0, 1)] == [130, 130]
+    run = tmp_path / "run"
+    assert igrpo.checkpoints(run) == [run / "step-2"] and training_steps(run) == [1, 2]
 
 
 def judge_stop_on_rank(rank, tiny, folder):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one device call: step time and peak memory of igrpo.py (plain: generate with a
-# dynamic cache, full log-softmax) and scale.py (compiled decoding, blockwise log-probs), beside TRL
-# and the floor (../shared/bench/gpu_compare.py, which runs igrpo.py by its command line; a copy of it
+# dynamic cache, the output layer on the completion positions) and scale.py (compiled decoding,
+# blockwise log-probs), beside TRL and the floor; then scale.py's FSDP2 path on this one GPU
+# (torchrun, world size 1) (../shared/bench/gpu_compare.py, which runs igrpo.py by its command line; a copy of it
 # edited to run scale.py instead measures scale.py). Never run here: prepare here.
 #
 # Prepare (on the networked machine, from the repository root; ../shared/bench/README.md):
@@ -22,6 +23,7 @@
 #   5. summary: one line per run (median step s, peak GiB), printed before the extras below
 #   6. scale.py's tests on CUDA: compiled decoding vs training's log-probs, fixed shapes, blockwise
 #   7. bench.py step at a 0.5B-like shape: each phase's peak, the state's bytes per parameter   ~60 s
+#   8. torchrun --nproc-per-node 1 scale.py --algo grpo: FSDP2 at world size 1, its median step  ~60 s
 # The log is copied to $OUT after each part, so a run cut short still brings back what it measured.
 set -u
 cd "$(dirname "$0")/.."
@@ -75,4 +77,17 @@ SHAPE=(--hidden 896 --layers 24 --vocab 151936 --completion 256)
 [ -n "${GPU_CHECK_TINY:-}" ] && SHAPE=(--completion 16)
 timeout 150 python3 bench.py step --algo grpo "${SHAPE[@]}" --prompts 8 --group-size 8 \
   --micro-batch-size 16 --steps 3 2>&1 | grep "^device\|^step" | tee -a "$LOG"
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
+
+echo "== FSDP2 on this one GPU: torchrun --nproc-per-node 1 scale.py" | tee -a "$LOG"
+timeout 200 torchrun --nproc-per-node 1 scale.py --model "$D/model" --dataset "$D/train.jsonl" \
+  --algo grpo --steps 4 --group-size 8 --prompts-per-step 8 --max-completion-tokens "$TOKENS" \
+  --micro-batch-size 16 --chat-template off --lr 1e-6 --output-dir "$D/fsdp-grpo" --overwrite 2>&1 \
+  | grep -v "it/s\]" | tail -n 15 | tee -a "$LOG"
+python3 - "$D/fsdp-grpo/metrics.jsonl" <<'PY' 2>&1 | tee -a "$LOG"
+import json, statistics, sys
+steps = [json.loads(line)["step_seconds"] for line in open(sys.argv[1]) if '"reward"' in line]
+print(f"FSDP2, world size 1: median step after the first {statistics.median(steps[1:]):.3f} s "
+      f"(all: {[round(s, 3) for s in steps]})")
+PY
 [ -n "${OUT:-}" ] && cp "$LOG" "$OUT/"
