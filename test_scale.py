@@ -566,7 +566,7 @@ def test_adding_adapters_to_a_checkpointed_model_warns_of_nothing(tiny, tmp_path
     import warnings
     cfg = scale_config(tiny, tmp_path, lora_rank=4)
     model, _ = load_tiny(tiny, cfg=cfg)
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scale.apply_lora(model, cfg)

@@ -502,9 +502,9 @@ def explain_step(cfg, command, say, judge=None):
     if cfg.loss == "dapo":
         trained = igrpo.informative_groups(step.scores.total, step.group_size)
     shown = problems_to_show(step)
+    cases = "a group whose rewards differ, one that agrees" + (", a wrong d*" if step.best else "")
     say(f"  shown: problem{'s' * (len(shown) > 1)} {', '.join(str(i + 1) for i in shown)} of "
-        f"{len(batch)} (each case first found: a group whose rewards differ, one that agrees, a "
-        "wrong d*); the batch's numbers count them all")
+        f"{len(batch)} (each case first found: {cases}); the batch's numbers count them all")
     for i in shown:
         say_problem(say, step, i, advantages, policy.tokenizer, cfg, first=i == shown[0])
     record = say_batch(say, step, advantages, trained, cfg)
