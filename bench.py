@@ -216,7 +216,8 @@ def bench_logprobs(args):
 def bench_fsdp_sampling(args):
     """Two gloo processes on the CPU (a file rendezvous): the same sampling call on one rank's
     whole model, on the FSDP2-sharded model with its weights gathered once (scale.gathered_once),
-    and with generate's synced_gpus (every rank steps together; the weights regathered per token)."""
+    and with generate's synced_gpus (every rank steps together, the weights regathered per
+    token)."""
     import tempfile
     import uuid
     folder = Path(tempfile.mkdtemp())

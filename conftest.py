@@ -3,7 +3,7 @@ it, and small helpers. Offline: nothing here reaches the hub."""
 import json
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: fail fast
 
 import pytest
 import torch

@@ -136,7 +136,8 @@ def first_line(error):
 
 
 def companion(name, needed_for):
-    """A file of this project beside igrpo.py (judge.py, track.py), imported when a flag needs it."""
+    """A file of this project beside igrpo.py (judge.py, track.py), imported when a flag needs
+    it."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
@@ -297,6 +298,10 @@ def refine_message(problem, draft):
     return REFINE_TEMPLATE.format(problem=problem, draft=draft.strip())
 
 
+def repeat(items, times):
+    return [item for item in items for _ in range(times)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewards: R = accuracy (checker, judge, or their mean) + format_weight * format - overlong penalty
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +362,8 @@ def model_source(name, flag="model"):
                                                                    "adapter_config.json")):
         return name
     if (folder / "final").is_dir():
-        print(f"--{flag} {name}: a training run folder; loading its final model, {folder / 'final'}")
+        print(f"--{flag} {name}: a training run folder; loading its final model, "
+              f"{folder / 'final'}")
         return str(folder / "final")
     run = (folder / "metrics.jsonl").is_file() or (folder / "args.json").is_file()
     fail(f"--{flag} {name}: " + ("a training run folder without final/ (still training, or "
@@ -579,10 +585,6 @@ def best_drafts(tokenizer, batch, drafts, cfg, judge=None):
     return best, rewards
 
 
-def repeat(items, times):
-    return [item for item in items for _ in range(times)]
-
-
 # ----------------------------------------------------------------------------------------------
 # Sampling: the group o_1..o_G ~ pi_theta(. | q) in batched generate calls (left padding, KV cache,
 # no gradient)
@@ -692,7 +694,8 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
     T = input_ids.shape[1] - prompt_length
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # left padding shifts no position
     # the positions P-1 .. P+T-2 predict the T completion tokens; older models compute them all
-    keep = dict(logits_to_keep=T + 1) if accepts_logits_to_keep(model) else {}
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = dict(logits_to_keep=T + 1) if keeps else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False, **keep).logits[:, -T - 1:-1]                  # (b, T, V)
     all_logp = torch.log_softmax(logits.float() / temperature, -1)              # (b, T, V)
@@ -705,10 +708,6 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
             p_log_p = all_logp.exp().mul_(all_logp)  # NaN where p = 0 and log p = -inf: it adds 0
             entropy = -p_log_p.nansum(-1).masked_fill(~completion_mask, 0.0)
     return logp.masked_fill(~completion_mask, 0.0), entropy
-
-
-def accepts_logits_to_keep(model):
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -896,7 +895,8 @@ def step_metrics(step, rollout, trained, update, seconds, cfg, world):
         kl=s["kl"] / per_token if cfg.beta > 0 else None,
         entropy=s["entropy"] / s["tokens"] if s["tokens"] else None, grad_norm=grad_norm,
         format_reward=s["format_reward"] / s["completions"],
-        completion_tokens=int(s["generated"]), mean_completion_length=s["length"] / s["completions"],
+        completion_tokens=int(s["generated"]),
+        mean_completion_length=s["length"] / s["completions"],
         dropped_groups=int(s["dropped_groups"]), judge_unparsed=int(s["judge_unparsed"]),
         step_seconds=seconds, tokens_per_second=s["generated"] / seconds)
 
@@ -971,8 +971,8 @@ def train(cfg, parts=Parts()):
 
 
 def set_up(cfg, parts, resume_from):
-    """(training problems, held-out problems, the Policy, the parts with their judge): what the first
-    step needs, each loaded and checked before the run folder changes."""
+    """(training problems, held-out problems, the Policy, the parts with their judge): what the
+    first step needs, each loaded and checked before the run folder changes."""
     seed(cfg, parts.world)
     problems, held_out = load_data(cfg)  # before the model: a bad file fails in seconds
     device, dtype = device_and_dtype(cfg.dtype)

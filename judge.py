@@ -123,8 +123,8 @@ def silence_watch(cfg):
     def watch(record):
         replies, unparsed = cfg.prompts_per_step * cfg.group_size, record["judge_unparsed"]
         if unparsed > replies / 2:
-            tqdm.write(f"step {record['step']}: warning: {unparsed} of {replies} judge replies held "
-                       "no score, so they counted 0 in the rewards")
+            tqdm.write(f"step {record['step']}: warning: {unparsed} of {replies} judge replies "
+                       "held no score, so they counted 0 in the rewards")
         silent[:] = silent + [record["step"]] if unparsed == replies else []
         if len(silent) >= SILENT_STEPS:
             return (f"steps {silent[0]} to {silent[-1]} had no judge reply that held a score (each "

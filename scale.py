@@ -374,7 +374,8 @@ def import_peft():
 
 @contextlib.contextmanager
 def peft_quietly():
-    """peft reads a property that transformers 5 deprecates: a warning a user can do nothing about."""
+    """peft reads a property that transformers 5 deprecates: a warning a user can do nothing
+    about."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
         yield
