@@ -33,7 +33,8 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
   ARGS=(--tiny); TOKENS=16; B=${GPU_CHECK_COMPARE:-../shared/bench/gpu_compare.py}
 fi
 mkdir -p "$D"; : > "$LOG"
-sed 's/"igrpo\.py"/"scale.py"/g' "$B" > "$D/compare_scale.py"  # the same runs through scale.py
+# the same runs through scale.py, named so in the summary
+sed 's/"igrpo\.py"/"scale.py"/g; s/who="igrpo "/who="scale.py "/' "$B" > "$D/compare_scale.py"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -48,10 +49,11 @@ run() {  # one mode, its output kept; a failure is reported in the summary, the 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee -a "$LOG"
 python3 "$B" build "$D" "${ARGS[@]}" | tee -a "$LOG"
 S=$D/compare_scale.py
-run "$S" igrpo "$D" --project . --algo grpo --extra --overwrite --output-dir "$D/scale-grpo"
-run "$B" igrpo "$D" --project . --algo grpo --extra --overwrite --output-dir "$D/plain-grpo"
-run "$S" igrpo "$D" --project . --algo igrpo --extra --overwrite --output-dir "$D/scale-igrpo"
-run "$B" igrpo "$D" --project . --algo igrpo --extra --overwrite --output-dir "$D/plain-igrpo"
+# each igrpo mode writes its own run-<algo>/ afresh, reads its metrics, then prints one RESULT line
+run "$S" igrpo "$D" --project . --algo grpo
+run "$B" igrpo "$D" --project . --algo grpo
+run "$S" igrpo "$D" --project . --algo igrpo
+run "$B" igrpo "$D" --project . --algo igrpo
 python3 -c "import trl" 2>/dev/null && run "$B" trl "$D" || echo "== trl: not installed, skipped" | tee -a "$LOG"
 run "$B" floor "$D"
 echo "== summary" | tee -a "$LOG"
