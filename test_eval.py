@@ -452,8 +452,8 @@ def test_judge_rewards_replace_the_checker_or_are_averaged_with_it(endpoint):
     judged = igrpo.compute_rewards(texts, golds, igrpo.Config(reward="judge"), problems=problems,
                          judge=score)[0]
     assert judged.tolist() == [1.0, 0.0]
-    mixed = igrpo.compute_rewards(texts, ["3", "3"], igrpo.Config(reward="rule+judge"), problems=problems,
-                        judge=score)[0]
+    mixed = igrpo.compute_rewards(texts, ["3", "3"], igrpo.Config(reward="rule+judge"),
+                                  problems=problems, judge=score)[0]
     assert mixed.tolist() == [0.0, 0.5]
 
 
@@ -604,7 +604,8 @@ def test_an_endpoint_that_is_down_costs_one_round_of_retries_per_call_not_one_pe
     ([float("nan"), 1.0], "one of them nan"), ([2.0, None], "one of them 2.0")])
 def test_a_judge_function_that_returns_what_is_not_a_score_each_is_one_line(returned, problem):
     with pytest.raises(SystemExit, match=re.escape(problem)):
-        judge.checked(lambda *_: iter(returned))(["p", "p"], ["2", "2"], ["\\boxed{2}", "\\boxed{3}"])
+        score = judge.checked(lambda *_: iter(returned))
+        score(["p", "p"], ["2", "2"], ["\\boxed{2}", "\\boxed{3}"])
 
 
 def test_a_judge_function_of_ones_own_is_checked_in_training_too(tiny, tmp_path):
@@ -616,6 +617,7 @@ def test_a_judge_function_of_ones_own_is_checked_in_training_too(tiny, tmp_path)
 def test_judge_scores_may_be_any_real_number_type_or_none():
     import numpy
     scores = [numpy.float32(0.5), 1, None, numpy.float64(0.25)]
-    rewards = igrpo.compute_rewards(["a"] * 4, ["2"] * 4, igrpo.Config(reward="judge"), problems=["p"] * 4,
+    rewards = igrpo.compute_rewards(["a"] * 4, ["2"] * 4, igrpo.Config(reward="judge"),
+                                    problems=["p"] * 4,
                                     judge=judge.checked(lambda *_: scores)).total
     assert rewards.tolist() == [0.5, 1.0, 0.0, 0.25]

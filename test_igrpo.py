@@ -2,7 +2,8 @@
 import dataclasses
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; fail fast, before any HF import
+# tests never reach the hub; fail fast, before any HF import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import random
@@ -31,11 +32,13 @@ from igrpo import Config, answers_match, extract_answer, math_reward
 # ----------------------------------------------------------------------------------------------
 # Answer checker: one row per answer form, true and false ones
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("completion,gold,verdict,what", CHECKER_CASES, ids=[c[3] for c in CHECKER_CASES])
+@pytest.mark.parametrize("completion,gold,verdict,what", CHECKER_CASES,
+                         ids=[c[3] for c in CHECKER_CASES])
 def test_checker_grades_each_answer_form_like_a_careful_grader(completion, gold, verdict, what):
     started = time.perf_counter()
     assert (math_reward(completion, gold) == 1.0) is verdict
-    assert time.perf_counter() - started < 5, "a hang guard, not a speed target (see bench.py checker)"
+    elapsed = time.perf_counter() - started
+    assert elapsed < 5, "a hang guard, not a speed target (see bench.py checker)"
 
 
 def test_checker_never_evaluates_model_text(monkeypatch):
@@ -44,7 +47,8 @@ def test_checker_never_evaluates_model_text(monkeypatch):
     for name in ("eval", "exec"):
         monkeypatch.setattr(builtins, name, lambda *a, **k: pytest.fail(f"{name} was called"))
     monkeypatch.setattr(sympy, "sympify", lambda *a, **k: pytest.fail("sympify was called"))
-    monkeypatch.setattr(sympy, "parse_expr", lambda *a, **k: pytest.fail("parse_expr was called"), raising=False)
+    monkeypatch.setattr(sympy, "parse_expr", lambda *a, **k: pytest.fail("parse_expr was called"),
+                        raising=False)
     for completion, gold, verdict, _ in CHECKER_CASES:
         assert (math_reward(completion, gold) == 1.0) is verdict
 
@@ -83,11 +87,13 @@ def test_gold_answer_is_extracted_from_a_full_solution():
     assert igrpo.gold_answer("  42 ") == "42"
 
 
-@pytest.mark.parametrize("benchmark_file", ["math500", "minerva_math", "aime24", "aime25", "amc23", "gsm8k_test"])
+@pytest.mark.parametrize("benchmark_file", ["math500", "minerva_math", "aime24", "aime25", "amc23",
+                                            "gsm8k_test"])
 def test_every_shipped_gold_answer_matches_itself_boxed_and_its_rewrites(benchmark_file):
     golds = [json.loads(line)["answer"] for line in open(DATA / f"{benchmark_file}.jsonl")]
     failures = [g for g in golds if not answers_match(extract_answer(f"So \\boxed{{{g}}}."), g)]
-    failures += [(g, r) for g in golds for r in rewrites(g) if not answers_match(extract_answer(f"\\boxed{{{r}}}"), g)]
+    failures += [(g, r) for g in golds for r in rewrites(g)
+                 if not answers_match(extract_answer(f"\\boxed{{{r}}}"), g)]
     assert failures == []
 
 
@@ -110,7 +116,8 @@ def test_group_advantages_are_exactly_zero_when_the_group_agrees_and_never_nan()
 
 def test_dr_grpo_advantages_are_not_divided_by_the_std():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    assert torch.allclose(igrpo.group_advantages(rewards, 4, scale_by_std=False), torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    assert torch.allclose(igrpo.group_advantages(rewards, 4, scale_by_std=False),
+                          torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +163,8 @@ def test_clipping_engages_only_beyond_epsilon():
     old = torch.log(torch.tensor([[1 / 1.1, 1 / 1.3, 1 / 0.7]]))  # ratios 1.1, 1.3, 0.7
     loss, clipped, _ = igrpo.policy_loss(logp, old, torch.tensor([1.0]), mask, weights, cfg)
     loss.backward()
-    assert clipped == 1  # only 1.3 > 1.2 with A > 0; 0.7 < 0.8 is not clipped for A > 0 (min keeps r A)
+    # only 1.3 > 1.2 with A > 0; 0.7 < 0.8 is not clipped for A > 0 (min keeps r A)
+    assert clipped == 1
     assert logp.grad[0, 1] == 0 and logp.grad[0, 0] != 0 and logp.grad[0, 2] != 0
 
 
@@ -164,7 +172,8 @@ def test_k3_kl_is_zero_iff_policy_equals_reference():
     logp, mask, advantages = loss_inputs()
     cfg = Config(beta=0.1)
     weights = igrpo.loss_weights(mask, "grpo", 6, ONE)
-    _, _, kl_same = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg, ref_logp=logp.detach())
+    _, _, kl_same = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg,
+                                      ref_logp=logp.detach())
     _, _, kl_diff = igrpo.policy_loss(logp, logp.detach(), advantages, mask, weights, cfg,
                                       ref_logp=logp.detach() - 0.3)
     assert kl_same == 0 and kl_diff > 0
@@ -186,10 +195,12 @@ def test_gspo_ratio_is_one_number_per_sequence():
     logp, mask, advantages = loss_inputs()
     cfg = Config(loss="gspo")
     old = logp.detach() + torch.linspace(-0.02, 0.02, 6)  # token ratios differ inside each sequence
-    value, clipped, _ = igrpo.policy_loss(logp, old, advantages, mask, igrpo.loss_weights(mask, "gspo", 6, ONE), cfg)
+    value, clipped, _ = igrpo.policy_loss(logp, old, advantages, mask,
+                                          igrpo.loss_weights(mask, "gspo", 6, ONE), cfg)
     value.backward()
     per_token = logp.grad / igrpo.loss_weights(mask, "gspo", 6, ONE).clamp(min=1e-12) * mask
-    for row in range(4):  # one ratio per sequence: the gradient w.r.t. each log-prob is equal along the row
+    # one ratio per sequence: the gradient w.r.t. each log-prob is equal along the row
+    for row in range(4):
         values = per_token[row][mask[row]]
         assert torch.allclose(values, values[0].expand_as(values), atol=1e-5)
 
@@ -208,13 +219,15 @@ def test_dapo_clips_asymmetrically_and_averages_over_all_tokens_of_the_batch():
 
 def test_overlong_penalty_is_soft_and_only_near_the_budget():
     cfg = Config(max_completion_tokens=100, overlong_buffer=20)
-    rewards, *_ = igrpo.compute_rewards(["\\boxed{1}"] * 3, ["1"] * 3, cfg, lengths=torch.tensor([70, 90, 100]))
+    rewards, *_ = igrpo.compute_rewards(["\\boxed{1}"] * 3, ["1"] * 3, cfg,
+                                        lengths=torch.tensor([70, 90, 100]))
     assert torch.allclose(rewards, torch.tensor([1.0, 0.5, 0.0]))
 
 
 def test_format_reward_is_logged_apart_and_weighted():
     cfg = Config(format_weight=0.5)
-    rewards, accuracy, formats, _ = igrpo.compute_rewards(["2+2 = 4 so \\boxed{4}", "\\boxed{5}", "4"], ["4"] * 3, cfg)
+    completions = ["2+2 = 4 so \\boxed{4}", "\\boxed{5}", "4"]
+    rewards, accuracy, formats, _ = igrpo.compute_rewards(completions, ["4"] * 3, cfg)
     assert accuracy.tolist() == [1.0, 0.0, 0.0]
     assert formats.tolist() == [1.0, 0.0, 0.0]
     assert rewards.tolist() == [1.5, 0.0, 0.0]
@@ -284,13 +297,15 @@ def test_a_generate_call_cut_short_by_the_context_masks_only_the_tokens_it_gener
 def test_left_padding_leaves_log_probs_unchanged(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    short, long = tokenizer("What is 3?").input_ids, tokenizer("Problem: What is 3 + 1 and then some?").input_ids
+    short = tokenizer("What is 3?").input_ids
+    long = tokenizer("Problem: What is 3 + 1 and then some?").input_ids
     completion = tokenizer(" 4. \\boxed{4}").input_ids
 
     def logprobs(prompts):
         P = max(map(len, prompts))
         ids = torch.tensor([[0] * (P - len(p)) + p + completion for p in prompts])
-        attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(completion)) for p in prompts])
+        attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(completion))
+                                  for p in prompts])
         mask = torch.ones(len(prompts), len(completion), dtype=torch.bool)
         with torch.no_grad():
             return igrpo.token_logprobs(model, ids, attention, P, mask, 0.7)[0]
@@ -302,7 +317,8 @@ def test_left_padding_leaves_log_probs_unchanged(tiny):
 def test_dropout_is_off_so_training_forwards_score_the_sampling_policy(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny / "model", attention_dropout=0.5)
-    saved(model, igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")[1], tmp_path / "m")
+    tokenizer = igrpo.load_model(str(tiny / "model"), Config(), torch.float32, "cpu")[1]
+    saved(model, tokenizer, tmp_path / "m")
     model, _ = igrpo.load_model(str(tmp_path / "m"), Config(), torch.float32, "cpu")
     model.train()
     ids = torch.arange(1, 20)[None]
@@ -310,18 +326,21 @@ def test_dropout_is_off_so_training_forwards_score_the_sampling_policy(tiny, tmp
 
 
 def test_generation_in_several_calls_stacks_each_prompt_intact_and_trimming_keeps_log_probs(tiny):
-    cfg = Config(chat_template="off", generation_batch_size=2)  # 3 prompts x 2 samples: three generate calls
+    # 3 prompts x 2 samples: three generate calls
+    cfg = Config(chat_template="off", generation_batch_size=2)
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
     prompts = ["What is 1 + 1?", "Problem: What is 12 + 1 and 3 + 4?", "What?"]
-    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6, temperature=1.0)
+    samples = igrpo.sample(model, tokenizer, prompts, cfg, per_prompt=2, max_new_tokens=6,
+                           temperature=1.0)
     assert samples.input_ids.shape[0] == 6
     for row in range(6):
-        prompt = samples.input_ids[row, :samples.prompt_length][samples.attention_mask[row, :samples.prompt_length] == 1]
+        not_padding = samples.attention_mask[row, :samples.prompt_length] == 1
+        prompt = samples.input_ids[row, :samples.prompt_length][not_padding]
         assert tokenizer.decode(prompt) == prompts[row // 2]
     rows = torch.tensor([1, 4])
     with torch.no_grad():
-        full = igrpo.token_logprobs(model, samples.input_ids[rows], samples.attention_mask[rows], samples.prompt_length,
-                                    samples.completion_mask[rows], 1.0)[0]
+        full = igrpo.token_logprobs(model, samples.input_ids[rows], samples.attention_mask[rows],
+                                    samples.prompt_length, samples.completion_mask[rows], 1.0)[0]
         trimmed = igrpo.token_logprobs(model, *igrpo.micro_batch(samples, rows), 1.0)[0]
     assert torch.allclose(full[:, :trimmed.shape[1]], trimmed, atol=1e-5)
     assert trimmed.shape[1] == int(samples.lengths[rows].max())
@@ -389,10 +408,11 @@ def test_log_probs_and_entropies_stay_finite_when_a_logit_is_the_dtypes_minimum(
 def test_sampling_ignores_the_models_own_generation_defaults(tiny):
     cfg = Config(chat_template="off")
     model, tokenizer = igrpo.load_model(str(tiny / "model"), cfg, torch.float32, "cpu")
-    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 10.0  # would make samples agree
+    # would make samples agree
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 10.0
     torch.manual_seed(0)
-    samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], cfg, per_prompt=8,
-                           max_new_tokens=6, temperature=1.0)
+    samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"], cfg,
+                           per_prompt=8, max_new_tokens=6, temperature=1.0)
     assert len(set(samples.texts)) > 1
 
 
@@ -404,16 +424,22 @@ def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(t
     own_defaults = model.generation_config
     prompt = ["Problem: What is 1 + 1?\n\nSolution:"]
     encoded = tokenizer(prompt, return_tensors="pt")
-    with warnings.catch_warnings():  # left to itself, generate() obeys them: here, one new token at most
+    # left to itself, generate() obeys them: here, one new token at most
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert model.generate(**encoded).shape[1] == encoded.input_ids.shape[1] + 1
-    for temperature in (1.0, 0.5):  # sampled: the very tokens a clean checkpoint samples with the same seed
+    # sampled: the very tokens a clean checkpoint samples with the same seed
+    for temperature in (1.0, 0.5):
         torch.manual_seed(1)
-        ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8, temperature=temperature)
+        ours = igrpo.sample(model, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8,
+                            temperature=temperature)
         torch.manual_seed(1)
-        reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8, temperature=temperature)
+        reference = igrpo.sample(clean, tokenizer, prompt * 3, cfg, per_prompt=4, max_new_tokens=8,
+                                 temperature=temperature)
         assert torch.equal(ours.input_ids, reference.input_ids) and ours.texts == reference.texts
-    greedy = igrpo.sample(model, tokenizer, prompt, cfg, per_prompt=1, max_new_tokens=8, temperature=0.0)  # greedy: argmax of the raw logits
+    # greedy: argmax of the raw logits
+    greedy = igrpo.sample(model, tokenizer, prompt, cfg, per_prompt=1, max_new_tokens=8,
+                          temperature=0.0)
     ids = encoded.input_ids
     with torch.no_grad():
         for _ in range(8):
@@ -424,7 +450,8 @@ def test_sampling_inherits_nothing_from_a_hostile_checkpoint_generation_config(t
     assert model.generation_config.sequence_bias == hostile["sequence_bias"]
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                 "{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -437,12 +464,13 @@ def chat_tokenizer(template=CHAT_TEMPLATE, bos=False):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=300,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer.train_from_iterator(["What is 1 + 1? so \\boxed{2}", igrpo.SYSTEM_PROMPT], trainer)
     if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
-                                                                 special_tokens=[("<|endoftext|>", 0)])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", chat_template=template)
 
@@ -454,12 +482,13 @@ def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkey
     assert igrpo.turn_end_id(tokenizer) == turn_end != tokenizer.eos_token_id
     plain_turns = chat_tokenizer("{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}")
     assert igrpo.turn_end_id(plain_turns) is None  # never stop at a newline
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32,
-                                         eos_token_id=tokenizer.eos_token_id))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, eos_token_id=tokenizer.eos_token_id))
     cfg = Config(chat_template="auto")
     prompt = igrpo.build_prompt(tokenizer, "What is 1 + 1?", cfg)
-    # A base model keeps writing after its turn: it closes it, then invents a new one with another answer.
+    # A base model keeps writing after its turn: it closes it, then invents a new one
+    # with another answer.
     answer = tokenizer("so \\boxed{2}", add_special_tokens=False).input_ids
     invention = tokenizer("<|im_start|>user\nso \\boxed{3}", add_special_tokens=False).input_ids
     asked = []
@@ -468,10 +497,12 @@ def test_sampling_stops_where_the_chat_template_closes_the_assistant_turn(monkey
         asked.append(generation_config.eos_token_id)
         return torch.cat([input_ids, torch.tensor([answer + [turn_end] + invention])], 1)
     monkeypatch.setattr(model, "generate", generate)
-    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=1, max_new_tokens=32, temperature=1.0)
+    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=1, max_new_tokens=32,
+                           temperature=1.0)
     assert asked == [sorted([tokenizer.eos_token_id, turn_end])]
     assert samples.texts == ["so \\boxed{2}"] and igrpo.math_reward(samples.texts[0], "2") == 1.0
-    assert samples.completion_mask[0].tolist() == [True] * (len(answer) + 1) + [False] * len(invention)
+    expected = [True] * (len(answer) + 1) + [False] * len(invention)
+    assert samples.completion_mask[0].tolist() == expected
 
 
 def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling_encodes_them():
@@ -481,7 +512,8 @@ def test_prompt_length_counts_the_chat_templates_special_tokens_once_as_sampling
     encoded = igrpo.encode(tokenizer, [prompt], cfg).input_ids[0].tolist()
     assert encoded.count(tokenizer.eos_token_id) == 1  # the template's BOS, not a second one
     assert igrpo.prompt_length(tokenizer, "What is 1 + 1?", cfg) == len(encoded)
-    assert len(tokenizer(prompt).input_ids) == len(encoded) + 1  # what the old length filter counted
+    # what the old length filter counted
+    assert len(tokenizer(prompt).input_ids) == len(encoded) + 1
 
 
 class BarsAtOnce(igrpo.tqdm):
@@ -490,20 +522,23 @@ class BarsAtOnce(igrpo.tqdm):
         super().__init__(*args, **dict(kwargs, delay=0))
 
 
-def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(tiny, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_held_out_prompts_are_length_filtered_and_scored_under_one_progress_bar(
+        tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(igrpo, "tqdm", BarsAtOnce)
     held_out = tmp_path / "held_out.jsonl"
-    problems = [f"What is {a} + 1?" for a in range(3)] + ["What is " + " + ".join(["1"] * 200) + "?"]
+    too_long = "What is " + " + ".join(["1"] * 200) + "?"
+    problems = [f"What is {a} + 1?" for a in range(3)] + [too_long]
     held_out.write_text("".join(json.dumps({"problem": p, "answer": "1"}) + "\n" for p in problems))
-    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out), group_size=2,
-                      generation_batch_size=2)
+    cfg = tiny_config(tiny, tmp_path, algo="grpo", steps=1, eval_dataset=str(held_out),
+                      group_size=2, generation_batch_size=2)
     igrpo.train(cfg)
     captured = capsys.readouterr()
     assert "--eval-dataset: skipping 1 problems longer than 128 prompt tokens" in captured.out
     assert "(3 problems)" in captured.out  # before training: 3 scored
-    assert captured.err.count("held-out:   0%") == 2  # one bar for each scoring (before, after), not per call
-    assert captured.err.count("update:   0%") == 1 and captured.err.count("group:   0%") == 1  # inside a step
+    # one bar for each scoring (before, after), not per call
+    assert captured.err.count("held-out:   0%") == 2
+    # inside a step
+    assert captured.err.count("update:   0%") == 1 and captured.err.count("group:   0%") == 1
 
 
 def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
@@ -512,7 +547,8 @@ def test_generation_stops_at_the_end_of_the_models_context(tiny, capsys):
     prompt = "Problem: What is 1 + 1?\n\nSolution:"
     model.config.max_position_embeddings = len(tokenizer(prompt).input_ids) + 5
     model.generation_config.eos_token_id = tokenizer.eos_token_id = None  # nothing else can stop it
-    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=2, max_new_tokens=50, temperature=1.0)
+    samples = igrpo.sample(model, tokenizer, [prompt], cfg, per_prompt=2, max_new_tokens=50,
+                           temperature=1.0)
     assert samples.lengths.tolist() == [5, 5]
     igrpo.say_context_limit(igrpo.max_positions(model), 10, 50)
     assert f"at most {model.config.max_position_embeddings} positions" in capsys.readouterr().out
@@ -529,7 +565,8 @@ class ChatTokenizer:
 def test_prompts_use_the_chat_template_with_our_system_prompt_when_the_tokenizer_has_one():
     prompt = igrpo.build_prompt(ChatTokenizer(), "What is 2+2?", Config())
     assert prompt == f"<|system|>{igrpo.SYSTEM_PROMPT}<|user|>What is 2+2?<|assistant|>"
-    assert igrpo.build_prompt(ChatTokenizer(), "Q", Config(chat_template="off")).startswith(igrpo.SYSTEM_PROMPT)
+    plain = igrpo.build_prompt(ChatTokenizer(), "Q", Config(chat_template="off"))
+    assert plain.startswith(igrpo.SYSTEM_PROMPT)
 
 
 def test_prompts_use_the_plain_template_when_the_tokenizer_has_no_chat_template(tiny):
@@ -541,7 +578,8 @@ def test_prompts_use_the_plain_template_when_the_tokenizer_has_no_chat_template(
 
 def test_stage_two_prompt_is_the_problem_followed_by_the_draft_through_the_template():
     message = igrpo.refine_message("What is 2+2?", " 2+2 = 5. \\boxed{5} ")
-    assert message == "What is 2+2?\n\nPrevious draft (may contain mistakes):\n2+2 = 5. \\boxed{5}\n\nWrite an improved solution."
+    assert message == ("What is 2+2?\n\nPrevious draft (may contain mistakes):\n"
+                       "2+2 = 5. \\boxed{5}\n\nWrite an improved solution.")
 
 
 def test_a_long_draft_is_cut_from_the_front_keeping_its_end(tiny):
@@ -549,7 +587,8 @@ def test_a_long_draft_is_cut_from_the_front_keeping_its_end(tiny):
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
     draft = "What is 1 + 1? " * 20 + "so \\boxed{2}"
     cut = igrpo.cut_draft(tokenizer, draft, 8)
-    assert cut.endswith("\\boxed{2}") and len(tokenizer(cut).input_ids) <= 8 < len(tokenizer(draft).input_ids)
+    assert (cut.endswith("\\boxed{2}")
+            and len(tokenizer(cut).input_ids) <= 8 < len(tokenizer(draft).input_ids))
     assert igrpo.cut_draft(tokenizer, "short \\boxed{2}", 100) == "short \\boxed{2}"
 
 
@@ -579,15 +618,18 @@ def test_igrpo_step_puts_the_first_best_draft_in_the_stage_two_prompt(tiny, tmp_
     # drafts 0 and 2 are both right; the first of them (draft 0) must be chosen
     calls = []
     parts = scripted_sampler(lambda prompt, i: f"draft {i} \\boxed{{{[2, 9, 2][i]}}}"
-                             if "Previous draft" not in prompt else f"refined {i} \\boxed{{2}}", calls)
+                             if "Previous draft" not in prompt else f"refined {i} \\boxed{{2}}",
+                             calls)
     batch = [{"problem": "What is 1 + 1?", "answer": "2"}]
     rollout = igrpo.sample_and_score(batch, policy_of(cfg), cfg, parts)
     stage_two_prompt = calls[1][0][0]
     assert calls[0][1] == 3 and calls[1][1] == 3 and rollout.per_group == 3
     assert "Previous draft" in stage_two_prompt and "What is 1 + 1?" in stage_two_prompt
-    assert rollout.best_drafts == ["draft 0 \\boxed{2}"] and "draft 0 \\boxed{2}" in stage_two_prompt
+    assert (rollout.best_drafts == ["draft 0 \\boxed{2}"]
+            and "draft 0 \\boxed{2}" in stage_two_prompt)
     assert rollout.draft_rewards.total.tolist() == [1.0, 0.0, 1.0]
-    assert rollout.sequences.texts == ["refined 0 \\boxed{2}", "refined 1 \\boxed{2}", "refined 2 \\boxed{2}"]
+    assert rollout.sequences.texts == ["refined 0 \\boxed{2}", "refined 1 \\boxed{2}",
+                                       "refined 2 \\boxed{2}"]
     assert rollout.prompts == [stage_two_prompt]
 
 
@@ -595,7 +637,8 @@ def test_a_wrong_best_draft_is_still_used(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path)
     calls = []
     parts = scripted_sampler(lambda prompt, i: "wrong \\boxed{7}", calls)
-    igrpo.sample_and_score([{"problem": "What is 1 + 1?", "answer": "2"}], policy_of(cfg), cfg, parts)
+    batch = [{"problem": "What is 1 + 1?", "answer": "2"}]
+    igrpo.sample_and_score(batch, policy_of(cfg), cfg, parts)
     assert len(calls) == 2 and "Previous draft" in calls[1][0][0]
 
 
@@ -617,9 +660,11 @@ def test_igrpo_trains_on_refinement_tokens_only(tiny, tmp_path):
     cfg = tiny_config(tiny, tmp_path)
     policy, calls = policy_of(cfg), []
     parts = scripted_sampler(lambda prompt, i: f"\\boxed{{{i}}}", calls)
-    samples = igrpo.sample_and_score([{"problem": "What is 1 + 1?", "answer": "1"}], policy, cfg, parts).sequences
+    batch = [{"problem": "What is 1 + 1?", "answer": "1"}]
+    samples = igrpo.sample_and_score(batch, policy, cfg, parts).sequences
     stage_two_ids = policy.tokenizer(calls[1][0][0], padding_side="left").input_ids
-    assert samples.input_ids[0, :samples.prompt_length].tolist()[-len(stage_two_ids):] == stage_two_ids
+    prompt_ids = samples.input_ids[0, :samples.prompt_length].tolist()
+    assert prompt_ids[-len(stage_two_ids):] == stage_two_ids
 
 
 @pytest.mark.parametrize("algo", ["igrpo", "grpo"])
@@ -635,15 +680,17 @@ def test_both_algorithms_generate_group_size_sequences_per_problem(tiny, tmp_pat
 def test_one_ppo_epoch_never_clips_and_more_epochs_can(tiny, tmp_path):
     results = {}
     for epochs in (1, 3):
-        cfg = tiny_config(tiny, tmp_path, ppo_epochs=epochs, lr=0.05, output_dir=str(tmp_path / f"e{epochs}"))
+        cfg = tiny_config(tiny, tmp_path, ppo_epochs=epochs, lr=0.05,
+                          output_dir=str(tmp_path / f"e{epochs}"))
         torch.manual_seed(0)
         model, tokenizer = igrpo.load_model(cfg.model, cfg, torch.float32, "cpu")
-        samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"] * 2, cfg, per_prompt=4,
-                                   max_new_tokens=8, temperature=1.0)
+        samples = igrpo.sample(model, tokenizer, ["Problem: What is 1 + 1?\n\nSolution:"] * 2, cfg,
+                               per_prompt=4, max_new_tokens=8, temperature=1.0)
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
         master = igrpo.master_weights(model)
         policy = igrpo.Policy(model, tokenizer, torch.optim.AdamW(master, lr=cfg.lr), master)
-        sums = igrpo.policy_update(policy, samples, advantages, torch.ones(8, dtype=torch.bool), cfg, igrpo.Parts())
+        sums = igrpo.policy_update(policy, samples, advantages, torch.ones(8, dtype=torch.bool),
+                                   cfg, igrpo.Parts())
         results[epochs] = sums["clipped"]
     assert results[1] == 0.0 and results[3] > 0.0
 
@@ -688,7 +735,8 @@ def test_master_gradients_accumulate_for_parameters_of_any_shape():
     assert all(torch.equal(m.grad, 2 * p.grad.float()) for m, p in zip(master, plain.parameters()))
 
 
-def test_a_tied_output_layer_gets_both_of_its_gradients_in_its_fp32_master_through_token_logprobs(tiny):
+def test_a_tied_output_layer_gets_both_of_its_gradients_in_its_fp32_master_through_token_logprobs(
+        tiny):
     cfg = Config(chat_template="off")
     model, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
     plain, _ = igrpo.load_model(str(tiny / "model"), cfg, torch.bfloat16, "cpu")
@@ -733,13 +781,14 @@ def test_every_step_draws_its_own_drafts_from_the_current_policy_then_refines(ti
 # ----------------------------------------------------------------------------------------------
 # End to end, and bad input
 # ----------------------------------------------------------------------------------------------
-METRIC_KEYS = {"step", "reward", "draft_reward", "best_draft_reward", "loss", "kl", "entropy", "clip_frac",
-               "completion_tokens", "lr", "step_seconds", "tokens_per_second"}
+METRIC_KEYS = {"step", "reward", "draft_reward", "best_draft_reward", "loss", "kl", "entropy",
+               "clip_frac", "completion_tokens", "lr", "step_seconds", "tokens_per_second"}
 
 
 @pytest.mark.parametrize("algo", ["igrpo", "grpo"])
 def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path, algo):
-    cfg = tiny_config(tiny, tmp_path, algo=algo, eval_dataset=str(tiny / "train.jsonl"), eval_limit=4, save_every=1)
+    cfg = tiny_config(tiny, tmp_path, algo=algo, eval_dataset=str(tiny / "train.jsonl"),
+                      eval_limit=4, save_every=1)
     results = igrpo.train(cfg)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     steps = [r for r in records if "reward" in r]
@@ -756,8 +805,8 @@ def test_a_short_run_writes_metrics_and_a_checkpoint_that_reloads(tiny, tmp_path
 # Long runs: resume, atomic checkpoints, the run folder (Ctrl-C and the rest: test_scale.py)
 # ----------------------------------------------------------------------------------------------
 def long_run_config(tiny, folder, **overrides):
-    return tiny_config(tiny, folder.parent, steps=4, eval_dataset=str(tiny / "train.jsonl"), eval_limit=2,
-                       output_dir=str(folder), **overrides)
+    return tiny_config(tiny, folder.parent, steps=4, eval_dataset=str(tiny / "train.jsonl"),
+                       eval_limit=2, output_dir=str(folder), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -792,8 +841,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_and_logs_ea
     assert "eval_before" in results and "eval_after" in results
     expected, resumed = final_weights(uninterrupted[dtype]), final_weights(folder)
     start = load_file(tiny / "model" / "model.safetensors")
-    assert any(not torch.equal(expected[name], start[name].to(expected[name].dtype)) for name in expected)
-    assert all(torch.allclose(expected[name].float(), resumed[name].float(), atol=1e-6) for name in expected)
+    assert any(not torch.equal(expected[name], start[name].to(expected[name].dtype))
+               for name in expected)
+    assert all(torch.allclose(expected[name].float(), resumed[name].float(), atol=1e-6)
+               for name in expected)
 
 
 def test_resume_refuses_changed_settings_a_finished_run_and_a_folder_without_checkpoints(
@@ -829,8 +880,10 @@ def test_overwrite_deletes_the_old_runs_checkpoints_and_final_model_but_nothing_
     for name in ours + ("final-merged", "notes", "step-2-backup", "step-2.bak"):
         (out / name).mkdir(parents=True)
     (out / "metrics.jsonl").write_text("{}\n")
-    assert igrpo.start_run(Config(steps=1, output_dir=str(out), overwrite=True), igrpo.World()) == (0, [])
-    left = ["args.json", "notes", "step-2-backup", "step-2.bak"]  # final-merged: scale.py's, of final/
+    cfg = Config(steps=1, output_dir=str(out), overwrite=True)
+    assert igrpo.start_run(cfg, igrpo.World()) == (0, [])
+    # final-merged: scale.py's, of final/
+    left = ["args.json", "notes", "step-2-backup", "step-2.bak"]
     assert sorted(p.name for p in out.iterdir()) == left
     assert json.loads((out / "args.json").read_text())["steps"] == 1
 
@@ -866,7 +919,8 @@ def test_checkpoints_are_complete_or_absent_readable_by_others_and_only_the_newe
     monkeypatch.setattr(type(tokenizer), "save_pretrained", killed)
     with pytest.raises(Crash):
         saved(model, tokenizer, folder / "step-9")
-    assert not (folder / "step-9").exists() and (folder / ".step-9.tmp" / "model.safetensors").exists()
+    assert (not (folder / "step-9").exists()
+            and (folder / ".step-9.tmp" / "model.safetensors").exists())
 
 
 def crash():
@@ -921,7 +975,8 @@ def test_an_interrupted_final_scoring_leaves_final_and_resume_redoes_only_the_sc
         return real(*args, **kwargs)
     with monkeypatch.context() as patch:
         patch.setattr(igrpo, "held_out_accuracy", stopped_at_the_last)
-        with pytest.raises(SystemExit, match=f"interrupted, .*--resume goes on from {folder / 'final'}"):
+        message = f"interrupted, .*--resume goes on from {folder / 'final'}"
+        with pytest.raises(SystemExit, match=message):
             igrpo.train(cfg)
     assert (folder / "final" / "model.safetensors").is_file()
     assert [r["step"] for r in metric_lines(folder)] == [0, 1, 2, 3, 4]
@@ -961,7 +1016,8 @@ def test_a_folder_holding_only_a_final_model_or_a_checkpoint_counts_as_a_run(tin
         (folder / leftover).mkdir(parents=True)
         with pytest.raises(SystemExit, match="already holds a (finished )?run"):
             igrpo.resume_point(tiny_config(tiny, tmp_path, output_dir=str(folder)))
-        igrpo.start_run(tiny_config(tiny, tmp_path, output_dir=str(folder), overwrite=True), igrpo.World())
+        igrpo.start_run(tiny_config(tiny, tmp_path, output_dir=str(folder), overwrite=True),
+                        igrpo.World())
         assert not (folder / leftover).exists() and (folder / "args.json").is_file()
 
 
@@ -1030,8 +1086,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint_and_promises_no_resu
     step_that(monkeypatch, 1, twice)
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()
             if not isinstance(v, bool)]
-    with pytest.raises(SystemExit, match="interrupted, no checkpoint written now; nothing to resume "
-                                         "from: the same command starts again"):
+    with pytest.raises(SystemExit, match="interrupted, no checkpoint written now; nothing to "
+                                         "resume from: the same command starts again"):
         igrpo.main(argv + ["--no-gradient-checkpointing"])
     assert not list(folder.glob("step-*")) and training_steps(folder) == []
     igrpo.main(argv + ["--no-gradient-checkpointing", "--steps=1"])  # not a run yet: it starts
@@ -1233,7 +1289,8 @@ def test_gold_answers_that_read_like_prose_are_counted_once_at_the_start(tmp_pat
     rows = [dict(problem="2+2?", answer="It is four."), dict(problem="1+1?", answer="2"),
             dict(problem="3+3?", answer="so \\boxed{6}")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert [p["answer"] for p in igrpo.load_problems(str(path), Config())] == ["It is four.", "2", "6"]
+    problems = igrpo.load_problems(str(path), Config())
+    assert [p["answer"] for p in problems] == ["It is four.", "2", "6"]
     assert "1 of 3 gold answers read like prose" in capsys.readouterr().out
 
 
@@ -1261,8 +1318,10 @@ def test_a_checkpoint_from_another_version_is_a_one_line_error_and_changes_nothi
 
 
 @pytest.mark.parametrize("file,layout,problem", [
-    ("trainer_state.pt", lambda state: dict(state, rng=state["rng"][0]),  # before each rank's was kept
-     r"trainer_state.pt was written by another version of igrpo.py \(it lacks rng \(each process's"),
+    # before each rank's was kept
+    ("trainer_state.pt", lambda state: dict(state, rng=state["rng"][0]),
+     r"trainer_state.pt was written by another version of igrpo.py "
+     r"\(it lacks rng \(each process's"),
     ("optimizer.pt", lambda state: dict(state, master=[torch.zeros(1)]),
      r"optimizer.pt holds 1 fp32 master weights, the model has 0 \(another --dtype\?\)")])
 def test_a_checkpoint_with_every_file_but_an_older_layout_is_one_line_and_changes_nothing(
@@ -1270,7 +1329,8 @@ def test_a_checkpoint_with_every_file_but_an_older_layout_is_one_line_and_change
     cfg = run_stopped_in_step_3(tiny, tmp_path, monkeypatch)
     path = tmp_path / "run" / "step-2" / file
     torch.save(layout(torch.load(path, weights_only=True)), path)
-    files = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.jsonl", "completions.jsonl")
+    files = {name: (tmp_path / "run" / name).read_bytes()
+             for name in ("metrics.jsonl", "completions.jsonl")
              if (tmp_path / "run" / name).exists()}
     with pytest.raises(SystemExit, match=r"--resume: .*step-2/" + problem):
         igrpo.train(dataclasses.replace(cfg, resume=True))
@@ -1295,15 +1355,18 @@ def test_a_cut_args_json_is_a_one_line_error_on_resume(tiny, tmp_path, monkeypat
 # ----------------------------------------------------------------------------------------------
 def test_every_setting_is_a_kebab_case_flag_with_help_that_shows_its_default_once():
     parser = igrpo.config_parser()
-    cfg = Config(**vars(parser.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])))
+    args = parser.parse_args(["--num-drafts", "3", "--no-gradient-checkpointing", "--lr=0.5"])
+    cfg = Config(**vars(args))
     assert cfg.num_drafts == 3 and cfg.gradient_checkpointing is False and cfg.lr == 0.5
     assert all(f.metadata["help"] for f in dataclasses.fields(Config))
     shown = " ".join(parser.format_help().split())
     assert "--temperature TEMPERATURE sampling temperature in training (> 0; default: 0.7)" in shown
-    assert "--algo ALGO drafts, then refinements; or the baseline (igrpo | grpo; default: igrpo)" in shown
+    assert ("--algo ALGO drafts, then refinements; or the baseline "
+            "(igrpo | grpo; default: igrpo)") in shown
     assert "(default: )" not in shown and "problem/question/prompt/query) (default" not in shown
     with pytest.raises(SystemExit):
-        parser.parse_args(["--num-draft", "3"])  # no abbreviations: a script can tell what was given
+        # no abbreviations: a script can tell what was given
+        parser.parse_args(["--num-draft", "3"])
 
 
 def test_a_config_subclass_gets_its_own_fields_as_flags_too():
@@ -1322,7 +1385,8 @@ def test_a_config_subclass_gets_its_own_fields_as_flags_too():
 
 BAD_INPUTS = [
     (dict(dataset="missing.jsonl"), "--dataset missing.jsonl: no such file"),
-    (dict(dataset="no-such-user/no-such-dataset-xyz"), "--dataset 'no-such-user/no-such-dataset-xyz'"),
+    (dict(dataset="no-such-user/no-such-dataset-xyz"),
+     "--dataset 'no-such-user/no-such-dataset-xyz'"),
     (dict(algo="ppo"), "--algo 'ppo'"),
     (dict(num_drafts=4, group_size=4), "--num-drafts 4"),
     (dict(loss="sft"), "--loss 'sft'"),
@@ -1342,8 +1406,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
-def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message, monkeypatch):
-    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded before the error"))
+def test_bad_input_stops_before_training_with_a_clear_message(tiny, tmp_path, overrides, message,
+                                                              monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model",
+                        lambda *args: pytest.fail("a model loaded before the error"))
     with pytest.raises(SystemExit, match=re.escape(message)) as stopped:
         igrpo.train(tiny_config(tiny, tmp_path, **overrides))
     assert "\n" not in str(stopped.value.code)
@@ -1362,8 +1428,10 @@ def test_a_number_flag_that_is_nan_or_infinite_is_refused_with_one_line(tiny, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(igrpo, "load_model", lambda *args: pytest.fail("a model loaded before the error"))
+def test_an_unwritable_output_folder_is_a_one_line_error_before_any_model_loads(
+        tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(igrpo, "load_model",
+                        lambda *args: pytest.fail("a model loaded before the error"))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit, match="--output-dir .*a-file/run: cannot write there"):
         igrpo.train(tiny_config(tiny, tmp_path, output_dir=str(tmp_path / "a-file" / "run")))
@@ -1397,7 +1465,8 @@ def test_bad_dataset_rows_are_named_in_the_error(tiny, tmp_path, rows, message):
 
 def test_a_csv_dataset_is_an_unsupported_format_not_bad_json(tiny, tmp_path):
     (tmp_path / "problems.csv").write_text("problem,answer\n1+1?,2\n")
-    with pytest.raises(SystemExit, match=re.escape("problems.csv: unsupported format .csv: use .jsonl, .json, .parquet")):
+    message = "problems.csv: unsupported format .csv: use .jsonl, .json, .parquet"
+    with pytest.raises(SystemExit, match=re.escape(message)):
         igrpo.train(tiny_config(tiny, tmp_path, dataset=str(tmp_path / "problems.csv")))
 
 
@@ -1442,4 +1511,5 @@ def test_datasets_load_from_jsonl_json_and_parquet_with_custom_keys(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
     cfg = Config(problem_key="q", answer_key="sol")
     for suffix in ("jsonl", "json", "parquet"):
-        assert igrpo.load_problems(str(tmp_path / f"a.{suffix}"), cfg) == [{"problem": "What is 1+1?", "answer": "2"}]
+        loaded = igrpo.load_problems(str(tmp_path / f"a.{suffix}"), cfg)
+        assert loaded == [{"problem": "What is 1+1?", "answer": "2"}]

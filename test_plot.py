@@ -202,7 +202,8 @@ def test_a_wrong_draft_has_exactly_one_wrong_column_step_and_a_wrong_final_answe
     for _ in range(50):
         terms = (rng.randint(10, 99), rng.randint(10, 99))
         draft = toy.wrong_draft(terms, rng)
-        steps = [step.split(" = ") for step in draft.split(" \\boxed")[0].strip().rstrip(".").split(". ")]
+        body = draft.split(" \\boxed")[0].strip().rstrip(".")
+        steps = [step.split(" = ") for step in body.split(". ")]
         wrong = [sum(map(int, left.split(" + "))) != int(right) for left, right in steps]
         assert sum(wrong) == 1
         assert not igrpo.math_reward(draft, str(sum(terms)))
@@ -230,8 +231,9 @@ def tiny_toy():
     cfg = igrpo.Config(**toy.SETTINGS)
     rng = random.Random(0)
     problems, _ = toy.make_problems(8, rng)
-    tokenizer = toy.build_tokenizer([igrpo.build_prompt(None, igrpo.refine_message(p["problem"], toy.solution(
-        p["terms"])), cfg) + toy.solution(p["terms"]) for p in problems])
+    tokenizer = toy.build_tokenizer([
+        igrpo.build_prompt(None, igrpo.refine_message(p["problem"], toy.solution(p["terms"])), cfg)
+        + toy.solution(p["terms"]) for p in problems])
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
@@ -255,11 +257,13 @@ def built_toy(tmp_path_factory):
 
 def test_toy_build_records_where_its_warm_start_stopped_and_is_complete(built_toy):
     folder, record = built_toy
-    assert record["warm_start_steps"] == 2 and json.loads((folder / "toy.json").read_text()) == record
+    written = json.loads((folder / "toy.json").read_text())
+    assert record["warm_start_steps"] == 2 and written == record
     assert toy.is_complete(folder) and not list(folder.parent.glob("*.partial-*"))
 
 
-def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(built_toy, monkeypatch):
+def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(
+        built_toy, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, _ = built_toy
     cfg = igrpo.Config(**toy.SETTINGS)
@@ -267,7 +271,8 @@ def test_toy_world_builds_a_warm_started_model_and_problem_files_that_reload(bui
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     assert tokenizer.decode(tokenizer("What is 47 + 38?").input_ids) == "What is 47 + 38?"
     train, test = (igrpo.load_problems(str(folder / f"{n}.jsonl"), cfg) for n in ("train", "test"))
-    assert not {p["problem"] for p in train} & {p["problem"] for p in test}  # held out means held out
+    # held out means held out
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: folder)
     prepared = toy.prepare(igrpo.Config(algo="grpo", steps=3), given={"algo", "steps"})
     assert (prepared.algo, prepared.steps, prepared.lr) == ("grpo", 3, toy.SETTINGS["lr"])
@@ -291,7 +296,8 @@ def test_toy_runs_of_different_settings_go_to_different_folders(built_toy, monke
     folder, _ = built_toy
     monkeypatch.setattr(toy, "cache_folder", lambda seed=0, right_drafts=0.5: folder)
     outputs = [toy.prepare(cfg, given).output_dir for cfg, given in (
-        (igrpo.Config(), set()), (igrpo.Config(algo="grpo"), {"algo"}), (igrpo.Config(seed=1), {"seed"}),
+        (igrpo.Config(), set()), (igrpo.Config(algo="grpo"), {"algo"}),
+        (igrpo.Config(seed=1), {"seed"}),
         (igrpo.Config(loss="dapo", steps=5), {"loss", "steps"}),
         (igrpo.Config(output_dir="mine"), {"output_dir"}),
         (igrpo.Config(resume=True, micro_batch_size=8), {"resume", "micro_batch_size"}))]
@@ -313,7 +319,8 @@ def test_plot_draws_a_real_two_step_toy_run(built_toy, tmp_path, monkeypatch):
     assert png_written(tmp_path / "run" / "plot.png")
 
 
-def test_comparison_table_gives_accuracy_before_and_after_over_seeds_and_igrpo_stage_rewards(tmp_path):
+def test_comparison_table_gives_accuracy_before_and_after_over_seeds_and_igrpo_stage_rewards(
+        tmp_path):
     for algo in toy.ALGOS:
         for seed in (0, 1):
             write_run(tmp_path / f"{algo}-seed{seed}", algo=algo, seed=seed)
@@ -333,10 +340,12 @@ def test_a_comparison_folder_refuses_a_rerun_with_other_flags(tmp_path):
 def test_a_comparison_rerun_resumes_a_run_stopped_with_a_checkpoint_and_restarts_one_without(
         tmp_path, monkeypatch):
     (tmp_path / "grpo-seed0" / "step-3").mkdir(parents=True)
-    (tmp_path / "grpo-seed0" / "step-3" / "trainer_state.pt").write_bytes(b"")  # Ctrl-C after step 3
+    # Ctrl-C after step 3
+    (tmp_path / "grpo-seed0" / "step-3" / "trainer_state.pt").write_bytes(b"")
     (tmp_path / "igrpo-seed0").mkdir()
     (tmp_path / "igrpo-seed0" / "args.json").write_text("{}")  # killed before its first checkpoint
-    (tmp_path / "toy.json").write_text(json.dumps(dict(seed=0, warm_start_steps=2, calibration_accuracy=0.5)))
+    record = dict(seed=0, warm_start_steps=2, calibration_accuracy=0.5)
+    (tmp_path / "toy.json").write_text(json.dumps(record))
     calls = []
     monkeypatch.setattr(toy, "main", calls.append)
     monkeypatch.setattr(toy, "comparison_table", lambda out, seeds: "")

@@ -64,7 +64,8 @@ def test_scale_parts_are_the_engineered_ones_cfg_asks_for_and_nothing_else():
 
 
 def test_no_program_file_rewrites_a_name_of_igrpo_py():
-    programs = [p for p in os.listdir(".") if p.endswith(".py") and not p.startswith(("test_", "conftest"))]
+    programs = [p for p in os.listdir(".")
+                if p.endswith(".py") and not p.startswith(("test_", "conftest"))]
     swaps = re.compile(r"vars\(igrpo\)|setattr\(igrpo|igrpo\.[a-z_]+ *=[^=]")
     assert [(p, line) for p in programs for line in open(p) if swaps.search(line)] == []
 
@@ -812,8 +813,9 @@ def test_two_fsdp_ranks_end_with_the_weights_of_one_process_over_the_same_proble
     rows = [json.loads(line) for line in open(fsdp_runs / "two" / "metrics.jsonl")]
     expected = [json.loads(line) for line in open(fsdp_runs / "one" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    dropped = [r["dropped_groups"] for r in rows]
     # step 3 drops 3 of its 4 groups: a rank whose groups all agree still takes part
-    assert [r["dropped_groups"] for r in rows] == [r["dropped_groups"] for r in expected] == [1, 2, 3]
+    assert dropped == [r["dropped_groups"] for r in expected] == [1, 2, 3]
     for got, want in zip(rows, expected):  # each number of the step over both ranks
         for name in ("reward", "accuracy", "clip_frac", "entropy", "completion_tokens",
                      "mean_completion_length", "best_draft_reward", "grad_norm"):
@@ -845,8 +847,9 @@ def test_a_sharded_checkpoint_resumed_without_torchrun_is_one_line_naming_both_s
     folder = tmp_path / "run"
     shutil.copytree(fsdp_runs / "killed", folder)
     shutil.rmtree(folder / "final")
-    with pytest.raises(SystemExit, match=r"was written by 2 processes under torchrun .* this run "
-                                         r"is 1 process: resume it with torchrun --nproc-per-node 2"):
+    message = (r"was written by 2 processes under torchrun .* this run "
+               r"is 1 process: resume it with torchrun --nproc-per-node 2")
+    with pytest.raises(SystemExit, match=message):
         train_seeded(fsdp_config(tiny, folder, loss="dapo", resume=True))
 
 
@@ -856,8 +859,8 @@ def bytes_on_rank(rank, tiny, folder):
     model = scale.sharded_policy(cfg, None, "cpu", torch.float32)[0]
     master, optimizer = scale.sharded_optimizer(model, cfg)
     local = sum(p.to_local().numel() for p in model.parameters())
-    torch.save(dict(local=local, whole=sum(p.numel() for p in model.parameters()), world=world.size),
-               folder / f"bytes-rank{rank}.pt")
+    whole = sum(p.numel() for p in model.parameters())
+    torch.save(dict(local=local, whole=whole, world=world.size), folder / f"bytes-rank{rank}.pt")
 
 
 def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(tiny, tmp_path):
