@@ -19,6 +19,7 @@ log-probs, compiled sampling) are scale.py's, which hands its own parts to this 
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import inspect
@@ -176,7 +177,7 @@ def read_rows(name, config="", split="train", flag="dataset"):
             return data if isinstance(data, list) else [*filter(lambda v: isinstance(v, list),
                                                                 data.values()), []][0]
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 is text
             try:
                 rows += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as error:
@@ -480,8 +481,8 @@ def master_weights_and_optimizer(model, cfg):
 def save_optimizer(policy, folder):
     """optimizer.pt: what resumes the update exactly, beyond the model's weights: AdamW's moments,
     and the fp32 master copies of bf16 weights (which the saved bf16 model rounds)."""
-    torch.save(dict(optimizer=policy.optimizer.state_dict(),
-                    master=[m for m in policy.master if not m.requires_grad]),
+    copies = [m for m in policy.master if not m.requires_grad]  # an fp32 parameter is its own
+    torch.save(dict(optimizer=policy.optimizer.state_dict(), master=copies),
                folder / "optimizer.pt")
 
 
@@ -520,20 +521,15 @@ class Policy(NamedTuple):
 #   Stage 2: q' = q + d* through REFINE_TEMPLATE; G - N refinements of q' get advantages and
 #            gradient. Either way the step generates G sequences per problem: the matched budget
 #            (our G, --group-size, is the paper's N + G; its G refinements are our G - N).
-# What the step calls follows it, in the order it calls it. `parts` (Parts, before the loop) holds
-# the calls a companion may replace: parts.sample, parts.token_logprobs, parts.optimizer_step.
+# What the step calls follows it, in reading order. `parts` (Parts, before the loop) holds the
+# calls a companion may replace: parts.sample, parts.token_logprobs, parts.optimizer_step.
 # ----------------------------------------------------------------------------------------------
 def training_step(step, batch, policy, cfg, parts):
     """One GRPO or iGRPO step on a batch of problems (this process's share of the step's).
     Returns (its line of metrics.jsonl, the Rollout, the advantages)."""
     started = time.time()
     rollout = sample_and_score(batch, policy, cfg, parts)
-    rewards = rollout.rewards.total                                              # (B*G,)
-    advantages = group_advantages(rewards, rollout.per_group, scale_by_std=cfg.loss != "dr_grpo")
-    # DAPO drops the groups that agree; elsewhere they stay in the average with advantage 0
-    trained = torch.ones_like(rewards, dtype=torch.bool)                         # (B*G,)
-    if cfg.loss == "dapo":
-        trained = informative_groups(rewards, rollout.per_group)
+    advantages, trained = step_advantages(rollout.rewards.total, rollout.per_group, cfg)
     for param_group in policy.optimizer.param_groups:
         param_group["lr"] = learning_rate(step - 1, cfg)
     update = policy_update(policy, rollout.sequences, advantages, trained, cfg, parts)
@@ -714,6 +710,16 @@ def token_logprobs(model, input_ids, attention_mask, prompt_length, completion_m
 # Group-relative advantages: every token of o_j gets A_j = (R_j - mean(R)) / std(R) over its group,
 # and A_j = 0 when the group agrees (std = 0). No value network.
 # ----------------------------------------------------------------------------------------------
+def step_advantages(rewards, per_group, cfg):
+    """(A_j of each sequence, which sequences train), (B*G,) each. DAPO drops the groups that
+    agree; elsewhere they stay in the average with advantage 0."""
+    advantages = group_advantages(rewards, per_group, scale_by_std=cfg.loss != "dr_grpo")
+    trained = torch.ones_like(rewards, dtype=torch.bool)
+    if cfg.loss == "dapo":
+        trained = informative_groups(rewards, per_group)
+    return advantages, trained
+
+
 def group_advantages(rewards, per_group, scale_by_std=True):
     grouped = rewards.view(-1, per_group)                                        # (B, G)
     centered = grouped - grouped.mean(1, keepdim=True)
@@ -923,7 +929,7 @@ class Parts:
     make_optimizer: Callable = master_weights_and_optimizer  # (master weights, optimizer)
     sample: Callable = sample  # compiled decoding with a static KV cache
     token_logprobs: Callable = token_logprobs  # memory-lean: no (tokens x vocabulary) tensor
-    optimizer_step: Callable = optimizer_step  # skip a non-finite update; torchrun: sum gradients
+    optimizer_step: Callable = optimizer_step  # skip an update whose gradient norm is not finite
     save_model: Callable = lambda model, folder: model.save_pretrained(folder)  # LoRA: its adapter
     save_optimizer: Callable = save_optimizer  # FSDP2: each process its shard of the state
     load_optimizer: Callable = load_optimizer
@@ -961,12 +967,13 @@ def train(cfg, parts=Parts()):
             if not (resume_from and resume_from.name == "final"):  # first: a lost score is redone
                 save(out / "final", policy, parts)
             if interrupted and held_out:
-                raise SystemExit(f"interrupted: {out / 'final'} is saved; --resume scores the "
-                                 "held-out set, which is all that is left:\n  " +
-                                 resume_command(world))
+                tqdm.write(f"interrupted: {out / 'final'} is saved; --resume scores the held-out "
+                           f"set, which is all that is left:\n  {resume_command(world)}")
+                raise SystemExit(130)
             if held_out and not finished(out, cfg):
                 log_held_out(metrics, cfg.steps, policy, held_out, cfg, parts, tracker)
     tqdm.write(f"metrics: {out / 'metrics.jsonl'}  model: {out / 'final'}")
+    world.gather(None)  # every process reads the results once rank 0 has written them
     return held_out_results(out)
 
 
@@ -992,7 +999,7 @@ def set_up(cfg, parts, resume_from):
 def run_steps(start, order, problems, held_out, policy, metrics, cfg, parts, tracker, requested):
     """Steps start+1 .. cfg.steps, each logged, with checkpoints every --save-every steps and
     wherever the run must stop. Returns whether a Ctrl-C asked to stop after the last step."""
-    world, out = parts.world, Path(cfg.output_dir)
+    world, out, interrupted = parts.world, Path(cfg.output_dir), False
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.algo,
                dynamic_ncols=True, disable=world.rank != 0)
     for step in bar:
@@ -1017,7 +1024,7 @@ def run_steps(start, order, problems, held_out, policy, metrics, cfg, parts, tra
                 tqdm.write(f"interrupted after step {step}, checkpoint {folder}; continue with:\n"
                            f"  {resume_command(world)}")
                 raise SystemExit(130)
-    return requested.is_set()
+    return interrupted  # on the last step: decided alike on every process
 
 
 @contextlib.contextmanager
@@ -1032,7 +1039,8 @@ def stop_requests():
     def on_signal(*_):
         requested.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("Ctrl-C: finishing this step, then saving a checkpoint (again: quit at once)")
+        tqdm.write("Ctrl-C or SIGTERM: finishing this step, then saving a checkpoint (a second "
+                   "Ctrl-C: quit at once)")
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
@@ -1051,6 +1059,9 @@ def explained_stops(cfg, world):
     except KeyboardInterrupt:
         fail(f"interrupted, no checkpoint written now; {what_resumes(out, world)}")
     except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                               errno.EROFS):  # not the disk or the folder: not explained here
+            raise
         fail(f"writing {error.filename or out} failed ({error.strerror or error}): free space or "
              f"fix permissions; {what_resumes(out, world)}")
 
@@ -1058,6 +1069,8 @@ def explained_stops(cfg, world):
 def what_resumes(out, world):
     """What --resume would go on from in this run folder, and the command; or that nothing would."""
     newest = (out / "final") if (out / "final").is_dir() else resumable(out)
+    if newest is None and holds_run(out):  # steps logged, none saved: --save-every 0
+        return "nothing to resume from: --overwrite starts the run again"
     if newest is None:
         return "nothing to resume from: the same command starts again"
     return f"--resume goes on from {newest}, which is complete:\n  {resume_command(world)}"
@@ -1290,6 +1303,8 @@ def save(folder, policy, parts, trainer_state=None):
             if trainer_state is not None:
                 torch.save(trainer_state, temporary / "trainer_state.pt")
     except (OSError, RuntimeError) as error:  # torch.save says "iostream error" on a full disk
+        if isinstance(error, torch.OutOfMemoryError):  # a RuntimeError too, not the disk's
+            raise
         shutil.rmtree(temporary, ignore_errors=True)
         fail(f"saving {folder} failed ({first_line(error)}): free space or fix permissions; "
              f"{what_resumes(folder.parent, parts.world)}")

@@ -300,14 +300,18 @@ def systematically_off(model, inputs, reference):
     return bool(((mean.abs() > floor) & (mean.abs() > 8 * standard_error)).any())
 
 
-def lean_load_model(name, cfg, dtype, device, flag="model"):
-    """igrpo.load_model, a LoRA checkpoint's base with its adapter merged, and check_scoring."""
+def load_model(name, cfg, dtype, device, flag="model"):
+    """igrpo.load_model, or a LoRA checkpoint's base with its adapter merged."""
     name = igrpo.model_source(name, flag)
     if (Path(name) / "adapter_config.json").is_file():  # saved with --lora-rank: base + adapter
-        model, tokenizer = load_lora_checkpoint(name, cfg, dtype, device, flag)
-    else:
-        model, tokenizer = igrpo.load_model(name, cfg, dtype, device, flag)
-    check_scoring(model, f"--{flag} {name}")
+        return load_lora_checkpoint(name, cfg, dtype, device, flag)
+    return igrpo.load_model(name, cfg, dtype, device, flag)
+
+
+def lean_load_model(name, cfg, dtype, device, flag="model"):
+    """load_model, and check_scoring: how lean_token_logprobs scores this model."""
+    model, tokenizer = load_model(name, cfg, dtype, device, flag)
+    check_scoring(model, f"--{flag} {igrpo.model_source(name, flag)}")
     return model, tokenizer
 
 
@@ -389,18 +393,15 @@ def apply_lora(model, cfg):
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                              target_modules=targets)
     try:  # peft freezes the base, adds the adapters and keeps them fp32 over a bf16 base
-        with peft_quietly():
+        with peft_quietly(), torch.random.fork_rng():  # A is random: the same on every rank
+            torch.manual_seed(cfg.seed)
             wrapped = peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. no module of the model has the given name
         fail(f"--lora-targets {cfg.lora_targets!r}: {str(error).splitlines()[0]}")
     local = cfg.model and Path(cfg.model).is_dir()  # a saved adapter names a local base absolutely
     base = str(Path(cfg.model).resolve()) if local else cfg.model
     wrapped.peft_config["default"].base_model_name_or_path = base
-    model = wrapped.get_base_model()  # the original model object, adapters inside: the rest as is
-    for p in model.parameters() if process_count() > 1 else []:  # A starts random: take rank 0's
-        if p.requires_grad:
-            torch.distributed.broadcast(p.data, src=0)
-    return model
+    return wrapped.get_base_model()  # the original model object, adapters inside: the rest as is
 
 
 def is_lora(model):
@@ -434,17 +435,23 @@ def adapters_disabled(policy):
             layer.enable_adapters(True)
 
 
-def lora_policy(cfg, resume_from, device, dtype):
+def lora_policy(cfg, resume_from, device, dtype, load=None):
     """igrpo.load_policy with adapters: (policy, tokenizer, its adapters-off self or None). A
     resumed run's adapters are those its checkpoint saved, on the same base."""
-    model, tokenizer, _ = lean_policy(dataclasses.replace(cfg, beta=0.0), None, device, dtype)
+    # beta 0: igrpo.load_policy loads no second model; the reference is the adapters-off policy
+    model, tokenizer, _ = igrpo.load_policy(dataclasses.replace(cfg, beta=0.0), None, device,
+                                            dtype, load=load or lean_load_model)
     model = apply_lora(model, cfg)
     if resume_from is not None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
         saved = load_file(Path(resume_from) / "adapter_model.safetensors", device=str(device))
-        set_peft_model_state_dict(model, {name.removeprefix("base_model.model."): tensor
-                                          for name, tensor in saved.items()})
+        loaded = set_peft_model_state_dict(model, {name.removeprefix("base_model.model."): tensor
+                                                   for name, tensor in saved.items()})
+        if loaded.unexpected_keys:  # adapters of another rank or on other modules
+            fail(f"--resume: {resume_from} holds adapters this model does not have (e.g. "
+                 f"{loaded.unexpected_keys[0]}): resume with the run's --lora-rank and "
+                 "--lora-targets")
     return model, tokenizer, AdaptersOff(model) if cfg.beta > 0 else None
 
 
@@ -554,8 +561,9 @@ def every_ranks(own):
 def sharded_policy(cfg, resume_from, device, dtype):
     """igrpo.load_policy's policy (and reference), or LoRA's, read in fp32 on the CPU, then each
     decoder layer and the root sharded over the ranks onto the device."""
-    load = lora_policy if cfg.lora_rank else lean_policy
-    model, tokenizer, reference = load(cfg, resume_from, "cpu", torch.float32)
+    policy = lora_policy if cfg.lora_rank else igrpo.load_policy
+    # fp32: the master weights; FSDP2 scores through the model's own forward (no check_scoring)
+    model, tokenizer, reference = policy(cfg, resume_from, "cpu", torch.float32, load=load_model)
     for shardable in [model] + ([reference] if isinstance(reference, torch.nn.Module) and
                                 not isinstance(reference, AdaptersOff) else []):
         shard(shardable, dtype, device)
@@ -600,14 +608,14 @@ def gathered_once(sample):
         sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for module in sharded:
             module.unshard()
-            module.set_reshard_after_forward(False)
+            module.set_reshard_after_forward(False, recurse=False)
         try:
             options.update(progress=options.get("progress") if process_rank() == 0 else None)
             return sample(model, tokenizer, prompts, cfg, synced_gpus=False, **options)
         finally:
-            for module in sharded:
+            for module in sharded:  # FSDP2's default back: the root keeps its weights after forward
                 module.reshard()
-                module.set_reshard_after_forward(True)
+                module.set_reshard_after_forward(module is not model, recurse=False)
     return sample_whole
 
 
@@ -629,11 +637,16 @@ def save_gathered(model, folder):
 
 
 def save_optimizer_shards(policy, folder):
-    """optimizer/: AdamW's state, each rank writing its shard (torch.distributed.checkpoint)."""
+    """optimizer/: AdamW's state, each rank writing its shard (torch.distributed.checkpoint). Its
+    failures (a full disk on any rank) reach igrpo.save as the RuntimeError it explains."""
     import torch.distributed.checkpoint as checkpoint
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(policy.model, policy.optimizer)
-    checkpoint.save(state, checkpoint_id=folder / "optimizer")
+    try:
+        checkpoint.save(state, checkpoint_id=folder / "optimizer")
+    except CheckpointException as error:  # a BaseException: no handler for errors would see it
+        raise RuntimeError(f"torch.distributed.checkpoint: {igrpo.first_line(error)}") from None
 
 
 def load_optimizer_shards(policy, folder, processes):
@@ -646,8 +659,13 @@ def load_optimizer_shards(policy, folder, processes):
         fail(f"--resume: {folder} was written by {processes} process without torchrun (its "
              f"optimizer in optimizer.pt); this run has {process_count()} ranks: resume it "
              "without torchrun")
+    from torch.distributed.checkpoint.api import CheckpointException
     state = get_optimizer_state_dict(policy.model, policy.optimizer)  # the layout to fill
-    checkpoint.load(state, checkpoint_id=folder / "optimizer")
+    try:
+        checkpoint.load(state, checkpoint_id=folder / "optimizer")
+    except CheckpointException as error:
+        fail(f"--resume: {folder / 'optimizer'} is damaged ({igrpo.first_line(error)}); delete "
+             f"{folder} to resume from the checkpoint before it")
     set_optimizer_state_dict(policy.model, policy.optimizer, state)
 
 
@@ -748,6 +766,8 @@ def scale_parts(cfg, world=None):
     common = dict(optimizer_step=skipping_non_finite(igrpo.optimizer_step, run),
                   watches=(long_run_watch(run, cfg),))
     if world is not None:  # FSDP2 reads the output layer only in its forward: the plain path
+        if cfg.compile_generation == "on":
+            print("--compile-generation on: not under torchrun (FSDP2 samples uncompiled)")
         return igrpo.Parts(load_policy=sharded_policy, make_optimizer=sharded_optimizer,
                            sample=gathered_once(igrpo.sample), save_model=save_gathered,
                            save_optimizer=save_optimizer_shards,

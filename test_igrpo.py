@@ -1066,11 +1066,13 @@ def test_sigterm_stops_like_a_first_ctrl_c(tiny, tmp_path, monkeypatch):
 
 
 def test_a_ctrl_c_on_the_last_step_saves_final_and_says_resume_does_the_scoring_left(
-        tiny, tmp_path, monkeypatch):
+        tiny, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "run"
     step_that(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(SystemExit, match=f"interrupted: {folder / 'final'} is saved; --resume "):
+    with pytest.raises(SystemExit) as stopped:
         igrpo.train(long_run_config(tiny, folder, dtype="fp32"))
+    assert stopped.value.code == 130
+    assert f"interrupted: {folder / 'final'} is saved; --resume " in capsys.readouterr().out
     assert (folder / "final").is_dir() and not list(folder.glob("step-*"))
     assert igrpo.train(long_run_config(tiny, folder, dtype="fp32", resume=True))["eval_after"] >= 0
 
@@ -1282,6 +1284,26 @@ def test_a_bad_jsonl_line_is_named_by_its_own_number(tmp_path, lines, number):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match=f"problems.jsonl, line {number}: not valid JSON"):
         igrpo.load_problems(str(path), Config())
+
+
+def test_a_jsonl_line_may_hold_unicode_line_separators_inside_its_strings(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    rows = [dict(problem="1+1?\u2028(a line separator)", answer="2"),
+            dict(problem="2+2?", answer="4")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [p["answer"] for p in igrpo.load_problems(str(path), Config())] == ["2", "4"]
+
+
+def test_a_folder_with_logged_steps_and_no_checkpoint_names_overwrite_never_a_plain_restart(
+        tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')  # --save-every 0, killed
+    said = igrpo.what_resumes(run, igrpo.World())
+    assert said == "nothing to resume from: --overwrite starts the run again"
+    (run / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')  # no step done
+    said = igrpo.what_resumes(run, igrpo.World())
+    assert said == "nothing to resume from: the same command starts again"
 
 
 def test_gold_answers_that_read_like_prose_are_counted_once_at_the_start(tmp_path, capsys):

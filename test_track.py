@@ -293,6 +293,21 @@ def test_a_missing_tracker_package_is_a_one_line_error_with_the_install_command(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_wandb_without_an_account_stops_before_anything_loads_and_leaves_the_folder_alone(
+        tiny, tmp_path, monkeypatch):
+    for variable in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setattr(igrpo, "load_model", lambda *args, **kwargs: pytest.fail("it loaded"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')  # an older run
+    cfg = tiny_config(tiny, tmp_path, track="wandb", overwrite=True)
+    with pytest.raises(SystemExit, match="--track wandb: no wandb account here .*WANDB_MODE=off"):
+        igrpo.train(cfg)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
+
+
 def test_under_torchrun_ranks_other_than_0_log_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     tracker = track.open_tracker("tensorboard", "run", {"lr": 1.0}, tmp_path)

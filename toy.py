@@ -35,7 +35,6 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -424,18 +423,6 @@ ALGO_NAMES = dict(igrpo="iGRPO", grpo="GRPO")
 LINE_START, WRAPPED = "\u2502", "\u250a"  # the prompt's lines, and the pieces of a wrapped one
 
 
-class Step(NamedTuple):
-    """One step's samples (igrpo.Rollout), as the printout reads them."""
-    batch: list
-    drafts: object          # Stage 1's Sequences (None for GRPO)
-    draft_rewards: object   # (B, N) (None for GRPO)
-    best: list              # d* per problem, cut to --max-draft-tokens (None for GRPO)
-    prompts: list           # what the trained sequences were sampled from: q' (iGRPO) or q
-    samples: object         # the trained sequences: refinements (iGRPO) or the group (GRPO)
-    scores: object          # igrpo.Rewards of the samples
-    group_size: int
-
-
 def explain(argv=None, judge=None):
     """python toy.py explain [igrpo.py flags] [--markdown PATH]: one step on the toy, printed.
     With --markdown and no --algo: the iGRPO step, then the GRPO step. Returns each step's
@@ -493,43 +480,44 @@ def explain_step(cfg, command, say, judge=None):
     say_settings(say, cfg, command)
     batch, _ = igrpo.next_batch(problems, [], cfg)
     rollout = igrpo.sample_and_score(batch, policy, cfg, parts)
-    draft_rewards = rollout.draft_rewards and rollout.draft_rewards.total.view(-1, cfg.num_drafts)
-    step = Step(batch, rollout.drafts, draft_rewards, rollout.best_drafts, rollout.prompts,
-                rollout.sequences, rollout.rewards, rollout.per_group)
-    advantages = igrpo.group_advantages(step.scores.total, step.group_size,
-                                        scale_by_std=cfg.loss != "dr_grpo")
-    trained = torch.ones_like(step.scores.total, dtype=torch.bool)                   # (B*G,)
-    if cfg.loss == "dapo":
-        trained = igrpo.informative_groups(step.scores.total, step.group_size)
-    shown = problems_to_show(step)
-    cases = "a group whose rewards differ, one that agrees" + (", a wrong d*" if step.best else "")
+    advantages, trained = igrpo.step_advantages(rollout.rewards.total, rollout.per_group, cfg)
+    shown = problems_to_show(rollout, batch)
+    cases = "a group whose rewards differ, one that agrees"
+    cases += ", a wrong d*" if rollout.best_drafts else ""
     say(f"  shown: problem{'s' * (len(shown) > 1)} {', '.join(str(i + 1) for i in shown)} of "
         f"{len(batch)} (each case first found: {cases}); the batch's numbers count them all")
     for i in shown:
-        say_problem(say, step, i, advantages, policy.tokenizer, cfg, first=i == shown[0])
-    record = say_batch(say, step, advantages, trained, cfg)
-    row = refinement_to_show(step, advantages, trained, shown)
-    before = token_view(policy, parts, step.samples, row, cfg)
+        say_problem(say, rollout, batch, i, advantages, policy.tokenizer, cfg,
+                    first=i == shown[0])
+    record = say_batch(say, rollout, batch, advantages, trained, cfg)
+    row = refinement_to_show(rollout, advantages, trained, shown)
+    before = token_view(policy, parts, rollout.sequences, row, cfg)
     for param_group in policy.optimizer.param_groups:
         param_group["lr"] = igrpo.learning_rate(0, cfg)
-    update = igrpo.policy_update(policy, step.samples, advantages, trained, cfg, parts)
+    update = igrpo.policy_update(policy, rollout.sequences, advantages, trained, cfg, parts)
     logged = igrpo.step_metrics(1, rollout, trained, update, 1.0, cfg, parts.world)
-    after = token_view(policy, parts, step.samples, row, cfg)
-    say_tokens(say, step, row, advantages, trained, before, after, policy.tokenizer, cfg)
+    after = token_view(policy, parts, rollout.sequences, row, cfg)
+    say_tokens(say, rollout, row, advantages, trained, before, after, policy.tokenizer, cfg)
     say_update(say, logged, policy.optimizer.param_groups[0]["lr"], cfg)
     update = {k: logged[k] for k in ("loss", "clip_frac", "kl", "entropy", "grad_norm")}
     return dict(record, **update, lr=policy.optimizer.param_groups[0]["lr"])
 
 
-def problems_to_show(step):
+def drafts_by_problem(rollout, cfg):
+    """Stage 1's rewards, (B, N): a row of drafts per problem (None for GRPO)."""
+    drafts = rollout.draft_rewards
+    return None if drafts is None else drafts.total.view(-1, cfg.num_drafts)
+
+
+def problems_to_show(rollout, batch):
     """Up to SHOWN_PROBLEMS problems, each case first found: a group whose rewards differ, a group
     that agrees, a wrong d*; then the batch's first problems."""
-    groups = step.scores.total.view(-1, step.group_size)
+    groups = rollout.rewards.total.view(-1, rollout.per_group)
     agrees = (groups.amax(1) == groups.amin(1)).tolist()
     cases = [[not agree for agree in agrees], agrees]
-    if step.best is not None:
+    if rollout.best_drafts is not None:
         cases.append([not igrpo.math_reward(draft, problem["answer"])
-                      for draft, problem in zip(step.best, step.batch)])
+                      for draft, problem in zip(rollout.best_drafts, batch)])
     shown = []
     for case in cases + [[True] * len(agrees)] * SHOWN_PROBLEMS:
         shown += [i for i, hit in enumerate(case) if hit and i not in shown][:1]
@@ -604,34 +592,36 @@ def clip_range(cfg):
     return cfg.clip_eps_low or default_low, cfg.clip_eps_high or default_high
 
 
-def say_problem(say, step, i, advantages, tokenizer, cfg, first):
-    problem = step.batch[i]
+def say_problem(say, rollout, batch, i, advantages, tokenizer, cfg, first):
+    problem = batch[i]
     say()
-    say(rule(f"Problem {i + 1} of {len(step.batch)}: {problem['problem']}   gold answer: "
+    say(rule(f"Problem {i + 1} of {len(batch)}: {problem['problem']}   gold answer: "
              f"{problem['answer']}"))
-    if step.drafts is not None:
-        say_drafts(say, step, i, tokenizer, cfg)
-        say_refinement_prompt(say, step.prompts[i], tokenizer, cfg, first)
-    say_group(say, step, i, advantages, cfg)
+    if rollout.drafts is not None:
+        say_drafts(say, rollout, batch, i, tokenizer, cfg)
+        say_refinement_prompt(say, rollout.prompts[i], tokenizer, cfg, first)
+    say_group(say, rollout, i, advantages, cfg)
 
 
-def say_drafts(say, step, i, tokenizer, cfg):
-    N, rewards, gold = cfg.num_drafts, step.draft_rewards[i].tolist(), step.batch[i]["answer"]
+def say_drafts(say, rollout, batch, i, tokenizer, cfg):
+    N, gold = cfg.num_drafts, batch[i]["answer"]
+    rewards = drafts_by_problem(rollout, cfg)[i].tolist()
     say(f"  Stage 1: {N} drafts of q, sampled without gradient, scored with the training reward")
     for k in range(N):
-        text = step.drafts.texts[i * N + k]
+        text = rollout.drafts.texts[i * N + k]
         say(sample_line(f"draft {k + 1}", rewards[k], text))
     best = max(rewards)
     chosen, ties = rewards.index(best), [k + 1 for k, r in enumerate(rewards) if r == best]
     why = f"the first of the best (reward {number(best)}" + (
         f"; drafts {', '.join(map(str, ties))} tie)" if len(ties) > 1 else ")")
-    right = [igrpo.math_reward(step.drafts.texts[i * N + k], gold) for k in range(N)]
+    right = [igrpo.math_reward(rollout.drafts.texts[i * N + k], gold) for k in range(N)]
     if not any(right):
         why += ": no draft is right, and the best one is used anyway"
-    elif not igrpo.math_reward(step.best[i], gold):
+    elif not igrpo.math_reward(rollout.best_drafts[i], gold):
         why += ": d* is wrong (the reward ranked it first), and it is used anyway"
     say(f"  d* = draft {chosen + 1}, {why}")
-    length = len(tokenizer(step.drafts.texts[i * N + chosen], add_special_tokens=False).input_ids)
+    chosen_text = rollout.drafts.texts[i * N + chosen]
+    length = len(tokenizer(chosen_text, add_special_tokens=False).input_ids)
     cut = (f"over --max-draft-tokens {cfg.max_draft_tokens}: it lost its first "
            f"{length - cfg.max_draft_tokens} tokens" if length > cfg.max_draft_tokens else
            f"within --max-draft-tokens {cfg.max_draft_tokens}: not cut")
@@ -662,16 +652,16 @@ def wrapped_exactly(line, width):
     return pieces + [line]
 
 
-def say_group(say, step, i, advantages, cfg):
-    G = step.group_size
+def say_group(say, rollout, i, advantages, cfg):
+    G = rollout.per_group
     rows = range(i * G, (i + 1) * G)
-    rewards = step.scores.total[i * G:(i + 1) * G]
+    rewards = rollout.rewards.total[i * G:(i + 1) * G]
     what = ("refinements of q', with gradient" if cfg.algo == "igrpo" else
             "completions of q, the group, with gradient")
     say(f"  {'Stage 2: ' if cfg.algo == 'igrpo' else ''}{G} {what}; advantage A over these {G}")
     label = "refinement" if cfg.algo == "igrpo" else "completion"
     for k, row in enumerate(rows):
-        text = step.samples.texts[row]
+        text = rollout.sequences.texts[row]
         say(sample_line(f"{label} {k + 1}", rewards[k].item(), text, advantages[row].item()))
     mean, std = rewards.mean().item(), rewards.std(correction=0).item()
     if rewards.amax() == rewards.amin():
@@ -686,36 +676,37 @@ def say_group(say, step, i, advantages, cfg):
             f"{number(std)}")
 
 
-def say_batch(say, step, advantages, trained, cfg):
+def say_batch(say, rollout, batch, advantages, trained, cfg):
     """The batch's numbers, as the run logs them; returns them."""
-    rewards, G = step.scores.total, step.group_size
+    rewards, G = rollout.rewards.total, rollout.per_group
     agree = int((~igrpo.informative_groups(rewards, G)).sum()) // G
     record = dict(algo=cfg.algo, reward=rewards.mean().item(),
-                  accuracy=step.scores.accuracy.mean().item(), texts=step.samples.texts,
+                  accuracy=rollout.rewards.accuracy.mean().item(), texts=rollout.sequences.texts,
                   rewards=rewards.tolist(), advantages=advantages.tolist(), draft_reward=None,
                   best_draft_reward=None, dropped_groups=int((~trained).sum()) // G)
     say()
-    say(rule(f"The batch: {len(step.batch)} problems x {G} = {len(rewards)} trained sequences"))
-    if step.draft_rewards is not None:
-        record.update(draft_reward=step.draft_rewards.mean().item(),
-                      best_draft_reward=step.draft_rewards.amax(1).mean().item(),
-                      drafts=step.drafts.texts, draft_rewards=step.draft_rewards.tolist(),
-                      best_drafts=step.best)
+    say(rule(f"The batch: {len(batch)} problems x {G} = {len(rewards)} trained sequences"))
+    drafts = drafts_by_problem(rollout, cfg)                                       # (B, N)
+    if drafts is not None:
+        record.update(draft_reward=drafts.mean().item(),
+                      best_draft_reward=drafts.amax(1).mean().item(),
+                      drafts=rollout.drafts.texts, draft_rewards=drafts.tolist(),
+                      best_drafts=rollout.best_drafts)
         say(f"  drafts: mean reward {number(record['draft_reward'])} (metrics.jsonl "
             f"draft_reward); best drafts {number(record['best_draft_reward'])} "
             "(best_draft_reward)")
     say(f"  {'refinements' if cfg.algo == 'igrpo' else 'completions'}: mean reward "
         f"{number(record['reward'])} (reward), right {number(record['accuracy'])} (accuracy)")
-    say(f"  groups that agree: {agree} of {len(step.batch)}, their {agree * G} sequences get "
+    say(f"  groups that agree: {agree} of {len(batch)}, their {agree * G} sequences get "
         f"A = 0" + (f"; --loss dapo trains on the other {int(trained.sum())}"
                     if cfg.loss == "dapo" else ""))
     return record
 
 
-def refinement_to_show(step, advantages, trained, shown):
+def refinement_to_show(rollout, advantages, trained, shown):
     """The first trained sequence of the shown problems whose advantage is not 0 (else the
     first)."""
-    G = step.group_size
+    G = rollout.per_group
     rows = [row for i in shown for row in range(i * G, (i + 1) * G)]
     moving = [row for row in rows if advantages[row] != 0 and trained[row]]
     return (moving or rows)[0]
@@ -744,11 +735,11 @@ def token_terms(logp, old_logp, ref_logp, advantage, mask, t, cfg):
     return term.item(), bool(clipped), kl.item()
 
 
-def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cfg):
+def say_tokens(say, rollout, row, advantages, trained, before, after, tokenizer, cfg):
     """One trained sequence token by token: log-prob, ratio, clip, KL, its loss term; and the
     same tokens after the update (what a next epoch, or step, would see)."""
     ids, logp, ref, mask = before
-    new_logp, G = after[1], step.group_size
+    new_logp, G = after[1], rollout.per_group
     advantage, length = advantages[row:row + 1], int(mask.sum())
     label = "refinement" if cfg.algo == "igrpo" else "completion"
     say()
@@ -778,7 +769,7 @@ def say_tokens(say, step, row, advantages, trained, before, after, tokenizer, cf
             + (f" {kl:7.1e}" if with_kl else "") + f" {term:+8.4f} | "
             f"{math.exp(new_logp[0, t]):7.3f} {math.exp(new_logp[0, t] - logp[0, t]):8.5f} "
             f"{'yes' if clipped_after else 'no':<4}" + (f" {kl_after:8.1e}" if with_kl else ""))
-    say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg)
+    say_ratio_notes(say, rollout, row, trained, logp, new_logp, advantage, mask, ref, cfg)
 
 
 def token_text(tokenizer, token_id):
@@ -789,7 +780,7 @@ def token_text(tokenizer, token_id):
     return f'"{text if len(text) <= 9 else text[:8] + chr(0x2026)}"'
 
 
-def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, ref, cfg):
+def say_ratio_notes(say, rollout, row, trained, logp, new_logp, advantage, mask, ref, cfg):
     """Why r is 1, where the clip acts, this sequence's share of the loss, the KL."""
     epochs = cfg.ppo_epochs
     if epochs == 1:
@@ -808,7 +799,7 @@ def say_ratio_notes(say, step, row, trained, logp, new_logp, advantage, mask, re
             "after the update")
     rows = trained.nonzero().squeeze(1).tolist()
     if row in rows:
-        weights = igrpo.loss_weights(step.samples.completion_mask[rows], cfg.loss,
+        weights = igrpo.loss_weights(rollout.sequences.completion_mask[rows], cfg.loss,
                                      cfg.max_completion_tokens, igrpo.World())
         weights = weights[rows.index(row), :mask.shape[1]]
         terms = [token_terms(logp, logp, ref, advantage, mask, t, cfg)[0]

@@ -43,7 +43,9 @@ def tracking(kind, run_name, settings, output_dir):
 
 
 def require(kind):
-    """Stop with one line unless the package of --track kind is installed (it is imported)."""
+    """Stop with one line unless the package of --track kind is installed (it is imported) and, for
+    wandb, can log: an account's key, or WANDB_MODE=offline. Checked before anything loads, so a
+    run folder is never changed by a run that could not have started."""
     if kind not in KINDS:
         raise SystemExit(f"igrpo: error: --track {kind}: choose one of {', '.join(KINDS)}")
     try:
@@ -53,6 +55,19 @@ def require(kind):
             raise
         raise SystemExit(f"igrpo: error: --track {kind}: the {kind} package is not installed "
                          f"(pip install {kind})") from None
+    if kind == "wandb" and not wandb_can_log():
+        raise SystemExit("igrpo: error: --track wandb: no wandb account here (WANDB_API_KEY, or "
+                         "`wandb login`); WANDB_MODE=offline logs without one")
+
+
+def wandb_can_log():
+    """A key in the environment or in ~/.netrc (what `wandb login` writes), or a mode that needs
+    none; read without asking wandb's servers."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled",
+                                                                          "dryrun"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
 def numbers(record):
