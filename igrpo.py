@@ -818,7 +818,7 @@ def policy_update(policy, sequences, advantages, trained, cfg, parts):
     advantages = advantages.to(rows.device)
     sums = dict(loss=0.0, clipped=0, kl=0.0, entropy=0.0, grad_norm=0.0)
     bar = tqdm(total=cfg.ppo_epochs * len(micro_batches), desc="update", leave=False, delay=2,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=parts.world.rank != 0)
     for epoch in range(cfg.ppo_epochs):
         for k, (micro_rows, micro_weights) in enumerate(micro_batches):
             input_ids, attention_mask, prompt_length, completion_mask = micro_batch(sequences,

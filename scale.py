@@ -524,9 +524,8 @@ def setup_distributed(cfg=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(torch.distributed.destroy_process_group)
-    if process_rank() != 0:
+    if process_rank() != 0:  # progress bars: igrpo.py's and gathered_once draw them on rank 0
         sys.stdout = open(os.devnull, "w")
-        os.environ["TQDM_DISABLE"] = "1"  # and no progress bars
     if cfg and cfg.prompts_per_step % process_count():
         fail(f"--prompts-per-step {cfg.prompts_per_step} counts a step's problems over all "
              f"{process_count()} ranks: make it a multiple of {process_count()}")

@@ -767,8 +767,18 @@ def train_seeded(cfg, world=None):
     return igrpo.train(cfg, dataclasses.replace(parts, sample=sample))
 
 
+class RecordedBars(igrpo.tqdm):
+    """igrpo.py's progress bars, each recorded with whether it draws."""
+    drawn = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordedBars.drawn.append(not self.disable)
+
+
 def train_on_rank(rank, tiny, folder, overrides, crash_in_step=None):
     igrpo.compute_rewards = rewards_by_problem
+    igrpo.tqdm = RecordedBars
     if crash_in_step:
         step_that(pytest.MonkeyPatch(), crash_in_step, crash)
     cfg = fsdp_config(tiny, folder, **overrides)
@@ -777,8 +787,8 @@ def train_on_rank(rank, tiny, folder, overrides, crash_in_step=None):
     except Crash:
         return
     model = igrpo.load_model(str(folder / "final"), cfg, torch.float32, "cpu")[0]
-    torch.save(dict(rank=rank, stdout=sys.stdout.name, final=model.state_dict()),
-               folder.parent / f"{folder.name}-rank{rank}.pt")
+    torch.save(dict(rank=rank, stdout=sys.stdout.name, final=model.state_dict(),
+                    bars=RecordedBars.drawn), folder.parent / f"{folder.name}-rank{rank}.pt")
 
 
 def crash():
@@ -826,6 +836,8 @@ def test_two_fsdp_ranks_end_with_the_weights_of_one_process_over_the_same_proble
 def test_only_rank_0_writes_and_prints_and_final_is_the_gathered_model(fsdp_runs):
     ranks = [torch.load(fsdp_runs / f"two-rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0]["stdout"] != os.devnull and ranks[1]["stdout"] == os.devnull
+    # the steps' bar and each sampling call's and update's: drawn on rank 0 alone
+    assert len(ranks[1]["bars"]) > 3 and not any(ranks[1]["bars"]) and all(ranks[0]["bars"])
     saved = final_weights(fsdp_runs / "two")
     assert all(torch.equal(saved[name], ranks[0]["final"][name]) for name in saved)
     assert not list((fsdp_runs / "two").glob("*rank*"))
