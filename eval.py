@@ -409,10 +409,18 @@ def print_table(results):
                                       for c, h in zip(columns, headings)))
 
 
+class ShownDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, once: not where its help already says it, nor None."""
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate a causal LM with the iGRPO paper's protocol.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=ShownDefaults)
     parser.add_argument("--model", required=True,
                         help="hub name, model folder (e.g. runs/toy-igrpo-seed0/final), or a "
                              "training run folder (its final/)")
