@@ -926,13 +926,13 @@ class World:
 @dataclass(frozen=True)
 class Parts:
     load_policy: Callable = load_policy  # LoRA puts adapters on it; FSDP2 shards it over processes
-    make_optimizer: Callable = master_weights_and_optimizer  # (master weights, optimizer)
-    sample: Callable = sample  # compiled decoding with a static KV cache
+    make_optimizer: Callable = master_weights_and_optimizer  # FSDP2: the fp32 shards are masters
+    sample: Callable = sample  # compiled decoding; FSDP2 gathers the weights once per call
     token_logprobs: Callable = token_logprobs  # memory-lean: no (tokens x vocabulary) tensor
     optimizer_step: Callable = optimizer_step  # skip an update whose gradient norm is not finite
     save_model: Callable = lambda model, folder: model.save_pretrained(folder)  # LoRA: its adapter
-    save_optimizer: Callable = save_optimizer  # FSDP2: each process its shard of the state
-    load_optimizer: Callable = load_optimizer
+    save_optimizer: Callable = save_optimizer  # FSDP2: each process writes its shard of the state
+    load_optimizer: Callable = load_optimizer  # FSDP2: resharded over this run's processes
     # --reward judge: (problems, golds, completions) -> a score in [0, 1] or None for each; by
     # default judge.py's, from --judge-model or --judge-url
     judge: Callable = None
