@@ -311,7 +311,7 @@ def load_model(name, cfg, dtype, device, flag="model"):
 def lean_load_model(name, cfg, dtype, device, flag="model"):
     """load_model, and check_scoring: how lean_token_logprobs scores this model."""
     model, tokenizer = load_model(name, cfg, dtype, device, flag)
-    check_scoring(model, f"--{flag} {igrpo.model_source(name, flag)}")
+    check_scoring(model, f"--{flag} {name}")
     return model, tokenizer
 
 
